@@ -1,0 +1,177 @@
+"""Prometheus export of training metrics: one ``/metrics`` endpoint per rank.
+
+Each rank serves its own registry on ``addr:port`` (127.0.0.1 by default, port = ``port_base`` +
+local rank, so the ranks of one node never collide; configs/prometheus/scan.yml scrapes 9400–9407).
+``PrometheusExporter`` implements ``trainer.telemetry.Telemetry``; ``build_telemetry`` composes it
+with the JSON-lines run log from an experiment config, which is what a launcher hands the trainer.
+
+Exported (every series also carries the exporter's constant labels, e.g. ``run`` and ``rank``):
+  scan_train_loss, scan_train_samples_per_second, scan_train_step_seconds,
+  scan_train_data_wait_seconds, scan_train_lr, scan_train_grad_norm, scan_train_loss_scale,
+  scan_train_step, scan_train_epoch, scan_train_steps_total, scan_data_skipped_samples_total,
+  scan_memory_bytes, scan_eval_recall{direction,k}, scan_eval_rsum, scan_eval_rank{direction,stat},
+  scan_eval_metric{name} (any other evaluation number), scan_eval_epoch,
+  plus the process_* / python_* collectors of prometheus-client.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import re
+import socket
+from pathlib import Path
+from typing import Any, Mapping
+
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, PlatformCollector,
+                               ProcessCollector, start_http_server)
+
+from trainer.config import ExperimentConfig
+from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics
+
+log = logging.getLogger(__name__)
+
+# "i2t_r1", "t2i.R@10", "i2t_r5" → direction, k; "i2t_medr", "t2i_meanr" → direction, statistic.
+_RECALL_KEY = re.compile(r"^(?P<direction>i2t|t2i)[_.]?r@?(?P<k>\d+)$")
+_RANK_KEY = re.compile(r"^(?P<direction>i2t|t2i)[_.]?(?P<stat>medr|meanr)$")
+
+
+class PrometheusExporter:
+    """A ``Telemetry`` sink serving the latest training numbers of one rank over HTTP.
+
+    ``port`` 0 lets the operating system pick a free port (tests); the bound port is ``self.port``.
+    ``labels`` are attached to every series (``{"run": "scan", "rank": "3"}``). ``registry`` None
+    gives the exporter its own registry with the process / platform / GC collectors, so several
+    exporters can live in one process; pass a registry to serve it elsewhere instead.
+    Raises OSError naming the address when the port is taken.
+    """
+
+    def __init__(self, port: int, *, addr: str = "127.0.0.1", labels: Mapping[str, Any] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        names = sorted(self.labels)
+
+        def labelled(metric: Gauge | Counter) -> Gauge | Counter:
+            # prometheus-client refuses .labels() on a metric without label names.
+            return metric.labels(**self.labels) if names else metric
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return labelled(Gauge(name, doc, names, registry=registry))
+
+        def counter(name: str, doc: str) -> Counter:
+            return labelled(Counter(name, doc, names, registry=registry))
+
+        self._loss = gauge("scan_train_loss", "Training loss of the last step")
+        self._speed = gauge("scan_train_samples_per_second",
+                            "Captions per second on this rank, last step")
+        self._step_time = gauge("scan_train_step_seconds", "Wall time of the last step")
+        self._data_wait = gauge("scan_train_data_wait_seconds",
+                                "Part of the last step spent waiting for data")
+        self._lr = gauge("scan_train_lr", "Current learning rate")
+        self._grad_norm = gauge("scan_train_grad_norm",
+                                "Gradient norm before clipping (NaN: unknown)")
+        self._loss_scale = gauge("scan_train_loss_scale",
+                                 "Dynamic fp16 loss scale (NaN: not fp16)")
+        self._step = gauge("scan_train_step", "Global optimizer step of the last report")
+        self._epoch = gauge("scan_train_epoch", "Current training epoch")
+        self._steps = counter("scan_train_steps", "Optimizer steps reported by this process")
+        self._skipped = counter("scan_data_skipped_samples",
+                                "Bad samples skipped by this rank's data pipeline")
+        self._memory = gauge("scan_memory_bytes",
+                             "Peak accelerator memory, or resident memory on CPU")
+        self._recall = Gauge("scan_eval_recall", "Recall@K in percent of the last evaluation",
+                             [*names, "direction", "k"], registry=registry)
+        self._rsum = gauge("scan_eval_rsum", "Sum of the six recalls of the last evaluation")
+        self._rank = Gauge("scan_eval_rank", "Median / mean rank of the true match, last evaluation",
+                           [*names, "direction", "stat"], registry=registry)
+        self._other = Gauge("scan_eval_metric", "Other numbers of the last evaluation",
+                            [*names, "name"], registry=registry)
+        self._eval_epoch = gauge("scan_eval_epoch", "Epoch of the last evaluation")
+        # Unknown until reported: NaN rather than a misleading 0.
+        self._grad_norm.set(math.nan)
+        self._loss_scale.set(math.nan)
+        self._skipped_seen = 0  # the cumulative skip count already added to the counter
+
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"Prometheus exporter: {addr}:{port} is already in use; choose "
+                                         f"another port (experiment config key metrics.port_base)") from exc
+            raise OSError(exc.errno, f"Prometheus exporter: cannot listen on {addr}:{port}: {exc}") from exc
+        self.addr = addr
+        self.port: int = self._server.server_address[1]
+        log.info("Prometheus exporter on http://%s:%d/metrics labels=%s", addr, self.port, self.labels)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}/metrics"
+
+    def observe_step(self, *, step: int, epoch: int, loss: float, samples_per_s: float,
+                     step_time_s: float, data_wait_s: float, lr: float, grad_norm: float | None,
+                     loss_scale: float | None, skipped_samples: int, memory_bytes: int) -> None:
+        self._loss.set(loss)
+        self._speed.set(samples_per_s)
+        self._step_time.set(step_time_s)
+        self._data_wait.set(data_wait_s)
+        self._lr.set(lr)
+        self._grad_norm.set(math.nan if grad_norm is None else grad_norm)
+        self._loss_scale.set(math.nan if loss_scale is None else loss_scale)
+        self._step.set(step)
+        self._epoch.set(epoch)
+        self._steps.inc()
+        self._memory.set(memory_bytes)
+        # skipped_samples is cumulative (Telemetry contract); a Prometheus counter only goes up.
+        if skipped_samples < self._skipped_seen:
+            # A new data pipeline in this process restarted its count: everything it reports is new.
+            log.info("skip count went from %d to %d: counting a new pipeline", self._skipped_seen,
+                     skipped_samples)
+            self._skipped_seen = 0
+        self._skipped.inc(skipped_samples - self._skipped_seen)
+        self._skipped_seen = skipped_samples
+
+    def observe_eval(self, *, epoch: int, metrics: Mapping[str, Any]) -> None:
+        self._eval_epoch.set(epoch)
+        for key, value in flatten_metrics(metrics).items():
+            name = key.lower()
+            if (m := _RECALL_KEY.match(name)):
+                self._recall.labels(**self.labels, direction=m["direction"], k=str(int(m["k"]))).set(value)
+            elif (m := _RANK_KEY.match(name)):
+                self._rank.labels(**self.labels, direction=m["direction"], stat=m["stat"]).set(value)
+            elif name == "rsum":
+                self._rsum.set(value)
+            else:
+                self._other.labels(**self.labels, name=key).set(value)
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = None
+        log.info("Prometheus exporter on %s:%d stopped", self.addr, self.port)
+
+
+def build_telemetry(cfg: ExperimentConfig, *, rank: int, local_rank: int,
+                    run_dir: str | Path | None = None) -> Telemetry:
+    """The telemetry of one rank: the run log (rank 0 writes ``<run_dir>/metrics.jsonl``) and, when
+    ``cfg.metrics.enabled`` and ``cfg.metrics.port_base`` > 0, a Prometheus exporter on
+    ``cfg.metrics.addr``:``port_base + local_rank`` labelled with the run name, rank and host.
+    """
+    sinks: list[Telemetry] = [JsonlRunLog(run_dir or cfg.train.output_dir, rank=rank)]
+    if cfg.metrics.enabled and cfg.metrics.port_base > 0:
+        labels = {"run": cfg.name, "rank": rank, "host": socket.gethostname()}
+        try:
+            sinks.append(PrometheusExporter(cfg.metrics.port_base + local_rank, addr=cfg.metrics.addr,
+                                            labels=labels))
+        except OSError:
+            sinks[0].close()
+            raise
+    return Fanout(sinks)
