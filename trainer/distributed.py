@@ -1,0 +1,139 @@
+"""Rank and world from the environment, the process group, and an autograd-aware padded gather.
+
+Every launcher this project supports (plain ``python``, ``deepspeed``, ``deepspeed --hostfile``
+with ``--no_ssh``, ``torchrun``) exports ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT``; in one process without a launcher we set single-process
+defaults so that DeepSpeed does not go looking for MPI (mpi4py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def read_env(local_rank: int | None = None) -> DistEnv:
+    """Reads rank/world/local rank from the launcher's environment (defaults: one process).
+
+    ``local_rank`` is the ``--local_rank=N`` argument the deepspeed launcher appends; the
+    environment wins when both are present (they agree under every launcher we use).
+    """
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank or 0)
+    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if not 0 <= rank < world:
+        raise ValueError(f"environment RANK={rank} is outside WORLD_SIZE={world}")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        # No GPU: DeepSpeed must use its CPU accelerator (it otherwise probes for CUDA/XPU/...).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+    return DistEnv(rank=rank, world=world, local_rank=local, device=device)
+
+
+def init_process_group(env: DistEnv) -> None:
+    """Joins the process group through DeepSpeed (nccl on GPU, gloo on CPU); idempotent."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU shared-memory allreduce is JIT-compiled on first use (~50 s per fresh
+        # environment); gloo is enough for the CPU path, which is for development and tests.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if dist.is_initialized():
+        return
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               rank=env.rank, world_size=env.world)
+    log.info("rank %d/%d (local %d) joined the %s process group", env.rank, env.world,
+             env.local_rank, backend)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks without autograd (for logging and checks); a copy, input untouched."""
+    out = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out)
+    return out
+
+
+def all_gather_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """(W, len(values)) int64: every rank's ``values``, in rank order."""
+    local = torch.tensor(values, dtype=torch.int64, device=device)
+    if not is_distributed():
+        return local[None]
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return torch.stack(out)
+
+
+def gather_padded(x: torch.Tensor, counts: list[int], length: int | None = None) -> torch.Tensor:
+    """Concatenates every rank's ``x`` in rank order, differentiably.
+
+    ``x`` is (B_r, L_r, ...) on rank r (or (B_r,) for lengths and ids); ``counts`` is [B_0, ...,
+    B_{W-1}] from ``all_gather_ints``. Rows are padded to max(counts) and the second axis to
+    ``length`` (the global maximum of L_r) with zeros, gathered with
+    ``torch.distributed.nn.functional.all_gather`` (its backward sums every rank's gradient for
+    this rank's slice), then the padding rows are dropped: result (sum B_r, length, ...).
+    """
+    if not is_distributed():
+        return x if length is None else _pad_axis(x, 1, length)
+    rows = max(counts)
+    padded = _pad_axis(x, 0, rows)
+    if length is not None:
+        padded = _pad_axis(padded, 1, length)
+    parts = dist_nn.all_gather(padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def _pad_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    missing = size - x.shape[axis]
+    if missing < 0:
+        raise ValueError(f"cannot pad axis {axis} of size {x.shape[axis]} down to {size}")
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=axis)

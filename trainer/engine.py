@@ -1,0 +1,152 @@
+"""``deepspeed.initialize`` from the experiment config: DeepSpeed JSON, optimizer choice, lr schedule.
+
+The DeepSpeed JSON (``train.deepspeed_config``, e.g. ``configs/deepspeed/default.json``) carries
+the knobs the experiment schema does not model (ZeRO bucket sizes, fp16 loss-scaler window, ...);
+the experiment fields below always override the keys they own, so one YAML is the truth for batch
+size, precision, ZeRO stage, accumulation and clipping.
+
+Gradient accumulation: hardest negatives are mined within each micro-batch (over the global
+micro-batch of all ranks when ``loss.cross_device``), never across accumulated micro-batches;
+accumulation only averages the micro-batch losses' gradients (DeepSpeed scales each by 1/steps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.config import ExperimentConfig
+from trainer.configfile import ConfigError
+from trainer.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict: the optional JSON, then the experiment's own fields on top."""
+    ds: dict[str, Any] = {}
+    if cfg.train.deepspeed_config:
+        path = Path(cfg.train.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"config key 'train.deepspeed_config': {str(path)!r} does not exist")
+        try:
+            ds = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+        if not isinstance(ds, dict):
+            raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+    precision = cfg.train.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'train.precision': 'fp16' is not supported on CPU (DeepSpeed "
+                          "refuses fp16 without a GPU); use 'bf16' or 'fp32' here")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = cfg.train.zero_stage
+    ds["zero_optimization"] = zero
+    # Our optimizer is built here (torch / apex / DeepSpeed FusedAdam), not from DeepSpeed JSON.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    fp16 = dict(ds.get("fp16", {}))
+    fp16["enabled"] = precision == "fp16"
+    fp16.setdefault("loss_scale", 0)  # 0: dynamic loss scaling
+    ds["fp16"] = fp16
+    bf16 = dict(ds.get("bf16", {}))
+    bf16["enabled"] = precision == "bf16"
+    ds["bf16"] = bf16
+    if precision == "bf16":
+        # fp32 master weights and gradient accumulation; the model computes in bf16.
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    ds.setdefault("steps_per_print", 10**9)  # our own loop logs; keep DeepSpeed quiet
+    return ds
+
+
+def _nvidia_apex_fused_adam() -> type | None:
+    """NVIDIA apex's FusedAdam when NVIDIA apex is installed (PyPI's ``apex`` is unrelated)."""
+    try:
+        import apex.optimizers  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return getattr(apex.optimizers, "FusedAdam", None)
+
+
+def build_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter],
+                    device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """Adam or AdamW; fused where possible. Returns the optimizer and a name for the log."""
+    o = cfg.optim
+    decoupled = o.name == "adamw"
+    kwargs = dict(lr=o.lr, weight_decay=o.weight_decay)
+    if device.type == "cuda":
+        apex_cls = _nvidia_apex_fused_adam() if o.use_apex else None
+        if apex_cls is not None:
+            return apex_cls(params, adam_w_mode=decoupled, **kwargs), f"apex.optimizers.FusedAdam({o.name})"
+        if o.use_apex:
+            log.warning("optim.use_apex is set but NVIDIA apex is not installed; using DeepSpeed FusedAdam")
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=decoupled, **kwargs), f"deepspeed.ops.adam.FusedAdam({o.name})"
+    if o.use_apex:
+        log.warning("optim.use_apex is set but there is no GPU; using torch's optimizer")
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, **kwargs), f"torch.optim.{cls.__name__}"
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, lr_update: list[int], lr_decay: float,
+              warmup_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+
+    The reference's step decay (× lr_decay at each epoch in lr_update, counted in optimizer steps
+    of ``steps_per_epoch``), times a linear warmup over the first ``warmup_steps`` steps.
+    """
+    epoch = step // max(steps_per_epoch, 1)
+    factor = lr_decay ** sum(1 for e in lr_update if epoch >= e)
+    if warmup_steps > 0 and step < warmup_steps:
+        factor *= (step + 1) / warmup_steps
+    return factor
+
+
+def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> LambdaLR:
+    o = cfg.optim
+    schedule: Callable[[int], float] = lambda step: lr_factor(  # noqa: E731
+        step, steps_per_epoch=steps_per_epoch, lr_update=list(o.lr_update), lr_decay=o.lr_decay,
+        warmup_steps=o.warmup_steps)
+    return LambdaLR(optimizer, schedule)
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine plus what the loop reports about it."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine
+    optimizer_name: str
+    ds_config: dict[str, Any]
+
+
+def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, env: DistEnv,
+                 steps_per_epoch: int) -> Engine:
+    """Wraps ``model`` in a DeepSpeed engine; the process group must already exist."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, env.world, env.device)
+    model.to(env.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, name = build_optimizer(cfg, params, env.device)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                             lr_scheduler=scheduler, config=ds_config,
+                                             dist_init_required=False)
+    if env.is_main:
+        log.info("optimizer %s; precision %s; ZeRO stage %d; micro-batch %d x accumulation %d x "
+                 "world %d; %d optimizer steps per epoch", name, cfg.train.precision,
+                 cfg.train.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.world,
+                 steps_per_epoch)
+    return Engine(ds=ds_engine, optimizer_name=name, ds_config=ds_config)
