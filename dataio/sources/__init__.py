@@ -1,0 +1,28 @@
+"""Data sources: what people have (Karpathy JSON + images, SCAN precomp, generated scenes).
+
+Image sources yield :class:`ImageItem` for the feature extractor (``cluster/extract.py``); the
+precomp source and the generated region features go straight to shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from PIL import Image
+
+
+@dataclass
+class ImageItem:
+    key: str  # image id, a safe name (becomes the shard sample's __key__)
+    image: str | Callable[[], Image.Image]  # a file path, or a picklable zero-argument loader
+    captions: list[str]
+    tokens: list[list[str]]
+    split: str
+    meta: dict = field(default_factory=dict)
+
+    def load(self) -> Image.Image:
+        """The image as RGB (a path is opened here, so items stay cheap to ship to workers)."""
+        if callable(self.image):
+            return self.image().convert("RGB")
+        with Image.open(self.image) as im:
+            return im.convert("RGB")

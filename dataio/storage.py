@@ -1,0 +1,129 @@
+"""Local paths and ``s3://`` URLs behind one small set of functions (fsspec / s3fs).
+
+S3 endpoint, credentials and region come from the standard AWS sources, which botocore (under
+s3fs/aiobotocore) resolves by itself: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``,
+``AWS_PROFILE`` and ``~/.aws/config``. Nothing here reads or logs a secret.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import uuid
+from typing import IO
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+# Environment variables that change which S3 endpoint/account a filesystem talks to: a cached
+# filesystem is reused only while they are unchanged (tests switch endpoints between sessions).
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
+           "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """The filesystem for ``url``; one per process and S3 environment (safe after fork)."""
+    if not is_s3(url):
+        return fsspec.filesystem("file")
+    key = (os.getpid(),) + tuple(os.environ.get(name) for name in _S3_ENV)
+    fs = _fs_cache.get(key)
+    if fs is None:
+        import s3fs
+
+        # No listing cache: shards written by other processes must show up at once.
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+        _fs_cache[key] = fs
+    return fs
+
+
+def join(base: str, name: str) -> str:
+    if is_s3(base):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def dirname(url: str) -> str:
+    if is_s3(url):
+        return "s3://" + posixpath.dirname(url[len("s3://"):])
+    return os.path.dirname(url)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(url.rstrip("/")) if is_s3(url) else os.path.basename(url)
+
+
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    return filesystem(url).open(url, mode)
+
+
+def exists(url: str) -> bool:
+    return filesystem(url).exists(url)
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not paths) of the files directly under ``url``; empty if it does not exist."""
+    fs = filesystem(url)
+    if not fs.exists(url):
+        return []
+    return sorted(basename(p) for p in fs.ls(url, detail=False) if basename(p))
+
+
+def makedirs(url: str) -> None:
+    if not is_s3(url):  # S3 has no directories
+        os.makedirs(url, exist_ok=True)
+
+
+def remove(url: str) -> None:
+    fs = filesystem(url)
+    if fs.exists(url):
+        fs.rm(url)
+
+
+def read_bytes(url: str) -> bytes:
+    with open_url(url, "rb") as f:
+        return f.read()
+
+
+def temp_name(url: str) -> str:
+    """A unique sibling name for writing ``url`` before it is made visible."""
+    return f"{url}.tmp-{uuid.uuid4().hex}"
+
+
+def commit(tmp_url: str, url: str) -> None:
+    """Make a completely written ``tmp_url`` visible as ``url``.
+
+    Local: ``os.replace`` (atomic on one filesystem). S3: server-side copy, then delete the temporary
+    key; an S3 object only appears once its upload or copy has completed.
+    """
+    if is_s3(url):
+        fs = filesystem(url)
+        fs.copy(tmp_url, url)
+        fs.rm(tmp_url)
+    else:
+        os.replace(tmp_url, url)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    makedirs(dirname(url))
+    tmp = temp_name(url)
+    try:
+        with open_url(tmp, "wb") as f:
+            f.write(data)
+        commit(tmp, url)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def discard(url: str) -> None:
+    try:
+        remove(url)
+    except OSError:  # best effort: a leftover temporary name is never read as data
+        log.warning("could not remove temporary file %s", url)
