@@ -9,6 +9,7 @@ Exported (every series also carries the exporter's constant labels, e.g. ``run``
   scan_train_loss, scan_train_samples_per_second, scan_train_step_seconds,
   scan_train_data_wait_seconds, scan_train_lr, scan_train_grad_norm, scan_train_loss_scale,
   scan_train_step, scan_train_epoch, scan_train_steps_total, scan_data_skipped_samples_total,
+  scan_data_skipped_samples_by_kind_total{kind} (dataio's counter, read at scrape time),
   scan_memory_bytes, scan_eval_recall{direction,k}, scan_eval_rsum, scan_eval_rank{direction,stat},
   scan_eval_metric{name} (any other evaluation number), scan_eval_epoch,
   plus the process_* / python_* collectors of prometheus-client.
@@ -25,15 +26,39 @@ from typing import Any, Mapping
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, PlatformCollector,
                                ProcessCollector, start_http_server)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from dataio.errors import SKIPS, SkipCounter
 from trainer.config import ExperimentConfig
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics
 
 log = logging.getLogger(__name__)
 
-# "i2t_r1", "t2i.R@10", "i2t_r5" → direction, k; "i2t_medr", "t2i_meanr" → direction, statistic.
-_RECALL_KEY = re.compile(r"^(?P<direction>i2t|t2i)[_.]?r@?(?P<k>\d+)$")
-_RANK_KEY = re.compile(r"^(?P<direction>i2t|t2i)[_.]?(?P<stat>medr|meanr)$")
+# Flattened evaluation keys: "i2t_r1", "t2i_r10" → direction, k; "i2t_medr", "t2i_meanr" →
+# direction, statistic. A "mean_" prefix (COCO 1K: {"folds": [...], "mean": {...}}) is the headline.
+_RECALL_KEY = re.compile(r"^(?:mean_)?(?P<direction>i2t|t2i)[_.]?r@?(?P<k>\d+)$")
+_RANK_KEY = re.compile(r"^(?:mean_)?(?P<direction>i2t|t2i)[_.]?(?P<stat>medr|meanr)$")
+_RSUM_KEY = re.compile(r"^(?:mean_)?rsum$")
+
+
+class SkipsByKind(Collector):
+    """scan_data_skipped_samples_by_kind_total{kind}: dataio's skip counter, read at scrape time.
+
+    ``dataio.errors.SKIPS`` holds this process's counts (DataLoader workers' counts are merged into
+    it batch by batch), so the breakdown is live even between steps.
+    """
+
+    def __init__(self, counter: SkipCounter, labels: Mapping[str, str]) -> None:
+        self.counter, self.labels = counter, dict(labels)
+
+    def collect(self):
+        family = CounterMetricFamily("scan_data_skipped_samples_by_kind",
+                                     "Bad samples skipped by the data pipeline, by problem kind",
+                                     labels=[*sorted(self.labels), "kind"])
+        for kind, count in sorted(self.counter.get().items()):
+            family.add_metric([*(self.labels[k] for k in sorted(self.labels)), kind], count)
+        yield family
 
 
 class PrometheusExporter:
@@ -43,11 +68,13 @@ class PrometheusExporter:
     ``labels`` are attached to every series (``{"run": "scan", "rank": "3"}``). ``registry`` None
     gives the exporter its own registry with the process / platform / GC collectors, so several
     exporters can live in one process; pass a registry to serve it elsewhere instead.
+    ``skips`` is the dataio skip counter broken down by kind (default: this process's
+    ``dataio.errors.SKIPS``).
     Raises OSError naming the address when the port is taken.
     """
 
     def __init__(self, port: int, *, addr: str = "127.0.0.1", labels: Mapping[str, Any] | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, skips: SkipCounter = SKIPS) -> None:
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
@@ -93,6 +120,7 @@ class PrometheusExporter:
         self._other = Gauge("scan_eval_metric", "Other numbers of the last evaluation",
                             [*names, "name"], registry=registry)
         self._eval_epoch = gauge("scan_eval_epoch", "Epoch of the last evaluation")
+        registry.register(SkipsByKind(skips, self.labels))
         # Unknown until reported: NaN rather than a misleading 0.
         self._grad_norm.set(math.nan)
         self._loss_scale.set(math.nan)
@@ -144,7 +172,7 @@ class PrometheusExporter:
                 self._recall.labels(**self.labels, direction=m["direction"], k=str(int(m["k"]))).set(value)
             elif (m := _RANK_KEY.match(name)):
                 self._rank.labels(**self.labels, direction=m["direction"], stat=m["stat"]).set(value)
-            elif name == "rsum":
+            elif _RSUM_KEY.match(name):
                 self._rsum.set(value)
             else:
                 self._other.labels(**self.labels, name=key).set(value)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.metrics import PrometheusExporter, build_telemetry
+from dataio.errors import SkipCounter
 from trainer.config import ExperimentConfig
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics, read_run_log
 
@@ -92,6 +93,7 @@ def test_read_run_log_drops_truncated_last_line_but_rejects_corruption_inside(tm
 
 def test_flatten_metrics_names_a_non_number():
     assert flatten_metrics({"a": {"b": {"c": 1}}, "d": True}) == {"a_b_c": 1.0, "d": 1.0}
+    assert flatten_metrics({"folds": [{"rsum": 1}, {"rsum": 2}]}) == {"folds_0_rsum": 1.0, "folds_1_rsum": 2.0}
     with pytest.raises(ValueError, match=r"'t2i_r1'.*'oops'"):
         flatten_metrics({"t2i": {"r1": "oops"}})
 
@@ -184,6 +186,32 @@ def test_exporter_serves_eval_recalls(exporter):
     assert at("scan_eval_rank", direction="t2i", stat="meanr") == 9.5
     assert at("scan_eval_metric", name="fold") == 3.0
     assert at("scan_eval_epoch") == 4
+
+
+def test_exporter_coco_folds_headline_is_the_mean(exporter):
+    fold = {"i2t": {"r1": 10.0}, "t2i": {"r1": 20.0}, "rsum": 30.0}
+    mean = {"i2t": {"r1": 11.0}, "t2i": {"r1": 21.0}, "rsum": 32.0}
+    exporter.observe_eval(epoch=1, metrics={"folds": [fold, fold], "mean": mean})
+    got = scrape(exporter.url)
+    fixed = {("rank", "3"), ("run", "unit")}
+    assert got[("scan_eval_recall", frozenset(fixed | {("direction", "t2i"), ("k", "1")}))] == 21.0
+    assert got[("scan_eval_rsum", frozenset(fixed))] == 32.0
+    assert got[("scan_eval_metric", frozenset(fixed | {("name", "folds_1_i2t_r1")}))] == 10.0
+
+
+def test_exporter_reads_the_dataio_skip_counter_by_kind_at_scrape_time():
+    skips = SkipCounter()
+    exp = PrometheusExporter(0, labels={"rank": 0}, skips=skips)
+    try:
+        assert not [k for k in scrape(exp.url) if k[0] == "scan_data_skipped_samples_by_kind_total"]
+        skips.add("corrupt_tar")
+        skips.merge({"non_finite": 2, "corrupt_tar": 1})  # as counts from DataLoader workers arrive
+        got = scrape(exp.url)
+        by_kind = {dict(labels)["kind"]: v for (name, labels), v in got.items()
+                   if name == "scan_data_skipped_samples_by_kind_total"}
+        assert by_kind == {"corrupt_tar": 2, "non_finite": 2}
+    finally:
+        exp.close()
 
 
 def test_exporter_port_in_use_error_names_the_address(exporter):

@@ -54,12 +54,14 @@ class Telemetry(Protocol):
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``{"i2t": {"r1": 50}, "rsum": 300}`` → ``{"i2t_r1": 50.0, "rsum": 300.0}``.
 
-    Numbers only (bool, int, float, numpy / torch scalars); anything else raises ValueError naming
+    Lists are numbered (``{"folds": [{"rsum": 1}]}`` → ``{"folds_0_rsum": 1.0}``). Numbers only (bool, int, float, numpy / torch scalars); anything else raises ValueError naming
     the key, because an evaluation result that is not a number is a bug upstream.
     """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
+        if isinstance(value, (list, tuple)):
+            value = {str(i): item for i, item in enumerate(value)}
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, prefix=name + "_"))
             continue
