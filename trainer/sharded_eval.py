@@ -1,0 +1,505 @@
+"""Exact retrieval ranks over the full N × M similarity matrix, tiled over ranks (DESIGN.md §4).
+
+Tiles. Images are cut into blocks that never cross a fold (COCO 1K); caption block b holds the
+captions of image block b, so tile (a, b) is image block a × the captions of image block b and the
+matrix is a square grid of tiles. A query's positive lies in exactly one DIAGONAL tile (a, a):
+image i's own captions and caption c's own image are in the diagonal tile of i's (c's) block.
+
+Two passes, every tile computed exactly once (so no reliance on bitwise-reproducible kernels):
+  pass 1: each rank scores its diagonal tiles, takes the positives (i2t: best own caption, t2i:
+          own image) and counts, inside those tiles, the candidates scoring strictly higher;
+          the O(N + M) positives are combined over ranks.
+  pass 2: each rank scores its off-diagonal tiles and counts per query the candidates scoring
+          strictly above the global positive; the counts are summed over ranks.
+Rank = number of strictly better candidates (ties in the query's favour), the same rule as
+``trainer.evaluate.retrieval_ranks``, so the result equals ``recall_metrics`` on the full matrix
+made of these tiles exactly. Rank r owns the tile ROWS a ≡ r (mod world): a Ray actor or a rank
+then needs only its image blocks' rows and every caption.
+
+Each finished tile is recorded atomically (``records/tile_A_B.npz``: counts, positives, top-K) so
+a killed evaluation rerun with the same work dir computes only the missing tiles; ``save_sims``
+writes every tile as ``.npy`` plus ``index.json`` that ``load_sims`` maps into one (N, M) array.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.encode import Embeddings, load_embeddings
+from trainer.evaluate import Metrics, mean_metrics, metrics_from_ranks
+from trainer.xattn import XAttnConfig, xattn_scores
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("split", "f30k1k", "coco1k", "coco5k")
+COCO_FOLD = 1000  # images per COCO 1K fold
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: its embeddings of the split and how it compares them."""
+
+    emb: Embeddings
+    xattn: XAttnConfig
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Image blocks [i0, i1) (never crossing a fold) and the folds [f0, f1) they partition."""
+
+    blocks: tuple[tuple[int, int], ...]
+    folds: tuple[tuple[int, int], ...]
+    caps_per_image: int
+
+    @property
+    def n_images(self) -> int:
+        return self.blocks[-1][1]
+
+    @property
+    def n_captions(self) -> int:
+        return self.n_images * self.caps_per_image
+
+    def rows(self, a: int) -> slice:
+        return slice(*self.blocks[a])
+
+    def cols(self, b: int) -> slice:
+        i0, i1 = self.blocks[b]
+        return slice(i0 * self.caps_per_image, i1 * self.caps_per_image)
+
+    def fold_of(self, a: int) -> int:
+        i0 = self.blocks[a][0]
+        return next(f for f, (f0, f1) in enumerate(self.folds) if f0 <= i0 < f1)
+
+    def row_blocks(self, rank: int, world: int) -> list[int]:
+        return list(range(rank, len(self.blocks), world))
+
+    def describe(self) -> dict:
+        return {"blocks": [list(b) for b in self.blocks], "folds": [list(f) for f in self.folds],
+                "caps_per_image": self.caps_per_image}
+
+
+def protocol_folds(protocol: str, n_images: int) -> list[tuple[int, int]]:
+    """The image folds of an evaluation protocol; one fold is the whole split."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if n_images < 1:
+        raise ValueError(f"eval protocol {protocol!r}: the split has no images")
+    if protocol == "f30k1k" and n_images != 1000:
+        raise ValueError(f"eval protocol 'f30k1k' expects the 1,000-image Flickr30K test split, "
+                         f"got {n_images} images (use protocol 'split' for other splits)")
+    if protocol in ("coco1k", "coco5k"):
+        if n_images != 5 * COCO_FOLD:
+            raise ValueError(f"eval protocol {protocol!r} expects the 5,000-image COCO test split "
+                             f"(five 1,000-image folds), got {n_images} images")
+        return [(f * COCO_FOLD, (f + 1) * COCO_FOLD) for f in range(5)]
+    return [(0, n_images)]
+
+
+def make_plan(n_images: int, caps_per_image: int, *, folds: Sequence[tuple[int, int]],
+              image_block: int = 0, world: int = 1) -> TilePlan:
+    """Blocks of ``image_block`` images per fold (0: about four tile rows per rank)."""
+    if image_block < 0:
+        raise ValueError(f"eval.image_block must be >= 0, got {image_block}")
+    block = image_block or max(1, math.ceil(n_images / (4 * world)))
+    blocks = tuple((i, min(i + block, f1)) for f0, f1 in folds for i in range(f0, f1, block))
+    return TilePlan(blocks, tuple(tuple(f) for f in folds), caps_per_image)
+
+
+def score_tile(members: Sequence[Member], rows: slice, cols: slice, *,
+               memory_budget_mb: int = 1024) -> torch.Tensor:
+    """(rows, cols) float32 scores; an ensemble averages its members' scores (sum, then divide)."""
+    total = None
+    for m in members:
+        e = m.emb
+        s = xattn_scores(e.images[rows], e.captions[cols], e.cap_lens[cols], m.xattn, e.img_lens[rows],
+                         memory_budget_mb=memory_budget_mb).float()
+        total = s if total is None else total + s
+    assert total is not None
+    return total / len(members) if len(members) > 1 else total
+
+
+def _top_k(scores: torch.Tensor, offset: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of (Q, C) scores, the k best (score, global index offset + column).
+
+    A stable descending sort keeps the lower index first among ties, so the export is the same
+    whatever the tiling (``torch.topk`` picks among ties arbitrarily).
+    """
+    s, i = torch.sort(scores, dim=1, descending=True, stable=True)
+    return s[:, :k].cpu().numpy(), (i[:, :k] + offset).cpu().numpy()
+
+
+def merge_top_k(scores: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, A) candidates → the k best per row, by score then lower index (a stable order)."""
+    order = np.lexsort((index, -scores), axis=-1)[:, :k]
+    s = np.take_along_axis(scores, order, -1)
+    i = np.take_along_axis(index, order, -1)
+    missing = k - s.shape[1]
+    if missing > 0:
+        s = np.pad(s, ((0, 0), (0, missing)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, missing)), constant_values=-1)
+    return s, i
+
+
+@dataclass
+class TileRecord:
+    """What is kept of tile (a, b) once its scores are gone."""
+
+    a: int
+    b: int
+    i2t: np.ndarray  # (rows,) int64, captions of block b scoring strictly above each row's positive
+    t2i: np.ndarray  # (cols,) int64, images of block a scoring strictly above each column's positive
+    pos_img: np.ndarray  # (rows,) float32 positives (diagonal tiles), (0,) otherwise
+    pos_cap: np.ndarray  # (cols,) float32 positives (diagonal tiles), (0,) otherwise
+    top_row_s: np.ndarray  # (rows, K) float32 best captions per image within the tile
+    top_row_i: np.ndarray  # (rows, K) int64 their global caption indices
+    top_col_s: np.ndarray  # (cols, K) best images per caption within the tile
+    top_col_i: np.ndarray  # (cols, K)
+
+
+def count_tile(plan: TilePlan, a: int, b: int, scores: torch.Tensor, topk: int,
+               pos_img: torch.Tensor | None = None, pos_cap: torch.Tensor | None = None) -> TileRecord:
+    """Counts strictly better candidates in one tile. scores (rows, cols) float32.
+
+    Diagonal tiles take their positives from ``scores`` itself; others need the global positives
+    ``pos_img`` (rows,) and ``pos_cap`` (cols,).
+    """
+    if not torch.isfinite(scores).all():
+        bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
+        r, c = bad[0] + plan.rows(a).start, bad[1] + plan.cols(b).start
+        raise ValueError(f"non-finite similarity in tile ({a}, {b}): image {r}, caption {c} scores "
+                         f"{scores[bad[0], bad[1]].item()}; refusing to rank NaN/inf")
+    diagonal = a == b
+    if diagonal:
+        n, cpi = scores.shape[0], plan.caps_per_image
+        own = scores.reshape(n, n, cpi)[torch.arange(n), torch.arange(n)]  # (rows, cpi)
+        pos_img, pos_cap = own.max(dim=1).values, own.reshape(-1)
+    assert pos_img is not None and pos_cap is not None
+    i2t = (scores > pos_img[:, None]).sum(dim=1)
+    t2i = (scores > pos_cap[None, :]).sum(dim=0)
+    row_s, row_i = _top_k(scores, plan.cols(b).start, topk)
+    col_s, col_i = _top_k(scores.T, plan.rows(a).start, topk)
+    empty = np.zeros(0, np.float32)
+    return TileRecord(a, b, i2t.cpu().numpy().astype(np.int64), t2i.cpu().numpy().astype(np.int64),
+                      pos_img.cpu().numpy() if diagonal else empty,
+                      pos_cap.cpu().numpy() if diagonal else empty, row_s, row_i, col_s, col_i)
+
+
+@dataclass
+class Partial:
+    """Accumulated records of some tiles: what ranks (or Ray actors) combine. All numpy."""
+
+    pos_img: np.ndarray  # (N,) float32, -inf where unknown
+    pos_cap: np.ndarray  # (M,)
+    i2t: np.ndarray  # (N,) int64 over all tiles
+    t2i: np.ndarray  # (M,)
+    i2t_fold: np.ndarray  # (N,) over tiles inside one fold (COCO 1K)
+    t2i_fold: np.ndarray  # (M,)
+    top_i2t: tuple[np.ndarray, np.ndarray]  # (N, K) scores, caption indices
+    top_t2i: tuple[np.ndarray, np.ndarray]  # (M, K) scores, image indices
+    computed: int = 0
+    loaded: int = 0
+
+    @classmethod
+    def empty(cls, plan: TilePlan, topk: int) -> "Partial":
+        n, m = plan.n_images, plan.n_captions
+
+        def top(q: int) -> tuple[np.ndarray, np.ndarray]:
+            return np.full((q, topk), -np.inf, np.float32), np.full((q, topk), -1, np.int64)
+
+        return cls(np.full(n, -np.inf, np.float32), np.full(m, -np.inf, np.float32),
+                   np.zeros(n, np.int64), np.zeros(m, np.int64), np.zeros(n, np.int64),
+                   np.zeros(m, np.int64), top(n), top(m))
+
+    def add(self, plan: TilePlan, rec: TileRecord, *, loaded: bool) -> None:
+        rows, cols = plan.rows(rec.a), plan.cols(rec.b)
+        self.i2t[rows] += rec.i2t
+        self.t2i[cols] += rec.t2i
+        if plan.fold_of(rec.a) == plan.fold_of(rec.b):
+            self.i2t_fold[rows] += rec.i2t
+            self.t2i_fold[cols] += rec.t2i
+        if rec.a == rec.b:
+            self.pos_img[rows] = rec.pos_img
+            self.pos_cap[cols] = rec.pos_cap
+        k = self.top_i2t[0].shape[1]
+        if k:
+            self.top_i2t[0][rows], self.top_i2t[1][rows] = merge_top_k(
+                np.concatenate([self.top_i2t[0][rows], rec.top_row_s], 1),
+                np.concatenate([self.top_i2t[1][rows], rec.top_row_i], 1), k)
+            self.top_t2i[0][cols], self.top_t2i[1][cols] = merge_top_k(
+                np.concatenate([self.top_t2i[0][cols], rec.top_col_s], 1),
+                np.concatenate([self.top_t2i[1][cols], rec.top_col_i], 1), k)
+        if loaded:
+            self.loaded += 1
+        else:
+            self.computed += 1
+
+    @classmethod
+    def combine(cls, parts: Sequence["Partial"]) -> "Partial":
+        """The union of disjoint tile sets: positives by max, counts summed, top-K merged."""
+        k = parts[0].top_i2t[0].shape[1]
+
+        def top(name: str) -> tuple[np.ndarray, np.ndarray]:
+            s = np.concatenate([getattr(p, name)[0] for p in parts], 1)
+            i = np.concatenate([getattr(p, name)[1] for p in parts], 1)
+            return merge_top_k(s, i, k)
+
+        return cls(np.max([p.pos_img for p in parts], 0), np.max([p.pos_cap for p in parts], 0),
+                   sum(p.i2t for p in parts), sum(p.t2i for p in parts),
+                   sum(p.i2t_fold for p in parts), sum(p.t2i_fold for p in parts),
+                   top("top_i2t"), top("top_t2i"),
+                   sum(p.computed for p in parts), sum(p.loaded for p in parts))
+
+
+class TileStore:
+    """Resume records and saved similarity tiles on a local or shared file system."""
+
+    def __init__(self, work_dir: str | os.PathLike | None, sims_dir: str | os.PathLike | None) -> None:
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.sims_dir = Path(sims_dir) if sims_dir else None
+
+    def check_plan(self, fingerprint: dict, rank: int, barrier: Callable[[], None]) -> None:
+        """Refuses records of another evaluation; rank 0 writes ``plan.json``, others wait."""
+        if self.work_dir is None:
+            return
+        path = self.work_dir / "plan.json"
+        if rank == 0:
+            (self.work_dir / "records").mkdir(parents=True, exist_ok=True)
+            if self.sims_dir:
+                self.sims_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                old = json.loads(path.read_text())
+                if old != fingerprint:
+                    raise ValueError(
+                        f"work dir {self.work_dir} holds records of a different evaluation "
+                        f"({path}: {_first_difference(old, fingerprint)}); use a fresh directory")
+            else:
+                _atomic_write(path, json.dumps(fingerprint, indent=1).encode())
+        barrier()
+
+    def _record_path(self, a: int, b: int) -> Path:
+        assert self.work_dir is not None
+        return self.work_dir / "records" / f"tile_{a:05d}_{b:05d}.npz"
+
+    def load(self, a: int, b: int) -> TileRecord | None:
+        if self.work_dir is None or not self._record_path(a, b).exists():
+            return None
+        if self.sims_dir and not (self.sims_dir / _tile_name(a, b)).exists():
+            return None  # resumed with save_sims on: this tile's scores are still needed
+        with np.load(self._record_path(a, b)) as z:
+            return TileRecord(a, b, **{k: z[k] for k in z.files})
+
+    def save(self, rec: TileRecord, scores: torch.Tensor) -> None:
+        # The scores first, then the record: a record on disk means the tile is complete.
+        if self.sims_dir:
+            self.sims_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_save(self.sims_dir / _tile_name(rec.a, rec.b),
+                         lambda f: np.save(f, scores.cpu().numpy()))
+        if self.work_dir:
+            fields = {k: v for k, v in asdict(rec).items() if k not in ("a", "b")}
+            _atomic_save(self._record_path(rec.a, rec.b), lambda f: np.savez(f, **fields))
+
+    def write_sims_index(self, plan: TilePlan) -> None:
+        assert self.sims_dir is not None
+        tiles = [{"file": _tile_name(a, b), "rows": [plan.rows(a).start, plan.rows(a).stop],
+                  "cols": [plan.cols(b).start, plan.cols(b).stop]}
+                 for a in range(len(plan.blocks)) for b in range(len(plan.blocks))]
+        index = {"shape": [plan.n_images, plan.n_captions], **plan.describe(), "tiles": tiles}
+        _atomic_write(self.sims_dir / "index.json", json.dumps(index).encode())
+
+
+def _tile_name(a: int, b: int) -> str:
+    return f"tile_{a:05d}_{b:05d}.npy"
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"key {key!r} was {str(old.get(key))[:80]!r}, now {str(new.get(key))[:80]!r}"
+    return "no difference"
+
+
+def _atomic_save(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    _atomic_save(path, lambda f: f.write(data))
+
+
+def load_sims(sims_dir: str | os.PathLike) -> np.ndarray:
+    """The saved (N, M) float32 matrix, memory-mapped read-only.
+
+    The tiles are copied once into ``sims.npy`` next to them (through a temporary name), so later
+    calls only map that file.
+    """
+    sims_dir = Path(sims_dir)
+    full = sims_dir / "sims.npy"
+    if not full.exists():
+        index_path = sims_dir / "index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(f"{index_path} does not exist: not a finished save_sims directory")
+        index = json.loads(index_path.read_text())
+        tmp = sims_dir / f"sims.npy.tmp-{os.getpid()}"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(index["shape"]))
+        for tile in index["tiles"]:
+            path = sims_dir / tile["file"]
+            if not path.exists():
+                raise FileNotFoundError(f"similarity tile {path} listed in {index_path} is missing")
+            (r0, r1), (c0, c1) = tile["rows"], tile["cols"]
+            out[r0:r1, c0:c1] = np.load(path, mmap_mode="r")
+        out.flush()
+        del out
+        os.replace(tmp, full)
+    return np.load(full, mmap_mode="r")
+
+
+Combine = Callable[[Partial], Partial]  # every rank's partial in, the combination of all out
+
+
+def torch_combine(part: Partial) -> Partial:
+    """Combination over the torch.distributed group (O(N + M) numbers per rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return Partial.combine(parts)
+
+
+def torch_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def run_tiles(members: Sequence[Member], plan: TilePlan, tiles: Sequence[tuple[int, int]],
+              store: TileStore, *, topk: int, memory_budget_mb: int, positives: Partial | None = None,
+              progress: bool = False, desc: str = "tiles") -> Partial:
+    """Scores (or loads the records of) ``tiles``; off-diagonal tiles need ``positives``."""
+    part = Partial.empty(plan, topk)
+    device = members[0].emb.images.device
+    for a, b in tqdm(tiles, desc=desc, disable=not progress, unit="tile"):
+        rec = store.load(a, b)
+        if rec is not None:
+            part.add(plan, rec, loaded=True)
+            continue
+        scores = score_tile(members, plan.rows(a), plan.cols(b), memory_budget_mb=memory_budget_mb)
+        if a == b:
+            rec = count_tile(plan, a, b, scores, topk)
+        else:
+            assert positives is not None, "off-diagonal tiles need the positives of pass 1"
+            rec = count_tile(plan, a, b, scores, topk,
+                             torch.from_numpy(positives.pos_img[plan.rows(a)]).to(device),
+                             torch.from_numpy(positives.pos_cap[plan.cols(b)]).to(device))
+        store.save(rec, scores)
+        part.add(plan, rec, loaded=False)
+    return part
+
+
+@dataclass
+class EvalResult:
+    protocol: str
+    metrics: Metrics  # the protocol's figures (COCO 1K: mean of the folds)
+    full: Metrics  # the whole split (COCO 5K for the COCO protocols)
+    folds: list[Metrics]  # per fold (one fold = the whole split)
+    i2t_ranks: np.ndarray  # (N,) 0-based, over the whole split
+    t2i_ranks: np.ndarray  # (M,)
+    tiles_computed: int  # over all ranks, this run
+    tiles_loaded: int  # from resume records
+    topk: dict = field(default_factory=dict)  # {"i2t": (scores (N,K), idx), "t2i": ...} when topk > 0
+
+
+def finish(plan: TilePlan, total: Partial, protocol: str) -> EvalResult:
+    """Metrics of a fully combined partial."""
+    cpi = plan.caps_per_image
+    full = metrics_from_ranks(total.i2t, total.t2i)
+    folds = [metrics_from_ranks(total.i2t_fold[f0:f1], total.t2i_fold[f0 * cpi:f1 * cpi])
+             for f0, f1 in plan.folds]
+    metrics = mean_metrics(folds) if protocol == "coco1k" else full
+    top = {"i2t": total.top_i2t, "t2i": total.top_t2i} if total.top_i2t[0].shape[1] else {}
+    return EvalResult(protocol, metrics, full, folds, total.i2t, total.t2i, total.computed,
+                      total.loaded, top)
+
+
+def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
+    return {"plan": plan.describe(), "topk": topk,
+            "members": [{"xattn": asdict(m.xattn), "embeddings": m.emb.digest()} for m in members]}
+
+
+def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", image_block: int = 0,
+                        topk: int = 0, memory_budget_mb: int = 1024, rank: int = 0, world: int = 1,
+                        work_dir: str | os.PathLike | None = None,
+                        sims_dir: str | os.PathLike | None = None,
+                        combine: Combine = torch_combine,
+                        barrier: Callable[[], None] = torch_barrier) -> EvalResult:
+    """Exact sharded evaluation of encoded embeddings; call on every rank with the same members.
+
+    Every rank returns the same result. ``work_dir`` enables resuming (must be shared by the ranks
+    or stay with each rank); ``sims_dir`` saves every tile (``load_sims``).
+    """
+    if not members:
+        raise ValueError("evaluate_embeddings: no ensemble members")
+    first = members[0].emb
+    for j, m in enumerate(members):
+        if m.emb.image_keys != first.image_keys or m.emb.caps_per_image != first.caps_per_image:
+            raise ValueError(f"ensemble member {j} was encoded from a different split (image keys "
+                             f"or caps_per_image differ from member 0)")
+    plan = make_plan(first.num_images, first.caps_per_image,
+                     folds=protocol_folds(protocol, first.num_images), image_block=image_block,
+                     world=world)
+    store = TileStore(work_dir, sims_dir)
+    store.check_plan(fingerprint(members, plan, topk), rank, barrier)
+    mine = plan.row_blocks(rank, world)
+    show = rank == 0
+    diag = run_tiles(members, plan, [(a, a) for a in mine], store, topk=topk,
+                     memory_budget_mb=memory_budget_mb, progress=show, desc="eval pass 1")
+    positives = combine(diag)
+    off = run_tiles(members, plan, [(a, b) for a in mine for b in range(len(plan.blocks)) if b != a],
+                    store, topk=topk, memory_budget_mb=memory_budget_mb, positives=positives,
+                    progress=show, desc="eval pass 2")
+    total = Partial.combine([positives, combine(off)])
+    if sims_dir is not None:
+        barrier()
+        if rank == 0:
+            store.write_sims_index(plan)
+    result = finish(plan, total, protocol)
+    log.info("eval %s: %d tiles computed, %d resumed; rsum %.2f", protocol, result.tiles_computed,
+             result.tiles_loaded, result.metrics["rsum"])
+    return result
+
+
+def write_topk(path: str | os.PathLike, result: EvalResult, emb: Embeddings) -> None:
+    """Per-query top-K as JSON lines, both directions, with image and caption keys (atomic)."""
+    if not result.topk:
+        raise ValueError("write_topk: the evaluation ran with topk = 0")
+    lines = []
+    for direction, ranks in (("i2t", result.i2t_ranks), ("t2i", result.t2i_ranks)):
+        scores, index = result.topk[direction]
+        for q in range(scores.shape[0]):
+            if direction == "i2t":
+                query, name = emb.image_keys[q], emb.caption_key
+            else:
+                query, name = emb.caption_key(q), emb.image_keys.__getitem__
+            hits = [{"key": name(int(j)), "index": int(j), "score": float(s)}
+                    for s, j in zip(scores[q], index[q]) if j >= 0]
+            lines.append(json.dumps({"direction": direction, "query": query, "query_index": q,
+                                     "rank": int(ranks[q]) + 1, "topk": hits}))
+    _atomic_write(Path(path), ("\n".join(lines) + "\n").encode())
