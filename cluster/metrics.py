@@ -22,7 +22,7 @@ import math
 import re
 import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, PlatformCollector,
                                ProcessCollector, start_http_server)
@@ -52,7 +52,7 @@ class SkipsByKind(Collector):
     def __init__(self, counter: SkipCounter, labels: Mapping[str, str]) -> None:
         self.counter, self.labels = counter, dict(labels)
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("scan_data_skipped_samples_by_kind",
                                      "Bad samples skipped by the data pipeline, by problem kind",
                                      labels=[*sorted(self.labels), "kind"])
