@@ -1,0 +1,146 @@
+"""Caption pipeline: node/worker split, exactly-once, equal batches, resume, resampling, collate."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from dataio.pipeline import caption_batches, image_id, image_records, iter_tokens, resolve_shards
+from dataio.sources.synthetic import write_synthetic
+from dataio.text import build_vocab
+
+WORLD, WORKERS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def vocab(generated_shards):
+    return build_vocab(iter_tokens(generated_shards))
+
+
+def _epoch(spec, vocab, *, rank, world=WORLD, workers=WORKERS, **kw):
+    kw = {"batch_size": 16, "seed": 3, "epoch": 0, "shuffle_buffer": 50, **kw}
+    return list(caption_batches(spec, encode=vocab, rank=rank, world=world, num_workers=workers, **kw))
+
+
+def _captions(batches) -> list[tuple[str, tuple[int, ...]]]:
+    """(image key, caption token ids) of every row, in delivery order."""
+    out = []
+    for b in batches:
+        for key, toks, n in zip(b.keys, b.tokens.tolist(), b.cap_lens.tolist()):
+            out.append((key, tuple(toks[:n])))
+    return out
+
+
+def _all_captions(spec, vocab) -> Counter:
+    return Counter((s.key, tuple(vocab.encode(t))) for s in image_records(spec, rank=0, world=1) for t in s.tokens)
+
+
+def test_two_ranks_two_workers_exactly_once(generated_shards, vocab):
+    expected = _all_captions(generated_shards, vocab)
+    assert sum(expected.values()) == 600
+    per_rank = [_epoch(generated_shards, vocab, rank=r) for r in range(WORLD)]
+    got = Counter(c for bs in per_rank for c in _captions(bs))
+    assert got == expected  # 600 captions over 2 ranks: every one exactly once
+    assert len(per_rank[0]) == len(per_rank[1]) == 19  # 300 per rank, batches of 16 -> 18 full + 12
+    assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]]
+
+
+def test_epochs_are_shuffled_differently_but_reproducibly(generated_shards, vocab):
+    a = _captions(_epoch(generated_shards, vocab, rank=0, epoch=1))
+    b = _captions(_epoch(generated_shards, vocab, rank=0, epoch=1))
+    c = _captions(_epoch(generated_shards, vocab, rank=0, epoch=2))
+    assert a == b
+    assert a != c
+    noshuf = _captions(_epoch(generated_shards, vocab, rank=0, world=1, workers=0, shuffle=False, shuffle_buffer=0))
+    assert [k for k, _ in noshuf][:5] == ["syn-train-000000"] * 5  # manifest order without shuffling
+
+
+def test_fewer_shards_than_ranks_times_workers_gives_equal_batches(tmp_path, vocab):
+    # 2 shards, 3 ranks x 2 workers = 6 readers; 13 images x 5 = 65 captions -> 21 per rank (2 left out)
+    spec = write_synthetic(str(tmp_path / "tiny"), 13, seed=5, dim=64, shard_size=7)
+    assert len(resolve_shards(spec)) == 2
+    runs = [_epoch(spec, vocab, rank=r, world=3, batch_size=4) for r in range(3)]
+    assert [len(r) for r in runs] == [6, 6, 6]
+    assert all([len(b) for b in r] == [4, 4, 4, 4, 4, 1] for r in runs)
+    got = Counter(c for r in runs for c in _captions(r))
+    assert max(got.values()) == 1 and sum(got.values()) == 63
+    # drop_last: every rank leaves out the same partial batch
+    assert [len(_epoch(spec, vocab, rank=r, world=3, batch_size=4, drop_last=True)) for r in range(3)] == [5, 5, 5]
+
+
+def test_one_shard_many_ranks(tmp_path, vocab):
+    spec = write_synthetic(str(tmp_path / "one"), 4, seed=6, dim=64, shard_size=10)
+    runs = [_epoch(spec, vocab, rank=r, world=4, batch_size=2) for r in range(4)]
+    assert [len(r) for r in runs] == [3] * 4  # 20 captions / 4 ranks = 5 each
+    assert sum(Counter(c for r in runs for c in _captions(r)).values()) == 20
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
+@pytest.mark.parametrize("workers,consumed", [(2, 5), (2, 6), (0, 7), (3, 4)])
+def test_resume_gives_the_remaining_batches_in_order(generated_shards, vocab, workers, consumed):
+    full = _epoch(generated_shards, vocab, rank=1, workers=workers, epoch=4)
+    resumed = _epoch(generated_shards, vocab, rank=1, workers=workers, epoch=4, start_sample=16 * consumed)
+    assert _captions(resumed) == _captions(full[consumed:])
+    for a, b in zip(full[consumed:], resumed):
+        torch.testing.assert_close(a.regions, b.regions)
+
+
+def test_resume_position_must_be_a_batch_boundary(generated_shards, vocab):
+    with pytest.raises(ValueError, match="start_sample=5 must be a multiple of batch_size=16"):
+        caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=0, world=1,
+                        start_sample=5)
+
+
+def test_resampled_gives_equal_batches_with_repeats(generated_shards, vocab):
+    runs = [_epoch(generated_shards, vocab, rank=r, resampled=True) for r in range(WORLD)]
+    assert [len(r) for r in runs] == [19, 19]
+    caps = [c for r in runs for c in _captions(r)]
+    assert len(caps) == 600
+    assert len(set(caps)) < 600  # drawing shards with replacement repeats some captions
+    assert set(caps) <= set(_all_captions(generated_shards, vocab))
+
+
+def test_collate_pads_and_masks(tmp_path, vocab):
+    from dataio.shards import ImageSample, write_manifest, write_shard
+
+    rng = np.random.default_rng(0)
+    samples = [ImageSample(f"k{i}", rng.normal(size=(2 + i, 8)).astype(np.float32),
+                           [f"cap {i}", "a longer caption here"], [["cap"], ["a", "longer", "caption", "here"]])
+               for i in range(3)]
+    rec = write_shard(str(tmp_path), "s", samples)
+    write_manifest(str(tmp_path), [rec], split="train", extractor={})
+    (b,) = _epoch(str(tmp_path), vocab, rank=0, world=1, workers=0, batch_size=6, shuffle=False, shuffle_buffer=0)
+    assert b.regions.shape == (6, 4, 8) and b.regions.dtype == torch.float32
+    assert b.img_lens.tolist() == [2, 2, 3, 3, 4, 4]
+    assert b.cap_lens.tolist() == [3, 6] * 3  # <start> words <end>
+    assert b.tokens[0, 3:].eq(vocab.pad_id).all() and b.tokens[0, 0] == vocab.stoi["<start>"]
+    assert b.region_mask.sum(1).tolist() == b.img_lens.tolist()
+    assert b.word_mask.sum(1).tolist() == b.cap_lens.tolist()
+    assert b.regions[0, 2:].eq(0).all()
+    np.testing.assert_array_equal(b.regions[4, :4].numpy(), samples[2].regions.astype(np.float16).astype(np.float32))
+    assert b.image_ids.tolist() == [image_id(k) for k in ["k0", "k0", "k1", "k1", "k2", "k2"]]
+    assert 0 <= image_id("k0") < 2**63 and image_id("k0") == image_id("k0") != image_id("k1")
+
+
+def test_caps_per_image_and_max_words(generated_shards, vocab):
+    bs = _epoch(generated_shards, vocab, rank=0, world=1, workers=0, caps_per_image=2, max_words=4, batch_size=50)
+    assert sum(len(b) for b in bs) == 240
+    assert max(b.tokens.shape[1] for b in bs) == 4
+
+
+def test_image_records_contiguous_blocks(generated_shards):
+    blocks = [[s.key for s in image_records(generated_shards, rank=r, world=3)] for r in range(3)]
+    assert [len(b) for b in blocks] == [40, 40, 40]
+    assert sum(blocks, []) == [f"syn-train-{i:06d}" for i in range(120)]
+
+
+def test_brace_pattern_spec(generated_shards, vocab):
+    import os
+
+    base = os.path.dirname(generated_shards)
+    spec = os.path.join(base, "shard-{000000..000001}.tar")
+    assert len(resolve_shards(spec)) == 2
+    bs = _epoch(spec, vocab, rank=0, world=1, batch_size=50)
+    assert sum(len(b) for b in bs) == 300
