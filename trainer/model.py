@@ -1,0 +1,216 @@
+"""SCAN encoders: regions → (B, k, d) and words → (B, n, d), each vector l2-normalised.
+
+As the reference (kuanghuei/SCAN model.py): a Xavier-initialised Linear over precomputed region
+features, and a (bi)GRU over word embeddings whose two directions are averaged. A second text encoder
+projects the token features of any local transformers model. Padded positions of every output are
+exactly zero, so the cross-attention and any pooling downstream may ignore them safely.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Added under the square root so that the norm of an all-zero vector has a finite gradient
+# (d sqrt(s)/ds is infinite at s = 0, and 0 * inf = NaN). sqrt(1e-20) = 1e-10 < 1e-8, so values move by
+# less than the reference's own eps. Kept in fp32, where 1e-20 is representable (fp16 would flush it).
+_SQRT_FLOOR = 1e-20
+
+
+def l2norm(x: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """``x / (||x||_2 + eps)`` along ``dim`` as the reference, with a gradient-safe square root.
+
+    The norm and the division run in at least fp32 (eps = 1e-8 is below fp16's smallest subnormal),
+    and the result is cast back to ``x.dtype``. A zero vector maps to zero with the true Jacobian
+    I / eps = 1e8 I: finite in fp32/bf16, but beyond fp16's range, so an fp16 backward through an
+    exactly-zero vector overflows (the loss scaler then skips the step).
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    norm = (wide.square().sum(dim=dim, keepdim=True) + _SQRT_FLOOR).sqrt() + eps
+    return (wide / norm).to(x.dtype)
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths → (B, max_len) bool, True at real positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
+
+
+def _check_lengths(lengths: torch.Tensor, batch: int, max_len: int, what: str) -> None:
+    if lengths.shape != (batch,):
+        raise ValueError(f"{what}: expected shape ({batch},), got {tuple(lengths.shape)}")
+    if batch and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        raise ValueError(f"{what} must lie in [1, {max_len}]; got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+
+
+def _xavier_linear(in_features: int, out_features: int) -> nn.Linear:
+    """Linear with the reference's init: weight ~ U(-r, r), r = sqrt(6 / (in + out)), bias 0."""
+    fc = nn.Linear(in_features, out_features)
+    r = math.sqrt(6.0) / math.sqrt(in_features + out_features)
+    nn.init.uniform_(fc.weight, -r, r)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+class ImageEncoder(nn.Module):
+    """Precomputed region features (B, k, img_dim) → (B, k, embed_size)."""
+
+    def __init__(self, img_dim: int, embed_size: int, no_imgnorm: bool = False) -> None:
+        super().__init__()
+        self.fc = _xavier_linear(img_dim, embed_size)
+        self.no_imgnorm = no_imgnorm
+
+    def forward(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if regions.dim() != 3 or regions.shape[-1] != self.fc.in_features:
+            raise ValueError(f"regions: expected (B, k, {self.fc.in_features}), "
+                             f"got {tuple(regions.shape)}")
+        features = self.fc(regions)
+        if not self.no_imgnorm:
+            features = l2norm(features, dim=-1)
+        if img_lens is not None:
+            _check_lengths(img_lens, regions.shape[0], regions.shape[1], "img_lens")
+            # The bias makes padded regions non-zero; zero them so they match the contract.
+            mask = length_mask(img_lens, regions.shape[1])
+            features = features * mask[..., None].to(features.dtype)
+        return features
+
+
+class GRUTextEncoder(nn.Module):
+    """Word ids (B, n) with lengths (B,) → (B, n, embed_size), as the reference's EncoderText.
+
+    ``embeddings`` (vocab_size, e) initialises the word embedding (e.g. GloVe rows in vocabulary
+    order). GloVe 6B is 50-d while SCAN uses word_dim 300: when e < word_dim the first e columns
+    are copied and the remaining ones keep the reference's U(-0.1, 0.1) init; e > word_dim is an
+    error (truncating pretrained vectors would silently discard information).
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
+                 bidirectional: bool = True, no_txtnorm: bool = False,
+                 embeddings: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if embeddings is not None:
+            self._copy_embeddings(embeddings)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True,
+                          bidirectional=bidirectional)
+        self.bidirectional = bidirectional
+        self.no_txtnorm = no_txtnorm
+
+    def _copy_embeddings(self, embeddings: torch.Tensor) -> None:
+        vocab_size, word_dim = self.embed.weight.shape
+        if embeddings.dim() != 2 or embeddings.shape[0] != vocab_size or embeddings.shape[1] > word_dim:
+            raise ValueError(f"embeddings: expected ({vocab_size}, e) with e <= word_dim {word_dim}, "
+                             f"got {tuple(embeddings.shape)}")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings contain non-finite values")
+        with torch.no_grad():
+            self.embed.weight[:, : embeddings.shape[1]] = embeddings.to(self.embed.weight.dtype)
+        log.info("word embedding initialised from a (%d, %d) matrix (word_dim %d)",
+                 vocab_size, embeddings.shape[1], word_dim)
+
+    def forward(self, tokens: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected (B, n), got {tuple(tokens.shape)}")
+        batch, n = tokens.shape
+        _check_lengths(cap_lens, batch, n, "cap_lens")
+        x = self.embed(tokens)  # (B, n, word_dim)
+        # pack_padded_sequence wants lengths on the CPU; enforce_sorted=False keeps batch order.
+        packed = pack_padded_sequence(x, cap_lens.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        # total_length=n keeps the input's padding width; padded steps come back as zeros.
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=n)  # (B, n, dirs * d)
+        if self.bidirectional:
+            half = out.shape[-1] // 2
+            out = (out[..., :half] + out[..., half:]) / 2
+        if not self.no_txtnorm:
+            out = l2norm(out, dim=-1)  # zero rows stay zero
+        return out
+
+
+class HFTextEncoder(nn.Module):
+    """Token ids (B, n) + attention mask (B, n) → (B, n, embed_size) from a local transformers model.
+
+    The model's last hidden states are projected by a Xavier-initialised Linear and l2-normalised per
+    token. ``freeze`` keeps the transformer's weights fixed and its dropout off (eval mode).
+    """
+
+    def __init__(self, path: str | os.PathLike, embed_size: int, freeze: bool = False) -> None:
+        super().__init__()
+        from transformers import AutoModel  # heavy import, only when this encoder is used
+
+        model_dir = Path(path)
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"hf text encoder path {str(model_dir)!r}: no config.json there; "
+                             "expected a local transformers model directory")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the hub, even for metadata
+        self.backbone = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+        self.fc = _xavier_linear(self.backbone.config.hidden_size, embed_size)
+        self.freeze = freeze
+        if freeze:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        super().train(mode)
+        if self.freeze:
+            self.backbone.eval()  # a frozen backbone never uses dropout
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            hidden = self.backbone(input_ids=input_ids,
+                                   attention_mask=attention_mask).last_hidden_state  # (B, n, H)
+        out = l2norm(self.fc(hidden), dim=-1)
+        return out * attention_mask[..., None].to(out.dtype)
+
+
+class SCANModel(nn.Module):
+    """Both encoders of one SCAN model, built from ``ModelConfig``."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm)
+        if cfg.text_encoder == "gru":
+            self.txt_enc: nn.Module = GRUTextEncoder(
+                vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers, cfg.bidirectional,
+                cfg.no_txtnorm, embeddings)
+        elif cfg.text_encoder == "hf":
+            if embeddings is not None:
+                raise ValueError("model.text_encoder 'hf' takes no word embeddings "
+                                 "(model.glove must be empty)")
+            self.txt_enc = HFTextEncoder(cfg.hf_path, cfg.embed_size, cfg.hf_freeze)
+        else:
+            raise ValueError(f"config key 'model.text_encoder': {cfg.text_encoder!r} is not allowed; "
+                             "expected one of 'gru', 'hf'")
+
+    def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k, img_dim) → (B, k, embed_size); regions beyond ``img_lens`` are zero."""
+        return self.img_enc(regions, img_lens)
+
+    def encode_captions(self, tokens: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
+        """(B, n) ids, (B,) lengths → (B, n, embed_size); words beyond ``cap_lens`` are zero."""
+        if isinstance(self.txt_enc, HFTextEncoder):
+            _check_lengths(cap_lens, tokens.shape[0], tokens.shape[1], "cap_lens")
+            return self.txt_enc(tokens, length_mask(cap_lens, tokens.shape[1]).long())
+        return self.txt_enc(tokens, cap_lens)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> SCANModel:
+    model = SCANModel(cfg, vocab_size, embeddings)
+    log.info("SCAN model: %s text encoder, %.2fM parameters (%.2fM trainable)", cfg.text_encoder,
+             sum(p.numel() for p in model.parameters()) / 1e6,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    return model
