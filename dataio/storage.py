@@ -18,9 +18,10 @@ import fsspec
 log = logging.getLogger(__name__)
 
 # Environment variables that change which S3 endpoint/account a filesystem talks to: a cached
-# filesystem is reused only while they are unchanged (tests switch endpoints between sessions).
-_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
-           "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+# filesystem is reused only while they are unchanged (kept in memory as a cache key, never logged).
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+           "AWS_SHARED_CREDENTIALS_FILE")
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
