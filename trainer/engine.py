@@ -50,6 +50,12 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
     ds["gradient_clipping"] = cfg.optim.grad_clip
     zero = dict(ds.get("zero_optimization", {}))
     zero["stage"] = cfg.train.zero_stage
+    if precision == "bf16" and zero["stage"] == 0:
+        # DeepSpeed keeps fp32 master weights for bf16 only inside its BF16/ZeRO optimizers; at
+        # stage 0 Adam would update the bf16 weights directly and lose updates below bf16 resolution.
+        # Stage 1 is stage 0 plus fp32 master weights (optimizer state split over ranks).
+        log.info("train.precision bf16 with ZeRO stage 0: running ZeRO stage 1 for fp32 master weights")
+        zero["stage"] = 1
     ds["zero_optimization"] = zero
     # Our optimizer is built here (torch / apex / DeepSpeed FusedAdam), not from DeepSpeed JSON.
     ds["zero_allow_untested_optimizer"] = True
