@@ -1,0 +1,243 @@
+"""Attention pictures in the style of SCAN's Figure 1: one image, one caption, one tile per word.
+
+``explain_pair`` scores the pair with the model's own cross attention (``xattn_scores`` with
+``attention_pairs``) and draws, for every word of the caption, the image with that word's attention
+over the regions as a heat map. A region's weight is spread over its box (grid features: their
+cell; detector features: their box) and overlapping boxes add up; the map is then normalised to its
+own maximum, so every tile uses the full colour range (the tile's title gives that maximum).
+
+Which weights are drawn:
+- t2i models (words attend to regions): ``α[w, r]``, the softmax over regions of word w; exactly
+  the attention the score used.
+- i2t models (regions attend to words): ``α[r, w]`` read column-wise, i.e. for word w how strongly
+  each region r attended to w (each region's weights sum to 1 over the words). These are again the
+  weights the score used, rather than a t2i softmax the model never computed.
+
+Special tokens (``<start>``/``<end>`` of the word vocabulary, ``[CLS]``/``[SEP]`` of transformers
+tokenizers) take part in the score like every other position but get no tile.
+
+PNG size (exact, in pixels): with T = 1 + number of drawn words (the first tile is the plain image),
+``cols = min(columns, T)``, ``rows = ceil(T / cols)``:
+``width = cols * tile_px``, ``height = rows * tile_px + HEADER_PX``. See ``figure_size``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dataio.text import HFTokenizer, TextEncoder, Vocab, tokenize  # noqa: E402
+from trainer.xattn import XAttnConfig, xattn_scores  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+HEADER_PX = 56  # figure title: caption (up to two lines) and score
+TITLE_PX = 22  # above each tile's picture: the word
+_DPI = 100
+_CANVAS_GREY = 0.92  # background when the original image is not available
+
+
+def figure_size(n_words: int, columns: int = 5, tile_px: int = 224) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG for ``n_words`` drawn words (see the module doc)."""
+    tiles = 1 + n_words
+    cols = min(columns, tiles)
+    rows = math.ceil(tiles / cols)
+    return cols * tile_px, rows * tile_px + HEADER_PX
+
+
+def layout_boxes(k: int) -> np.ndarray:
+    """(k, 4) normalised boxes for regions that come without any: cells of a near-square grid in
+    region order, row-major (exactly the feature grid when k is a square such as Lite2's 81)."""
+    rows = math.ceil(math.sqrt(k))
+    cols = math.ceil(k / rows)
+    r, c = np.divmod(np.arange(k), cols)
+    return np.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], axis=1).astype(np.float32)
+
+
+def heat_map(weights: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Region weights (k,) over normalised boxes (k, 4) → (height, width) map, each weight added
+    to every pixel of its box (a box always covers at least one pixel)."""
+    heat = np.zeros((height, width), dtype=np.float64)
+    # Round both edges the same way, so that adjacent cells share an edge and never overlap.
+    x0 = np.clip(np.round(boxes[:, 0] * width), 0, width - 1).astype(int)
+    y0 = np.clip(np.round(boxes[:, 1] * height), 0, height - 1).astype(int)
+    x1 = np.maximum(np.clip(np.round(boxes[:, 2] * width), 0, width).astype(int), x0 + 1)
+    y1 = np.maximum(np.clip(np.round(boxes[:, 3] * height), 0, height).astype(int), y0 + 1)
+    for w, a, b, c, d in zip(weights, x0, y0, x1, y1):
+        heat[b:d, a:c] += w
+    return heat
+
+
+def token_labels(text_encoder: TextEncoder, tokens: list[str], ids: list[int]) -> tuple[list[str], list[bool]]:
+    """A display label for every id position and whether the position is a special token."""
+    if isinstance(text_encoder, Vocab):
+        # Vocab.encode gives <start> w1 … wn <end>; show the caption's own words, also for <unk>.
+        if len(ids) != len(tokens) + 2:
+            raise ValueError(f"vocabulary encoding has {len(ids)} ids for {len(tokens)} words; "
+                             "expected <start> words <end>")
+        return ["<start>", *tokens, "<end>"], [True, *([False] * len(tokens)), True]
+    if isinstance(text_encoder, HFTokenizer):
+        special = set(text_encoder.tok.all_special_ids)
+        return text_encoder.tok.convert_ids_to_tokens(ids), [i in special for i in ids]
+    return [str(i) for i in ids], [False] * len(ids)
+
+
+def _load_image(image: str | os.PathLike | Image.Image | None, what: str) -> Image.Image | None:
+    if image is None or isinstance(image, Image.Image):
+        return None if image is None else image.convert("RGB")
+    try:
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what}: cannot read image {str(image)!r}: {exc}") from exc
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
+           xattn_cfg: XAttnConfig) -> tuple[float, np.ndarray]:
+    """Score of one pair and its word × region attention (n, k) as described in the module doc."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        k = regions.shape[0]
+        img = model.encode_images(regions[None].float().to(device),
+                                  torch.tensor([k], device=device))  # (1, k, d)
+        cap = model.encode_captions(torch.tensor([ids], device=device),
+                                    torch.tensor([len(ids)], device=device))  # (1, n, d)
+    finally:
+        model.train(was_training)
+    scores, attn = xattn_scores(img.float(), cap.float(), torch.tensor([len(ids)], device=device),
+                                xattn_cfg, torch.tensor([k], device=device),
+                                attention_pairs=torch.zeros(1, 2, dtype=torch.long, device=device))
+    attn = attn[0]  # t2i: (n, k) words × regions; i2t: (k, n) regions × words
+    if xattn_cfg.direction == "i2t":
+        attn = attn.t()
+    return float(scores[0, 0]), attn.cpu().double().numpy()
+
+
+def _tile_axes(fig: plt.Figure, index: int, cols: int, tile_px: int, size: tuple[int, int]) -> plt.Axes:
+    """Axes of tile ``index`` placed in exact pixels: TITLE_PX for the word, 3 px margins."""
+    width, height = size
+    r, c = divmod(index, cols)
+    left = c * tile_px + 3
+    top = HEADER_PX + r * tile_px + TITLE_PX
+    side = tile_px - 6
+    box_h = tile_px - TITLE_PX - 3
+    ax = fig.add_axes((left / width, 1 - (top + box_h) / height, side / width, box_h / height))
+    ax.set_axis_off()
+    return ax
+
+
+def _draw_tile(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None,
+               boxes: np.ndarray, title: str, aspect: float) -> None:
+    # extent (0, 1, 1, 0): normalised image coordinates with y down, as the boxes.
+    extent = (0.0, 1.0, 1.0, 0.0)
+    if picture is not None:
+        ax.imshow(picture, extent=extent, interpolation="bilinear")
+    else:
+        ax.imshow(np.full((2, 2), _CANVAS_GREY), cmap="gray", vmin=0, vmax=1, extent=extent)
+        for x0, y0, x1, y1 in boxes:  # without the picture, at least show where the regions are
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=0.4,
+                                       edgecolor="0.6"))
+    if heat is not None:
+        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0, extent=extent,
+                  interpolation="nearest")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+    ax.set_aspect(aspect)  # height / width of the picture: the unit square shows undistorted
+    ax.set_title(title, fontsize=10, pad=3)
+
+
+def _save_png(fig: plt.Figure, out_png: Path) -> None:
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        fig.savefig(tmp, dpi=_DPI, format="png")  # no bbox_inches: keeps the exact size
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, caption: str,
+                 text_encoder: TextEncoder, xattn_cfg: XAttnConfig, out_png: str | os.PathLike, *,
+                 boxes: np.ndarray | None = None,
+                 image: str | os.PathLike | Image.Image | None = None,
+                 columns: int = 5, tile_px: int = 224) -> dict[str, Any]:
+    """Draw the attention picture of one image–caption pair into ``out_png``.
+
+    model: has ``encode_images`` / ``encode_captions`` (``trainer.model.SCANModel``);
+    regions (k, D) raw region features of ONE image (e.g. ``ImageSample.regions``);
+    text_encoder: the run's ``dataio.text.Vocab`` or ``HFTokenizer``;
+    boxes (k, 4) normalised x0, y0, x1, y1 (``ImageSample.boxes``); None: ``layout_boxes(k)``;
+    image: the original picture (path or PIL image); None: a blank canvas with the boxes outlined.
+
+    Returns {"score": float, "words": [drawn words], "attention": (words, k) float array of the
+    drawn words' weights (module doc), "png": path}.
+    """
+    out_png = Path(out_png)
+    regions = torch.as_tensor(np.asarray(regions)) if not isinstance(regions, torch.Tensor) else regions
+    if regions.dim() != 2 or regions.shape[0] < 1:
+        raise ValueError(f"regions: expected (k, D) features of one image, got {tuple(regions.shape)}")
+    k = regions.shape[0]
+    boxes = layout_boxes(k) if boxes is None else np.asarray(boxes, dtype=np.float32)
+    if boxes.shape != (k, 4):
+        raise ValueError(f"boxes: expected ({k}, 4) for {k} regions, got {boxes.shape}")
+    if columns < 1 or tile_px < 64:
+        raise ValueError(f"columns must be >= 1 and tile_px >= 64; got columns={columns}, "
+                         f"tile_px={tile_px}")
+    tokens = tokenize(caption)
+    ids = text_encoder.encode(tokens, caption)
+    if not tokens or not ids:
+        raise ValueError(f"caption {caption!r} has no words")
+    labels, special = token_labels(text_encoder, tokens, ids)
+    score, attention = attend(model, regions, ids, xattn_cfg)  # attention (n, k)
+    shown = [i for i, s in enumerate(special) if not s]
+    words = [labels[i] for i in shown]
+    weights = attention[shown]  # (words, k)
+
+    picture = _load_image(image, "explain_pair")
+    # Heat maps at the picture's aspect ratio, at most tile size: boxes map onto it exactly.
+    if picture is not None:
+        scale = tile_px / max(picture.size)
+        hw = (max(1, round(picture.size[1] * scale)), max(1, round(picture.size[0] * scale)))
+        pixels = np.asarray(picture.resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+    else:
+        hw, pixels = (tile_px, tile_px), None
+    aspect = hw[0] / hw[1]
+
+    size = figure_size(len(words), columns, tile_px)
+    cols = min(columns, 1 + len(words))
+    fig = plt.figure(figsize=(size[0] / _DPI, size[1] / _DPI), dpi=_DPI)
+    head = textwrap.shorten(caption, width=2 * max(20, size[0] // 7), placeholder=" …")
+    lines = textwrap.wrap(head, width=max(20, size[0] // 7))[:2]
+    fig.text(0.5, 1 - 6 / size[1], "\n".join(lines + [f"score {score:.4f} ({xattn_cfg.direction}, "
+                                                      f"{xattn_cfg.agg})"]),
+             ha="center", va="top", fontsize=9)
+    _draw_tile(_tile_axes(fig, 0, cols, tile_px, size), pixels, None, boxes, "image", aspect)
+    for i, (word, w) in enumerate(zip(words, weights), start=1):
+        heat = heat_map(w, boxes, *hw)
+        peak = heat.max()
+        _draw_tile(_tile_axes(fig, i, cols, tile_px, size), pixels,
+                   heat / peak if peak > 0 else heat, boxes, f"{word}  (max {w.max():.2f})", aspect)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(fig, out_png)
+    log.info("attention picture of %d words (score %.4f) written to %s", len(words), score, out_png)
+    return {"score": score, "words": words, "attention": weights, "png": out_png}
