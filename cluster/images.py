@@ -109,7 +109,9 @@ def decode_image(data: bytes | str | Path | Image.Image, *, size: int, resample:
         pixels = np.asarray(rgb.resize((size, size), _RESAMPLE[resample]), dtype=np.uint8)
     except BadImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own guard, before our size check
+        raise BadImage(source, f"too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
         raise BadImage(source, f"unreadable: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's corrupt-data errors
         raise BadImage(source, f"corrupt: {type(exc).__name__}: {exc}") from exc
