@@ -121,9 +121,12 @@ class PrometheusExporter:
                             [*names, "name"], registry=registry)
         self._eval_epoch = gauge("scan_eval_epoch", "Epoch of the last evaluation")
         registry.register(SkipsByKind(skips, self.labels))
-        # Unknown until reported: NaN rather than a misleading 0.
-        self._grad_norm.set(math.nan)
-        self._loss_scale.set(math.nan)
+        # Unknown until reported: NaN rather than a misleading 0 (the exporter starts before the
+        # model is built, and Prometheus scrapes it from then on).
+        for unknown in (self._loss, self._speed, self._step_time, self._data_wait, self._lr,
+                        self._grad_norm, self._loss_scale, self._step, self._epoch, self._memory,
+                        self._rsum, self._eval_epoch):
+            unknown.set(math.nan)
         self._skipped_seen = 0  # the cumulative skip count already added to the counter
 
         try:

@@ -140,7 +140,9 @@ def test_exporter_serves_step_metrics_with_labels(exporter):
     fixed = {("rank", "3"), ("run", "unit")}
     before = scrape(exporter.url)
     # Not reported yet: NaN, not a made-up 0.
-    assert math.isnan(before[("scan_train_grad_norm", frozenset(fixed))])
+    for name in ("scan_train_loss", "scan_train_lr", "scan_train_grad_norm", "scan_memory_bytes", "scan_eval_rsum"):
+        assert math.isnan(before[(name, frozenset(fixed))]), name
+    assert before[("scan_train_steps_total", frozenset(fixed))] == 0
     exporter.observe_step(**step_fields(1, loss=0.75, lr=1e-3, skipped_samples=2, memory_bytes=12345))
     exporter.observe_step(**step_fields(2, loss=0.5, grad_norm=None, loss_scale=65536.0,
                                         skipped_samples=5, memory_bytes=23456))

@@ -7,9 +7,11 @@ when that script reports that apt-get is unavailable here (exit status 2).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -21,6 +23,7 @@ from typing import Iterator
 import pytest
 
 from cluster.metrics import PrometheusExporter
+from trainer.telemetry import read_run_log
 
 REPO = Path(__file__).resolve().parents[1]
 POLL_S = 20.0  # the first sample shows after ~5 s on these machines
@@ -58,6 +61,7 @@ def api(base: str, path: str, **params) -> dict:
 @contextmanager
 def prometheus_server(binary: str, targets: list[str], workdir: Path) -> Iterator[str]:
     """A Prometheus scraping ``targets`` every second; yields its base URL; always stopped."""
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
@@ -106,22 +110,25 @@ def test_prometheus_scrapes_the_loss_series_of_a_training_feed(prometheus_bin, t
     losses = {}  # step -> loss fed
     stop = threading.Event()
 
+    def report(step: int) -> None:
+        losses[step] = 4.0 / (1.0 + 0.1 * step)
+        exporter.observe_step(step=step, epoch=0, loss=losses[step], samples_per_s=640.0,
+                              step_time_s=0.2, data_wait_s=0.01, lr=2e-4, grad_norm=1.0,
+                              loss_scale=None, skipped_samples=0, memory_bytes=1 << 30)
+
     def feed() -> None:
         # A training-like run: a falling loss, one step every 0.2 s, until the test has its series.
-        step = 0
-        while not stop.is_set():
+        step = 1
+        while not stop.wait(0.2):
             step += 1
-            losses[step] = 4.0 / (1.0 + 0.1 * step)
-            exporter.observe_step(step=step, epoch=0, loss=losses[step], samples_per_s=640.0,
-                                  step_time_s=0.2, data_wait_s=0.01, lr=2e-4, grad_norm=1.0,
-                                  loss_scale=None, skipped_samples=0, memory_bytes=1 << 30)
-            stop.wait(0.2)
+            report(step)
 
     feeder = threading.Thread(target=feed, daemon=True)
     try:
+        start = time.time()
+        report(1)  # before any scrape, so no NaN "no step yet" sample reaches Prometheus
+        feeder.start()
         with prometheus_server(prometheus_bin, [f"127.0.0.1:{exporter.port}"], tmp_path) as base:
-            start = time.time()
-            feeder.start()
             query = 'scan_train_loss{run="scrape-test"}'
             deadline = time.monotonic() + POLL_S
             series = []
@@ -154,3 +161,62 @@ def test_prometheus_scrapes_the_loss_series_of_a_training_feed(prometheus_bin, t
         if feeder.is_alive():
             feeder.join(timeout=5)
         exporter.close()
+
+
+# A real (tiny) training run in its own process, exporting through build_telemetry as a launcher
+# would: synthetic shards, GRU text encoder, fp32 on CPU, one process without a launcher.
+TRAIN_DRIVER = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from cluster.metrics import build_telemetry
+from dataio.sources.synthetic import write_synthetic
+from trainer.config import ExperimentConfig
+from trainer.train import train
+
+work, port, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cfg = ExperimentConfig(name="scrape-train")
+cfg.data.train_shards = write_synthetic(work + "/shards", 160, dim=32, shard_size=40)
+cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = 8, 0, 32
+cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 32, 16, 16
+cfg.train.precision, cfg.train.epochs, cfg.train.max_steps = "fp32", 1, steps
+cfg.train.output_dir = work + "/run"
+cfg.metrics.port_base = port
+train(cfg, telemetry=build_telemetry(cfg, rank=0, local_rank=0))
+"""
+
+
+def test_prometheus_scrapes_a_real_training_run(prometheus_bin, tmp_path):
+    port = free_port()
+    with prometheus_server(prometheus_bin, [f"127.0.0.1:{port}"], tmp_path / "prom") as base:
+        start = time.time()
+        train_log = tmp_path / "train.log"
+        with open(train_log, "w") as out:
+            run = subprocess.run([sys.executable, "-c", TRAIN_DRIVER, str(tmp_path), str(port), "30"],
+                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+        assert run.returncode == 0, f"training failed:\n{train_log.read_text()[-4000:]}"
+        end = time.time()
+        # Samples are in the TSDB once scraped; poll in case the last scrape is still being ingested.
+        query = 'scan_train_loss{run="scrape-train"}'
+        deadline, series = time.monotonic() + POLL_S, []
+        while time.monotonic() < deadline:
+            series = api(base, "/api/v1/query_range", query=query, start=start, end=end + 2,
+                         step="1s")["result"]
+            if series:
+                break
+            time.sleep(0.5)
+        assert series, f"no {query} series after the run:\n{train_log.read_text()[-2000:]}"
+        (only,) = series
+        assert only["metric"]["rank"] == "0" and only["metric"]["job"] == "scan-test"
+
+        # Every scraped value is a loss the run logged (the same float, exact through text formats).
+        logged = {r["loss"] for r in read_run_log(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"}
+        assert len(logged) == 30
+        values = [(t, float(v)) for t, v in only["values"]]
+        # NaN (no step yet) while the model is being built, then only logged losses.
+        first = next((i for i, (_, v) in enumerate(values) if not math.isnan(v)), len(values))
+        assert first < len(values), f"only NaN scraped: {values}"
+        assert all(v in logged for _, v in values[first:]), (values, sorted(logged))
+        # The instant query at a time the exporter was up returns the loss then.
+        t_last, v_last = values[-1]
+        (instant,) = api(base, "/api/v1/query", query=query, time=t_last)["result"]
+        assert float(instant["value"][1]) == v_last
