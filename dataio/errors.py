@@ -20,10 +20,13 @@ OnError = Literal["raise", "skip"]
 class DataError(ValueError):
     """A bad shard or sample; the message names the shard, the sample key and the problem."""
 
-    def __init__(self, shard: str, key: str | None, problem: str, kind: str = "bad_sample"):
+    def __init__(self, shard: str, key: str | None = None, problem: str | None = None,
+                 kind: str = "bad_sample"):
         # kind: a short category for the skip counter, e.g. "corrupt_tar", "non_finite".
         self.shard, self.key, self.problem, self.kind = shard, key, problem, kind
-        super().__init__(f"shard {shard!r}, key {key!r}: {problem}")
+        # A DataLoader worker's error is re-raised in the main process as DataError(message):
+        # then ``shard`` holds the whole, already formatted message.
+        super().__init__(shard if problem is None else f"shard {shard!r}, key {key!r}: {problem}")
 
 
 class SkipCounter:

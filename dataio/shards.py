@@ -363,29 +363,50 @@ def read_manifest(dest_or_manifest_url: str) -> dict:
 # reading one shard
 
 
-def _tar_members(f: IO[bytes], url: str) -> Iterator[dict]:
-    for m in wds.tariterators.tar_file_iterator(f):
-        m["__url__"] = url
-        yield m
+def _group(members: Iterator[dict], url: str) -> Iterator[dict]:
+    """Group tar members ``<key>.<field>`` into samples. A key whose field repeats starts a new
+    sample (so an adjacent duplicate key is reported as such, not as a broken tar)."""
+    cur: dict | None = None
+    for m in members:
+        key, ext = wds.tariterators.base_plus_ext(m["fname"])
+        if key is None:
+            raise DataError(url, m["fname"], "tar member name has no <key>.<field> form", "unsafe_key")
+        if cur is None or key != cur["__key__"] or ext.lower() in cur:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        cur[ext.lower()] = m["data"]
+    if cur is not None:
+        yield cur
 
 
 def raw_samples(url: str) -> Iterator[dict]:
     """Undecoded samples (dicts of bytes keyed by field) of one shard, in order.
 
     Raises :class:`DataError` naming the shard and the last key read for a corrupt or truncated tar.
-    Member names never become paths: nothing is extracted to disk.
+    tarfile's stream reader takes a damaged header for the end of the archive, so non-zero bytes
+    after that end are reported as corruption too. Member names never become paths: nothing is
+    extracted to disk.
     """
     last_key = None
     try:
         with storage.open_url(url, "rb") as f:
-            for raw in wds.tariterators.group_by_keys(_tar_members(f, url)):
-                raw.pop("__url__", None)
-                last_key = raw.get("__key__")
-                yield raw
+            pending = None  # the last sample is held back until the end of the tar is checked
+            for raw in _group(wds.tariterators.tar_file_iterator(f), url):
+                if pending is not None:
+                    yield pending
+                pending, last_key = raw, raw["__key__"]
+            while chunk := f.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    raise ValueError("data after the end of the archive (damaged member header)")
+            if pending is not None:
+                yield pending
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(url, None, "shard does not exist", "missing_shard") from e
-    except Exception as e:  # tarfile.ReadError, EOFError, ValueError (duplicate member name)
-        raise DataError(url, last_key, f"corrupt or truncated tar after this key: {e!r}",
+    except Exception as e:  # tarfile.ReadError, EOFError, ValueError
+        raise DataError(url, last_key, f"corrupt or truncated tar at or after this key: {e!r}",
                         "corrupt_tar") from e
 
 
@@ -412,7 +433,7 @@ def iter_shard(url: str, *, on_error: OnError = "raise", expected: int | None = 
             except DataError as e:
                 handle(e, on_error, counter)
     except DataError as e:
-        if e.kind not in ("corrupt_tar", "missing_shard"):
+        if e.kind not in ("corrupt_tar", "missing_shard", "unsafe_key"):
             raise
         handle(e, on_error, counter)
         return
