@@ -8,6 +8,9 @@ it also writes the reference loss: ``hardest_negative_loss`` over the whole batc
 """
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +24,38 @@ from trainer.loss import hardest_negative_loss
 from trainer.model import build_model
 from trainer.train import batch_loss, seed_everything
 from trainer.xattn import xattn_scores
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """Environment for a CPU training subprocess: no launcher variables inherited, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+def train_args(shards: str, out: Path, *overrides: str) -> list[str]:
+    """``--config`` and overrides of the tiny test run (after ``-m trainer.train`` or a launcher)."""
+    return ["--config", str(TINY_CONFIG), f"data.train_shards={shards}", f"train.output_dir={out}",
+            *overrides]
+
+
+def run_train(shards: str, out: Path, *overrides: str, resume: str | None = None,
+              timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "trainer.train", *train_args(shards, out, *overrides)]
+    if resume:
+        cmd += ["--resume", resume]
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
 
 GLOBAL_BATCH = 10
 VOCAB = 30

@@ -33,7 +33,7 @@ from dataio.pipeline import CaptionLoader, caption_batches, iter_tokens
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer
 from trainer import checkpoint
 from trainer.config import ExperimentConfig, LossConfig, load_experiment
-from trainer.configfile import to_dict
+from trainer.configfile import ConfigError, to_dict
 from trainer.distributed import (DistEnv, all_gather_ints, all_reduce_sum, gather_padded,
                                  init_process_group, is_distributed, read_env)
 from trainer.engine import Engine, build_engine
@@ -279,8 +279,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_experiment(args.config, args.overrides)
-    return train(cfg, resume=args.resume, local_rank=args.local_rank)
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        return train(cfg, resume=args.resume, local_rank=args.local_rank)
+    except (ConfigError, FileNotFoundError) as err:  # bad input: the message says it all
+        log.error("%s", err)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
