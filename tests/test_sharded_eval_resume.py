@@ -1,0 +1,60 @@
+"""A killed evaluation, rerun with the same output directory, computes only the missing tiles."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_sharded_eval_helpers import tied_embeddings
+from trainer.encode import save_embeddings
+from trainer.evaluate import recall_metrics
+from trainer.sharded_eval import Member, evaluate_embeddings, load_sims
+from trainer.xattn import XAttnConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(tmp_path: Path) -> list[str]:
+    return [sys.executable, "-m", "trainer.sharded_eval", "--config", str(tmp_path / "cfg.yaml"),
+            "--embeddings", str(tmp_path / "emb.pt"), "--out", str(tmp_path / "out")]
+
+
+def test_kill_mid_way_then_rerun_computes_only_the_rest(tmp_path: Path) -> None:
+    emb = tied_embeddings(blocks=8, block=4, k=36, n=20, d=256)
+    save_embeddings(emb, str(tmp_path / "emb.pt"))
+    (tmp_path / "cfg.yaml").write_text("eval:\n  image_block: 4\n  save_sims: true\n")
+    records = tmp_path / "out/tiles/records"
+    total = 8 * 8
+
+    proc = subprocess.Popen(_cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.is_dir() and len(list(records.glob("*.npz"))) >= 10:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    done = len(list(records.glob("*.npz")))
+    assert 10 <= done < total
+    assert not (tmp_path / "out/metrics.json").exists()
+
+    rerun = subprocess.run(_cli(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert summary["tiles_loaded"] == done
+    assert summary["tiles_computed"] == total - done
+    # The tiles of both runs form one matrix, and the resumed figures are exactly its figures.
+    assert summary["metrics"] == recall_metrics(load_sims(tmp_path / "out/sims"), 5)
+    assert summary["metrics"] == evaluate_embeddings([Member(emb, XAttnConfig())], image_block=8).metrics
+
+    # A third run finds every tile recorded and computes nothing.
+    again = subprocess.run(_cli(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (last["tiles_computed"], last["tiles_loaded"]) == (0, total)
