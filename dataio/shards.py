@@ -200,6 +200,58 @@ def shard_filename(name: str) -> str:
     return name
 
 
+class _OpenShard:
+    """One shard being streamed to a temporary name; :meth:`finish` makes it visible."""
+
+    def __init__(self, dest: str, name: str):
+        self.fname = shard_filename(name)
+        self.url = storage.join(dest, self.fname)
+        storage.makedirs(dest)
+        self.tmp = storage.temp_name(self.url)
+        self.f = storage.open_url(self.tmp, "wb")
+        self.hw = _HashingWriter(self.f)
+        self.tw = wds.TarWriter(self.hw, encoder=False, mtime=0)  # mtime 0: reproducible bytes
+        self.counts: list[int] = []
+        self.keys: set[str] = set()
+        self.k_max, self.dim = 0, None
+        self.size = 0  # tar bytes so far (the tar stream buffers, so self.hw.n lags behind)
+
+    def write(self, s: ImageSample) -> None:
+        check_sample(s, self.fname, self.dim)
+        if s.key in self.keys:
+            raise DataError(self.fname, s.key, "duplicate key", "duplicate_key")
+        self.keys.add(s.key)
+        self.dim = s.regions.shape[1]
+        self.k_max = max(self.k_max, s.regions.shape[0])
+        self.counts.append(len(s.captions))
+        enc = encode_sample(s)
+        self.tw.write(enc)
+        # each member: a 512-byte header plus its data padded to 512-byte blocks
+        self.size += sum(512 + -(-len(v) // 512) * 512 for k, v in enc.items() if k != "__key__")
+
+    def finish(self) -> ShardRecord:
+        """Close, rename into place, then write the record (which marks the shard committed)."""
+        if not self.counts:
+            raise ValueError(f"shard {self.url}: no samples to write")
+        self.tw.close()
+        self.f.close()
+        storage.commit(self.tmp, self.url)
+        rec = ShardRecord(self.fname, len(self.counts), self.hw.n, self.hw.sha.hexdigest(),
+                          [self.k_max, self.dim], sum(self.counts), self.counts, time.time())
+        storage.write_bytes_atomic(self.url + RECORD_SUFFIX, json.dumps(asdict(rec)).encode())
+        log.debug("wrote %s: %d samples, %d bytes", self.url, rec.samples, rec.bytes)
+        return rec
+
+    def abort(self) -> None:
+        try:
+            self.tw.close()  # closed here, not by tarfile's __del__ after the file is gone
+            self.f.close()
+        except Exception:  # the temporary file is removed either way
+            log.debug("closing aborted shard %s failed", self.tmp, exc_info=True)
+        finally:
+            storage.discard(self.tmp)
+
+
 def write_shard(dest: str, name: str, samples: Iterable[ImageSample]) -> ShardRecord:
     """Write one shard ``dest/name.tar`` atomically, then its record ``dest/name.tar.json``.
 
@@ -207,37 +259,14 @@ def write_shard(dest: str, name: str, samples: Iterable[ImageSample]) -> ShardRe
     then renamed into place; the record, written after it, marks the shard committed. Refuses
     invalid samples (NaN/inf, bad shapes, empty captions, unsafe or duplicate keys).
     """
-    fname = shard_filename(name)
-    url = storage.join(dest, fname)
-    storage.makedirs(dest)
-    tmp = storage.temp_name(url)
-    counts: list[int] = []
-    keys: set[str] = set()
-    k_max, dim = 0, None
+    shard = _OpenShard(dest, name)
     try:
-        with storage.open_url(tmp, "wb") as f:
-            hw = _HashingWriter(f)
-            with wds.TarWriter(hw, encoder=False, mtime=0) as tw:  # mtime 0: reproducible bytes
-                for s in samples:
-                    check_sample(s, fname, dim)
-                    if s.key in keys:
-                        raise DataError(fname, s.key, "duplicate key", "duplicate_key")
-                    keys.add(s.key)
-                    dim = s.regions.shape[1]
-                    k_max = max(k_max, s.regions.shape[0])
-                    counts.append(len(s.captions))
-                    tw.write(encode_sample(s))
-        if not counts:
-            raise ValueError(f"shard {url}: no samples to write")
-        storage.commit(tmp, url)
+        for s in samples:
+            shard.write(s)
+        return shard.finish()
     except BaseException:
-        storage.discard(tmp)
+        shard.abort()
         raise
-    rec = ShardRecord(fname, len(counts), hw.n, hw.sha.hexdigest(), [k_max, dim], sum(counts),
-                      counts, time.time())
-    storage.write_bytes_atomic(url + RECORD_SUFFIX, json.dumps(asdict(rec)).encode())
-    log.debug("wrote %s: %d samples, %d bytes", url, rec.samples, rec.bytes)
-    return rec
 
 
 def committed_shards(dest: str) -> dict[str, ShardRecord]:
@@ -263,8 +292,9 @@ def clear_dataset(dest: str) -> None:
 class ShardWriter:
     """Sequential writer of count- and size-bounded shards ``<prefix>-000000.tar``, ...
 
-    Opening it clears a previous data set at ``dest`` (``fresh=True``, the default), so a new run
-    never mixes with old shards. Keys must be unique over the whole writer.
+    Samples stream straight into the open shard (nothing is buffered). Opening the writer clears a
+    previous data set at ``dest`` (``fresh=True``, the default), so a new run never mixes with old
+    shards. Keys must be unique over the whole writer.
     """
 
     def __init__(self, dest: str, *, split: str, max_samples: int = 1000, max_bytes: int = 1 << 30,
@@ -274,39 +304,43 @@ class ShardWriter:
         self.dest, self.split, self.prefix = dest, split, prefix
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.records: list[ShardRecord] = []
-        self._buf: list[ImageSample] = []
-        self._buf_bytes = 0
+        self._shard: _OpenShard | None = None
         self._keys: set[str] = set()
         if fresh:
             clear_dataset(dest)
 
     def write(self, sample: ImageSample) -> None:
-        check_sample(sample, f"{self.prefix}-{len(self.records):06d}.tar (pending)")
         if sample.key in self._keys:
             raise DataError(self.dest, sample.key, "duplicate key in data set", "duplicate_key")
+        sh = self._shard
+        if sh is not None and (len(sh.counts) >= self.max_samples or sh.size >= self.max_bytes):
+            self.records.append(sh.finish())
+            sh = None
+        if sh is None:
+            sh = self._shard = _OpenShard(self.dest, f"{self.prefix}-{len(self.records):06d}.tar")
+        sh.write(sample)
         self._keys.add(sample.key)
-        size = sample.regions.shape[0] * sample.regions.shape[1] * 2 + 2048  # float16 + text, approx.
-        if self._buf and (len(self._buf) >= self.max_samples or self._buf_bytes + size > self.max_bytes):
-            self._flush()
-        self._buf.append(sample)
-        self._buf_bytes += size
-
-    def _flush(self) -> None:
-        if self._buf:
-            name = f"{self.prefix}-{len(self.records):06d}.tar"
-            self.records.append(write_shard(self.dest, name, self._buf))
-            self._buf, self._buf_bytes = [], 0
 
     def close(self) -> list[ShardRecord]:
-        self._flush()
+        if self._shard is not None:
+            self.records.append(self._shard.finish())
+            self._shard = None
         return self.records
+
+    def abort(self) -> None:
+        """Drop the shard being written (nothing partial becomes visible)."""
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:  # on error, the pending samples are dropped (no partial shard)
+        if exc_type is None:
             self.close()
+        else:
+            self.abort()
 
 
 def write_manifest(dest: str, records: list[ShardRecord], *, split: str, extractor: dict,

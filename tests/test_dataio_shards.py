@@ -123,3 +123,15 @@ def test_read_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(DataError, match="manifest.json.*not a scan-shards/1 manifest"):
         read_manifest(str(tmp_path))
+
+
+def test_shard_writer_streams_and_aborts_cleanly(tmp_path):
+    dest = str(tmp_path / "ds")
+    with pytest.raises(RuntimeError):
+        with ShardWriter(dest, split="train", max_samples=3) as w:
+            for s in synthetic_samples(5, dim=8):
+                w.write(s)
+            raise RuntimeError("crash mid-shard")
+    # the first, complete shard is committed; the open one left no file behind
+    assert sorted(os.listdir(dest)) == ["shard-000000.tar", "shard-000000.tar.json"]
+    assert committed_shards(dest)["shard-000000.tar"].samples == 3
