@@ -1,17 +1,49 @@
 """Stacked cross attention scores (SCAN), exact to the reference semantics, without per-pair loops.
 
 See ../shared/DESIGN.md §2 for the semantics and the fast formulation.
+
+Both directions share one computation. The "context owners" (images for t2i, captions for i2t)
+give the context axis c, the "query owners" (captions for t2i, images for i2t) the query axis q.
+For a tile of A context owners and B query owners, one matrix product gives every dot product
+laid out as (A, c, B, q); then, per pair, with x the context vectors:
+
+- first normalisation over q (``raw_feature_norm``), times λ1: z (A, c, B, q)
+- e = exp(z − shift), padded contexts 0; Z = Σ_c e: the softmax over c is α = e / Z
+- q · a_q = Σ_c α s,  |a_q|² = α^T G α with G = x x^T per context owner (A, c, c)
+- R_q = q·a_q / max(|q| |a_q|, 1e-8), aggregated over the valid q.
+
+The attended vectors a_q (A·B·q·d numbers) are never formed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 Direction = Literal["t2i", "i2t"]
 Aggregation = Literal["mean", "lse", "max", "sum"]
 RawFeatureNorm = Literal[
     "clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax"
 ]
+
+_EPS = 1e-8  # the reference's eps in l1norm / l2norm / cosine_similarity
+_TINY = 1e-30  # floor inside square roots: sqrt(0) has an infinite gradient (DESIGN.md §2)
+# First normalisations whose output lies in [-1, 1]: λ1·z ∈ [-λ1, λ1], so e = exp(λ1·z − λ1) cannot
+# overflow, and for λ1 ≤ _MAX_STATIC_SHIFT it stays ≥ e^-40 with e·e ≥ e^-80 in α^T G α, above the
+# fp32 normal minimum (≈ e^-87): shifting by the bound λ1 instead of the max saves a pass.
+_BOUNDED_NORMS = frozenset({"clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "softmax"})
+_MAX_STATIC_SHIFT = 20.0
+# Buffers of c·q numbers kept per pair: s, e, G·e (+ autograd's saved tensors when training).
+_BUFFERS_INFERENCE = 3
+_BUFFERS_TRAINING = 8
+# Tile size for speed: the elementwise passes after the matrix product run over the tile several
+# times, so a tile that stays near the CPU caches beats one huge tile (see benchmarks/xattn.py).
+_FAST_TILE_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -23,3 +55,266 @@ class XAttnConfig:
     lambda_softmax: float = 9.0  # λ1: inverse temperature of the attention softmax
     lambda_lse: float = 6.0  # λ2: only used when agg == "lse"
     raw_feature_norm: RawFeatureNorm = "clipped_l2norm"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and the allowed values."""
+        for name, choices in (("direction", Direction), ("agg", Aggregation),
+                              ("raw_feature_norm", RawFeatureNorm)):
+            value = getattr(self, name)
+            if value not in get_args(choices):
+                raise ValueError(f"XAttnConfig.{name}={value!r} is not allowed; "
+                                 f"choose one of {list(get_args(choices))}")
+        for name in ("lambda_softmax", "lambda_lse"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"XAttnConfig.{name}={value!r} is not allowed; "
+                                 "it must be a finite number > 0")
+
+
+def xattn_scores(
+    images: Tensor,
+    captions: Tensor,
+    cap_lens: Tensor,
+    cfg: XAttnConfig,
+    img_lens: Tensor | None = None,
+    *,
+    memory_budget_mb: float = 1024,
+    checkpoint: bool = False,
+    attention_pairs: Tensor | None = None,
+    validate: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """SCAN similarity of every image with every caption.
+
+    images (N, k, d) regions, padded to k with ``img_lens`` (N,) or all valid when None;
+    captions (M, n, d) words, padded to n with ``cap_lens`` (M,). Inputs need not be normalised.
+    Returns scores (N, M) in float32 (float64 for float64 inputs).
+
+    ``memory_budget_mb`` bounds the per-pair intermediates of one tile (image block × caption
+    block). ``checkpoint=True`` recomputes each tile in backward, so training keeps one tile's
+    intermediates instead of all of them. With ``attention_pairs`` (P, 2) long of (image index,
+    caption index) it returns ``(scores, attn)``: attn (P, queries, contexts) are the attention
+    weights of those pairs, query × context (t2i: (P, n, k) words × regions; i2t: (P, k, n)),
+    zero at padded queries and padded contexts. ``validate=True`` checks shapes, dtypes, lengths
+    and finiteness first (ValueError); it costs a pass over the inputs.
+    """
+    cfg.validate()
+    if validate:
+        _validate_inputs(images, captions, cap_lens, img_lens, attention_pairs)
+    cdtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    img_mask = _valid_mask(img_lens, images.shape[0], images.shape[1], images.device)
+    cap_mask = _valid_mask(cap_lens, captions.shape[0], captions.shape[1], captions.device)
+    images, captions = _zero_padding(images, img_mask), _zero_padding(captions, cap_mask)
+    if cfg.direction == "t2i":
+        ctx, ctx_mask, qry, qry_mask = images, img_mask, captions, cap_mask
+    else:
+        ctx, ctx_mask, qry, qry_mask = captions, cap_mask, images, img_mask
+
+    scores = _tiled_scores(ctx, ctx_mask, qry, qry_mask, cfg, cdtype, memory_budget_mb, checkpoint)
+    if cfg.direction == "i2t":
+        scores = scores.t()  # (M, N) -> (N, M)
+    if attention_pairs is None:
+        return scores
+    pairs = attention_pairs.to(images.device)
+    ctx_idx, qry_idx = (pairs[:, 0], pairs[:, 1]) if cfg.direction == "t2i" else (pairs[:, 1], pairs[:, 0])
+    attn = _pair_attention(ctx[ctx_idx], _index(ctx_mask, ctx_idx), qry[qry_idx],
+                           _index(qry_mask, qry_idx), cfg, cdtype)
+    return scores, attn
+
+
+def _valid_mask(lens: Tensor | None, count: int, width: int, device: torch.device) -> Tensor | None:
+    """(count, width) bool of valid positions, or None when nothing is padded."""
+    if lens is None:
+        return None
+    lens = lens.to(device=device)
+    if bool((lens >= width).all()):
+        return None
+    return torch.arange(width, device=device) < lens[:, None]
+
+
+def _zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero padded vectors so that their dot products are exactly 0 and add nothing to norms."""
+    return x if mask is None else x * mask[..., None].to(x.dtype)
+
+
+def _index(mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    return None if mask is None else mask[idx]
+
+
+def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: Tensor | None,
+                  cfg: XAttnConfig, cdtype: torch.dtype, memory_budget_mb: float,
+                  checkpoint: bool) -> Tensor:
+    """Scores (A, B) of context owners ctx (A, c, d) against query owners qry (B, q, d)."""
+    A, c, _ = ctx.shape
+    B, q, _ = qry.shape
+    # Squared norms of the queries (B, q) and Gram matrices of the contexts (A, c, c), once.
+    q32 = qry.to(cdtype)
+    q_norm = (q32 * q32).sum(-1).clamp_min(_TINY).sqrt()
+    gram = torch.bmm(ctx, ctx.transpose(1, 2)).to(cdtype)
+    grad = torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad)
+    tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
+                                 grad and not checkpoint)
+    rows = []
+    for a0 in range(0, A, tile_a):
+        a1 = min(A, a0 + tile_a)
+        cols = []
+        for b0 in range(0, B, tile_b):
+            b1 = min(B, b0 + tile_b)
+            args = (ctx[a0:a1], gram[a0:a1], None if ctx_mask is None else ctx_mask[a0:a1],
+                    qry[b0:b1], q_norm[b0:b1], None if qry_mask is None else qry_mask[b0:b1])
+            if checkpoint and grad:
+                cols.append(torch_checkpoint(_tile_scores, *args, cfg, cdtype, use_reentrant=False))
+            else:
+                cols.append(_tile_scores(*args, cfg, cdtype))
+        rows.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0])
+    return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+
+
+def _tile_shape(A: int, B: int, pair_bytes: int, memory_budget_mb: float,
+                training: bool) -> tuple[int, int]:
+    """Context owners × query owners per tile so that one tile's intermediates fit the budget."""
+    buffers = _BUFFERS_TRAINING if training else _BUFFERS_INFERENCE
+    budget = min(memory_budget_mb * 2**20, _FAST_TILE_BYTES)
+    pairs = max(1, int(budget // (pair_bytes * buffers)))
+    tile_b = min(B, pairs)
+    tile_a = max(1, min(A, pairs // tile_b))
+    return tile_a, tile_b
+
+
+def _tile_scores(ctx: Tensor, gram: Tensor, ctx_mask: Tensor | None, qry: Tensor, q_norm: Tensor,
+                 qry_mask: Tensor | None, cfg: XAttnConfig, cdtype: torch.dtype) -> Tensor:
+    """Scores (A, B) of one tile: ctx (A, c, d), gram (A, c, c), qry (B, q, d), q_norm (B, q)."""
+    A, c, d = ctx.shape
+    B, q, _ = qry.shape
+    inplace = not (torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad))
+    # (A*c, d) @ (d, B*q): every dot product of the tile in one product, in the input dtype.
+    s = torch.mm(ctx.reshape(A * c, d), qry.reshape(B * q, d).t()).to(cdtype).view(A, c, B, q)
+    ctx_pad_rows = None if ctx_mask is None else torch.nonzero(~ctx_mask.reshape(-1)).squeeze(1)
+    qry_bias = None if qry_mask is None else _mask_bias(qry_mask, cdtype).view(1, 1, B, q)
+    e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias, inplace)
+    z = e.sum(1)  # (A, B, q) softmax denominators
+    qa = (s.mul_(e) if inplace else s * e).sum(1)  # Σ_c e s: (A, B, q)
+    ge = torch.bmm(gram, e.view(A, c, B * q)).view(A, c, B, q)
+    aa = (ge.mul_(e) if inplace else ge * e).sum(1)  # e^T G e: (A, B, q)
+    # α = e / Z, so q·a_q = qa / Z and |a_q|² = aa / Z²; R_q = q·a_q / max(|q| |a_q|, eps).
+    a_norm = (aa / (z * z)).clamp_min(_TINY).sqrt()
+    r = (qa / z) / (q_norm[None] * a_norm).clamp_min(_EPS)
+    return _aggregate(r, qry_mask, cfg)
+
+
+def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where valid, -inf where padded (same shape as mask)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
+def _attention_exp(s: Tensor, cfg: XAttnConfig, ctx_pad_rows: Tensor | None,
+                   qry_bias: Tensor | None, inplace: bool) -> Tensor:
+    """Unnormalised attention e (A, c, B, q) from dot products s (A, c, B, q).
+
+    e = exp(λ1 · norm_q(s) − shift), 0 for padded contexts (flat rows of (A*c) in ctx_pad_rows);
+    α = e / Σ_c e is the reference's softmax over contexts. qry_bias (.., B, q) is -inf at padded
+    queries (their s is already 0, which leaves L1/L2 norms unchanged; only softmax needs it).
+    """
+    lam = cfg.lambda_softmax
+    kind = cfg.raw_feature_norm
+    if kind == "softmax":
+        x = torch.softmax(s if qry_bias is None else s + qry_bias, dim=-1)
+        x = x.mul_(lam) if inplace else x * lam
+    elif kind == "no_norm":
+        x = s * lam
+    else:
+        clipped = kind.startswith("clipped")
+        x = F.leaky_relu(s, 0.1) if clipped else s
+        if kind.endswith("l2norm"):
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        elif kind.endswith("l1norm"):
+            norm = torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True)
+        else:
+            norm = None
+        factor = lam if norm is None else lam / (norm + _EPS)
+        x = x.mul_(factor) if inplace and x is not s else x * factor
+    if ctx_pad_rows is not None:
+        A, c, B, q = x.shape
+        x = x.view(A * c, B * q)
+        x = (x.index_fill_(0, ctx_pad_rows, -math.inf) if inplace
+             else x.index_fill(0, ctx_pad_rows, -math.inf)).view(A, c, B, q)
+    if kind in _BOUNDED_NORMS and lam <= _MAX_STATIC_SHIFT:
+        shift: Tensor | float = lam  # λ1·z ≤ λ1: a bound on the max saves a pass
+    else:
+        shift = x.amax(dim=1, keepdim=True)
+    return x.sub_(shift).exp_() if inplace else (x - shift).exp()
+
+
+def _aggregate(r: Tensor, qry_mask: Tensor | None, cfg: XAttnConfig) -> Tensor:
+    """(A, B, q) per-query similarities -> (A, B), over valid queries only."""
+    if cfg.agg in ("mean", "sum"):
+        if qry_mask is None:
+            return r.mean(-1) if cfg.agg == "mean" else r.sum(-1)
+        total = (r * qry_mask.to(r.dtype)).sum(-1)
+        return total / qry_mask.sum(-1).to(r.dtype) if cfg.agg == "mean" else total
+    if qry_mask is not None:
+        r = r.masked_fill(~qry_mask, -math.inf)
+    if cfg.agg == "max":
+        return r.amax(-1)
+    return torch.logsumexp(r * cfg.lambda_lse, dim=-1) / cfg.lambda_lse
+
+
+def _pair_attention(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: Tensor | None,
+                    cfg: XAttnConfig, cdtype: torch.dtype) -> Tensor:
+    """Attention weights (P, q, c) of P pairs: ctx (P, c, d) against qry (P, q, d)."""
+    P, c, _ = ctx.shape
+    q = qry.shape[1]
+    s = torch.bmm(ctx, qry.transpose(1, 2)).to(cdtype).view(P, c, 1, q)
+    ctx_pad_rows = None if ctx_mask is None else torch.nonzero(~ctx_mask.reshape(-1)).squeeze(1)
+    qry_bias = None if qry_mask is None else _mask_bias(qry_mask, cdtype).view(P, 1, 1, q)
+    e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias, inplace=False)
+    alpha = (e / e.sum(1, keepdim=True)).view(P, c, q).transpose(1, 2)  # (P, q, c)
+    if qry_mask is not None:
+        alpha = alpha * qry_mask[:, :, None].to(alpha.dtype)
+    return alpha
+
+
+def _validate_inputs(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
+                     attention_pairs: Tensor | None) -> None:
+    """Clear ValueErrors for inputs that would silently give wrong scores."""
+    for name, x in (("images", images), ("captions", captions)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"xattn_scores: {name} must be a 3-d tensor (count, length, d), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"xattn_scores: {name} must be floating point, got dtype {x.dtype}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"xattn_scores: {name} has an empty dimension: shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"xattn_scores: {name} contains NaN or inf")
+    if images.dtype != captions.dtype:
+        raise ValueError(f"xattn_scores: images dtype {images.dtype} != captions dtype {captions.dtype}")
+    if images.shape[2] != captions.shape[2]:
+        raise ValueError(f"xattn_scores: feature size d differs: images d={images.shape[2]}, "
+                         f"captions d={captions.shape[2]}")
+    for name, lens, owner, width_name in (("cap_lens", cap_lens, captions, "n"),
+                                           ("img_lens", img_lens, images, "k")):
+        if lens is None:
+            continue
+        if not isinstance(lens, Tensor) or lens.dim() != 1 or lens.is_floating_point() or lens.is_complex():
+            raise ValueError(f"xattn_scores: {name} must be a 1-d integer tensor, got "
+                             f"{getattr(lens, 'dtype', type(lens).__name__)} "
+                             f"shape {tuple(getattr(lens, 'shape', ()))}")
+        if lens.shape[0] != owner.shape[0]:
+            raise ValueError(f"xattn_scores: {name} has {lens.shape[0]} entries for "
+                             f"{owner.shape[0]} rows")
+        width = owner.shape[1]
+        bad = (lens < 1) | (lens > width)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(f"xattn_scores: {name}[{i}]={int(lens[i])} is outside 1..{width_name}"
+                             f"={width} (zero-length or longer than the padded length)")
+    if attention_pairs is not None:
+        p = attention_pairs
+        if p.dim() != 2 or p.shape[1] != 2 or p.is_floating_point():
+            raise ValueError(f"xattn_scores: attention_pairs must be (P, 2) integer, got "
+                             f"{p.dtype} shape {tuple(p.shape)}")
+        if p.numel() and (bool((p < 0).any()) or int(p[:, 0].max()) >= images.shape[0]
+                          or int(p[:, 1].max()) >= captions.shape[0]):
+            raise ValueError("xattn_scores: attention_pairs index out of range for "
+                             f"{images.shape[0]} images × {captions.shape[0]} captions")
