@@ -10,11 +10,13 @@ from typing import Callable
 
 from PIL import Image
 
+from dataio import storage
+
 
 @dataclass
 class ImageItem:
     key: str  # image id, a safe name (becomes the shard sample's __key__)
-    image: str | Callable[[], Image.Image]  # a file path, or a picklable zero-argument loader
+    image: str | Callable[[], Image.Image]  # a local path or s3:// URL, or a picklable loader
     captions: list[str]
     tokens: list[list[str]]
     split: str
@@ -24,5 +26,5 @@ class ImageItem:
         """The image as RGB (a path is opened here, so items stay cheap to ship to workers)."""
         if callable(self.image):
             return self.image().convert("RGB")
-        with Image.open(self.image) as im:
+        with storage.open_url(self.image, "rb") as f, Image.open(f) as im:
             return im.convert("RGB")
