@@ -1,0 +1,66 @@
+"""The VSE++ baseline benchmark end to end on tiny generated shards (its own command line)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dataio.sources.synthetic import write_synthetic
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_vse.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("baseline_shards")
+    return (write_synthetic(str(root / "train"), 40, seed=0, split="train", dim=32, shard_size=20),
+            write_synthetic(str(root / "val"), 20, seed=0, split="val", dim=32, shard_size=20))
+
+
+def test_baseline_runs_and_reports_recalls(tiny_splits, tmp_path):
+    train, val = tiny_splits
+    out = tmp_path / "res" / "baseline.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--train-shards", train, "--val-shards", val,
+                           "--epochs", "2", "--patience", "1", "--batch-size", "32",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["train_images"], result["val_images"]) == (40, 20)
+    assert (result["image_dim"], result["text_dim"]) == (32, 384)  # mean-pooled regions, MiniLM
+    assert 1 <= result["epochs_run"] <= 2 and len(result["history"]) == result["epochs_run"]
+    best = result["history"][result["best_epoch"]]["val"]
+    assert best == result["val"]
+    assert best["rsum"] == max(h["val"]["rsum"] for h in result["history"])
+    for direction in ("i2t", "t2i"):
+        recalls = [result["val"][direction][k] for k in ("r1", "r5", "r10")]
+        assert all(0.0 <= r <= 100.0 for r in recalls) and recalls == sorted(recalls)
+    # The printed table carries the same numbers.
+    i2t = result["val"]["i2t"]
+    assert f"| i2t | {i2t['r1']:.1f} | {i2t['r5']:.1f} | {i2t['r10']:.1f} |" in proc.stdout
+    assert f"rsum {result['val']['rsum']:.1f}" in proc.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["baseline.json"]  # no temporary file left
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("baseline_vse", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_vse"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_baseline_bad_input_is_named(tiny_splits, tmp_path, capsys):
+    baseline = _load_script()
+    train, _ = tiny_splits
+    missing = str(tmp_path / "nowhere" / "manifest.json")
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+        baseline.run(train, missing, baseline.BaselineConfig(epochs=1))
+    with pytest.raises(ValueError, match="has 5 captions; --caps-per-image is 6"):
+        baseline.load_split(train, caps_per_image=6)
+    with pytest.raises(SystemExit) as exc:
+        baseline.parse_args(["--train-shards", train, "--val-shards", train, "--patience", "0"])
+    assert exc.value.code == 2 and "--patience must be >= 1, got 0" in capsys.readouterr().err
