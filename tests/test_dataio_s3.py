@@ -75,3 +75,23 @@ def test_generic_endpoint_variable_is_honoured(s3_server, monkeypatch):
     storage.write_bytes_atomic(f"{bucket}/x.txt", b"hello")
     assert storage.read_bytes(f"{bucket}/x.txt") == b"hello"
     assert _keys(s3_server, bucket) == ["x.txt"]
+
+
+def test_karpathy_items_from_s3(s3_server):
+    import io
+    import json
+
+    from dataio.sources.karpathy import karpathy_items
+    from dataio.sources.synthetic import synthetic_items
+
+    bucket = s3_server.make_bucket()
+    item = next(synthetic_items(1, seed=3))
+    buf = io.BytesIO()
+    item.load().save(buf, format="PNG")
+    storage.write_bytes_atomic(f"{bucket}/imgs/val2014/pic1.png", buf.getvalue())
+    split_file = {"dataset": "tiny", "images": [{"filename": "pic1.png", "filepath": "val2014", "split": "val",
+                                                 "sentences": [{"raw": c, "tokens": t} for c, t in zip(item.captions, item.tokens)]}]}
+    storage.write_bytes_atomic(f"{bucket}/dataset_tiny.json", json.dumps(split_file).encode())
+    (got,) = karpathy_items(f"{bucket}/dataset_tiny.json", f"{bucket}/imgs", "val")
+    assert got.key == "pic1" and got.captions == item.captions
+    assert got.load().tobytes() == item.load().tobytes()

@@ -47,8 +47,8 @@ def karpathy_items(json_path: str, image_root: str, splits: str | Iterable[str] 
         key = os.path.splitext(filename)[0]
         if not _SAFE_KEY.match(key):
             raise ValueError(f"{json_path}: images[{i}] filename {filename!r} does not give a safe key")
-        path = os.path.join(image_root, im.get("filepath", ""), filename)
-        if check_files and not os.path.isfile(path):
+        path = os.path.join(image_root, im.get("filepath", ""), filename)  # also fine for s3:// roots
+        if check_files and not storage.is_s3(path) and not os.path.isfile(path):  # one HEAD per image on S3: skipped
             raise FileNotFoundError(f"{json_path}: images[{i}] ({filename!r}): no image at {path}")
         raws = [s["raw"] for s in sentences]
         tokens = [s.get("tokens") or tokenize(s["raw"]) for s in sentences]
