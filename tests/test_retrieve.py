@@ -96,12 +96,14 @@ def test_first_relevant_counts_the_whole_gallery(gallery):
 def test_build_gallery_with_a_model_matches_the_sims():
     torch.manual_seed(0)
     records = list(synthetic_samples(6, dim=16, split="val"))
+    records[1].meta["file"] = "/photos/one.jpg"  # as the extraction job records its source image
     vocab = build_vocab([t for r in records for t in r.tokens], threshold=1)
     model = SCANModel(ModelConfig(img_dim=16, embed_size=12, word_dim=8), len(vocab))
     cfg = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=5.0)
     g = build_gallery([(model, cfg)], records, encode_text=vocab.encode, caps_per_image=5,
                       precision="fp32", batch_size=4)
     assert g.sims.shape == (6, 30) and len(g.captions) == 30 and g.image_keys[0] == "syn-val-000000"
+    assert g.image_files == {"syn-val-000001": "/photos/one.jpg"}
     # A free-text query equal to a gallery caption scores exactly like that caption's column.
     res = retrieve(g, TextQuery(records[2].captions[1]), k=6)
     by_image = {h.index: h.score for h in res.hits}

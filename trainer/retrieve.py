@@ -48,7 +48,8 @@ class Gallery:
     members: list[Member]  # the split encoded by each model (one model: one member)
     captions: list[str]  # (M,) raw texts; caption c belongs to image c // caps_per_image
     sims: Tensor  # (N, M) float32 scores (the ensemble mean for several members)
-    sources: dict[str, str] = field(default_factory=dict)  # image key -> meta["source"], if any
+    # image key -> meta["file"] (the extraction job's source image path), for write_html
+    image_files: dict[str, str] = field(default_factory=dict)
     query_encoders: list[QueryEncoder] = field(default_factory=list)  # one per member; [] = no text
 
     def __post_init__(self) -> None:
@@ -158,9 +159,9 @@ def build_gallery(models: Sequence[tuple[torch.nn.Module, XAttnConfig]], records
     # A copy: the evaluator's saved matrix is a read-only memory map.
     sims = sims.float() if isinstance(sims, Tensor) else torch.from_numpy(np.array(sims, np.float32))
     captions = [c for r in records for c in r.captions]
-    sources = {r.key: str(r.meta["source"]) for r in records if r.meta.get("source")}
+    files = {r.key: str(r.meta["file"]) for r in records if r.meta.get("file")}
     log.info("gallery: %d images, %d captions, %d model(s)", len(records), len(captions), len(members))
-    return Gallery(members, captions, sims, sources, encoders)
+    return Gallery(members, captions, sims, files, encoders)
 
 
 def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -255,10 +256,11 @@ ol{margin:.3em 0}li.rel{font-weight:bold;color:#171}.score{color:#777}"""
 
 def write_html(results: Sequence[Retrieval], out_html: str | os.PathLike,
                image_paths: Mapping[str, str | os.PathLike]) -> Path:
-    """A static page of the results. ``image_paths`` maps image keys to local image files; each is
-    copied as a thumbnail into ``<page name>_files/`` next to the page and referenced relatively,
-    so the folder can be moved or served as is. Keys without a readable file (precomputed
-    features) show as a grey box with the key. Every text on the page is HTML-escaped.
+    """A static page of the results. ``image_paths`` maps image keys to local image files (e.g.
+    ``Gallery.image_files``); each is copied as a thumbnail into ``<page name>_files/`` next to
+    the page and referenced relatively, so the folder can be moved or served as is. Keys without a
+    readable file (precomputed features, generated scenes) show as a grey box with the key. Every
+    text on the page is HTML-escaped.
     """
     out_html = Path(out_html)
     thumbs = out_html.parent / f"{out_html.stem}_files"
