@@ -4,7 +4,8 @@
 ``attention_pairs``) and draws, for every word of the caption, the image with that word's attention
 over the regions as a heat map. A region's weight is spread over its box (grid features: their
 cell; detector features: their box) and overlapping boxes add up; the map is then normalised to its
-own maximum, so every tile uses the full colour range (the tile's title gives that maximum).
+own maximum, so every tile uses the full colour range (the tile's title gives that maximum), and
+drawn over the picture with the "jet" colours, more opaque where the weight is higher.
 
 Which weights are drawn:
 - t2i models (words attend to regions): ``α[w, r]``, the softmax over regions of word w; exactly
@@ -158,7 +159,8 @@ def _draw_tile(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=0.4,
                                        edgecolor="0.6"))
     if heat is not None:
-        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0, extent=extent,
+        # Opacity grows with the weight: the picture stays visible where attention is low.
+        ax.imshow(heat, cmap="jet", alpha=0.15 + 0.5 * heat, vmin=0.0, vmax=1.0, extent=extent,
                   interpolation="nearest")
     ax.set_xlim(0, 1)
     ax.set_ylim(1, 0)
