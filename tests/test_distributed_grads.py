@@ -2,8 +2,6 @@
 concatenated global batch (fp32, ZeRO 0 and 2), with same-image pairs masked across ranks."""
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,23 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_dist import cpu_env, free_port
+
 HELPER = Path(__file__).with_name("helpers_dist.py")
 STAGES = (0, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, world: int) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env = cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
             [sys.executable, str(HELPER), "grads", str(out), ",".join(map(str, STAGES))], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

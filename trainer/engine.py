@@ -96,9 +96,14 @@ def build_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter],
             return apex_cls(params, adam_w_mode=decoupled, **kwargs), f"apex.optimizers.FusedAdam({o.name})"
         if o.use_apex:
             log.warning("optim.use_apex is set but NVIDIA apex is not installed; using DeepSpeed FusedAdam")
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(params, adam_w_mode=decoupled, **kwargs), f"deepspeed.ops.adam.FusedAdam({o.name})"
+            return FusedAdam(params, adam_w_mode=decoupled, **kwargs), f"deepspeed.ops.adam.FusedAdam({o.name})"
+        except Exception as err:  # the op is JIT-built: no CUDA toolkit / ninja on this machine
+            log.warning("DeepSpeed FusedAdam unavailable (%s); using torch's fused optimizer", err)
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        return cls(params, fused=True, **kwargs), f"torch.optim.{cls.__name__}(fused=True)"
     if o.use_apex:
         log.warning("optim.use_apex is set but there is no GPU; using torch's optimizer")
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam

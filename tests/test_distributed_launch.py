@@ -1,0 +1,67 @@
+"""The one entry point under real launchers on CPU (gloo): ``deepspeed --num_gpus 2`` (bf16, ZeRO 1),
+two ``deepspeed --hostfile --no_ssh --node_rank R`` "nodes" on 127.0.0.1 (fp32, ZeRO 2) and
+``torchrun`` (fp32, ZeRO 0, local-only mining), each training a few steps on generated shards."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers_dist import REPO, cpu_env, free_port, train_args
+from trainer.telemetry import read_run_log
+
+STEPS = 3
+BIN = Path(sys.executable).parent
+
+
+def _check_run(out: Path, world: int) -> None:
+    steps = [r for r in read_run_log(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in steps)
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step{STEPS:08d}"
+    # Every rank wrote its RNG state into the one checkpoint: all `world` ranks took part.
+    assert sorted(p.name for p in (out / "checkpoints" / tag).glob("rng_rank*.pt")) == \
+        [f"rng_rank{r}.pt" for r in range(world)]
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+
+def test_deepspeed_two_processes(generated_shards, tmp_path):
+    out = tmp_path / "ds"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "trainer.train", *train_args(generated_shards, out, f"train.max_steps={STEPS}",
+                                        "train.precision=bf16", "train.zero_stage=1")]
+    _wait([subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)])
+    _check_run(out, 2)
+
+
+def test_deepspeed_two_nodes_no_ssh(generated_shards, tmp_path):
+    out = tmp_path / "nodes"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "trainer.train",
+               *train_args(generated_shards, out, f"train.max_steps={STEPS}", "train.zero_stage=2")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    _wait(procs)
+    _check_run(out, 2)
+
+
+def test_torchrun_two_processes(generated_shards, tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "trainer.train",
+           *train_args(generated_shards, out, f"train.max_steps={STEPS}", "loss.cross_device=false")]
+    _wait([subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)])
+    _check_run(out, 2)

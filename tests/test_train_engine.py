@@ -1,0 +1,152 @@
+"""Engine set-up (DeepSpeed config, optimizer, lr schedule, fp16 refusal) and the single-process loss."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_dist import run_train
+from trainer import checkpoint
+from trainer.config import ExperimentConfig
+from trainer.configfile import ConfigError
+from trainer.distributed import DistEnv
+from trainer.engine import build_optimizer, deepspeed_config, lr_factor
+from trainer.loss import hardest_negative_loss
+from trainer.telemetry import read_run_log
+from trainer.train import batch_loss
+from trainer.xattn import xattn_scores
+
+CPU = torch.device("cpu")
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_fp16_refused_on_cpu():
+    cfg = ExperimentConfig()
+    cfg.train.precision = "fp16"
+    with pytest.raises(ConfigError, match=r"'train.precision': 'fp16' is not supported on CPU"):
+        deepspeed_config(cfg, 1, CPU)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="fp16 is allowed where a GPU is")
+def test_fp16_run_on_cpu_stops_with_a_clear_message(generated_shards, tmp_path):
+    done = run_train(generated_shards, tmp_path, "train.precision=fp16", "train.max_steps=1")
+    assert done.returncode == 2
+    assert "'fp16' is not supported on CPU" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(NO_GPU, reason="fp16 (dynamic loss scaling) needs a CUDA GPU")
+def test_fp16_trains_on_gpu(generated_shards, tmp_path):
+    done = run_train(generated_shards, tmp_path, "train.precision=fp16", "train.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_run_log(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 3 and all(r["loss_scale"] for r in steps)
+
+
+def test_deepspeed_config_merges_json_under_experiment_fields(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 1, "zero_optimization": {"stage": 3,
+                                "reduce_bucket_size": 1234}, "optimizer": {"type": "Lamb"}}))
+    cfg = ExperimentConfig()
+    cfg.train.deepspeed_config = str(path)
+    cfg.train.precision, cfg.train.zero_stage, cfg.train.grad_accum = "fp32", 2, 3
+    cfg.data.batch_size = 16
+    ds = deepspeed_config(cfg, 4, CPU)
+    assert ds["train_batch_size"] == 16 * 3 * 4
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1234}
+    assert ds["gradient_clipping"] == 2.0 and "optimizer" not in ds
+    assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+
+
+def test_bf16_keeps_fp32_master_weights():
+    cfg = ExperimentConfig()
+    cfg.train.precision, cfg.train.zero_stage = "bf16", 0
+    ds = deepspeed_config(cfg, 1, CPU)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_missing_deepspeed_json_names_the_key():
+    cfg = ExperimentConfig()
+    cfg.train.deepspeed_config = "/nonexistent/ds.json"
+    with pytest.raises(ConfigError, match="train.deepspeed_config.*does not exist"):
+        deepspeed_config(cfg, 1, CPU)
+
+
+def test_shipped_deepspeed_json_is_valid():
+    cfg = ExperimentConfig()
+    cfg.train.deepspeed_config = str(Path(__file__).parents[1] / "configs/deepspeed/default.json")
+    assert deepspeed_config(cfg, 2, CPU)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_cpu_optimizer_choice(name, cls, caplog):
+    cfg = ExperimentConfig()
+    cfg.optim.name, cfg.optim.use_apex = name, True  # no GPU here: apex cannot be used
+    with caplog.at_level(logging.WARNING):
+        opt, label = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], CPU)
+    assert type(opt) is cls and label == f"torch.optim.{cls.__name__}"
+    assert "use_apex" in caplog.text
+
+
+def test_lr_schedule_step_decay_and_warmup():
+    f = lambda step, warm=0: lr_factor(step, steps_per_epoch=10, lr_update=[15, 20],  # noqa: E731
+                                       lr_decay=0.1, warmup_steps=warm)
+    assert f(0) == 1.0 and f(149) == 1.0
+    assert f(150) == pytest.approx(0.1) and f(199) == pytest.approx(0.1)
+    assert f(200) == pytest.approx(0.01)
+    assert f(0, warm=4) == pytest.approx(0.25) and f(3, warm=4) == 1.0 and f(4, warm=4) == 1.0
+
+
+def _embeddings(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(6, 5, 8, generator=g)
+    img_lens = torch.tensor([5, 3, 4, 5, 2, 3])
+    cap_lens = torch.tensor([7, 2, 5, 6, 4, 3])
+    img[3], img_lens[3] = img[0], img_lens[0]  # pairs 0 and 3 show the same image
+    # Words are noisy copies of their own image's regions: positives score clearly highest.
+    cap = img[:, torch.arange(7) % 2] + 0.1 * torch.randn(6, 7, 8, generator=g)
+    ids = torch.tensor([10, 11, 12, 10, 13, 14])
+    return img, img_lens, cap, cap_lens, ids
+
+
+def test_same_image_pairs_masked_in_the_training_loss():
+    img, img_lens, cap, cap_lens, ids = _embeddings()
+    cfg = ExperimentConfig()
+    scores = xattn_scores(img, cap, cap_lens, cfg.xattn, img_lens)
+    # Caption 3 describes image 0 exactly as well as image 3: unmasked, a negative violating by margin.
+    assert scores[0, 3] == pytest.approx(float(scores[3, 3]))
+    _, masked = batch_loss(img, img_lens, cap, cap_lens, ids, cfg.loss, cfg.xattn)
+    assert float(masked) == pytest.approx(float(hardest_negative_loss(scores, 0.2, True, ids)), rel=1e-6)
+    cfg.loss.mask_same_image = False  # the reference's behaviour
+    _, unmasked = batch_loss(img, img_lens, cap, cap_lens, ids, cfg.loss, cfg.xattn)
+    assert float(unmasked) == pytest.approx(float(hardest_negative_loss(scores, 0.2, True)), rel=1e-6)
+    assert float(unmasked) >= float(masked) + 0.2  # the duplicate was the hardest negative
+
+
+def test_caption_chunks_give_the_same_loss_and_gradients():
+    img, img_lens, cap, cap_lens, ids = _embeddings(1)
+    cfg = ExperimentConfig()
+    results = []
+    for chunk in (0, 4):
+        cfg.loss.caption_chunk = chunk
+        i, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+        loss, _ = batch_loss(i, img_lens, c, cap_lens, ids, cfg.loss, cfg.xattn)
+        loss.backward()
+        results.append((float(loss), i.grad, c.grad))
+    (l0, gi0, gc0), (l1, gi1, gc1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    torch.testing.assert_close(gi0, gi1)
+    torch.testing.assert_close(gc0, gc1)
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path):
+    env = DistEnv(rank=0, world=1, local_rank=0, device=CPU)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        checkpoint.load(None, tmp_path / "checkpoints", "latest", env)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.load(None, tmp_path / "checkpoints", "step00000007", env)
