@@ -1,6 +1,7 @@
 """The one entry point under real launchers on CPU (gloo): ``deepspeed --num_gpus 2`` (bf16, ZeRO 1),
 two ``deepspeed --hostfile --no_ssh --node_rank R`` "nodes" on 127.0.0.1 (fp32, ZeRO 2) and
-``torchrun`` (fp32, ZeRO 0, local-only mining), each training a few steps on generated shards."""
+``torchrun`` (fp32, ZeRO 0, local-only mining, with evaluation), each training a few steps on
+generated shards."""
 from __future__ import annotations
 
 import subprocess
@@ -57,11 +58,24 @@ def test_deepspeed_two_nodes_no_ssh(generated_shards, tmp_path):
     _check_run(out, 2)
 
 
-def test_torchrun_two_processes(generated_shards, tmp_path):
+def test_torchrun_two_processes_with_evaluation(tmp_path):
+    """torchrun, local-only mining, two short epochs, each followed by the sharded evaluation."""
+    from dataio.sources.synthetic import write_synthetic
+
+    train = write_synthetic(str(tmp_path / "train"), 6, seed=1, dim=64, shard_size=3)  # 30 captions
+    val = write_synthetic(str(tmp_path / "val"), 8, seed=2, split="val", dim=64, shard_size=4)
     out = tmp_path / "torchrun"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "trainer.train",
-           *train_args(generated_shards, out, f"train.max_steps={STEPS}", "loss.cross_device=false")]
+           *train_args(train, out, "loss.cross_device=false", "train.epochs=2", f"data.val_shards={val}",
+                       "eval.precision=fp32")]
     _wait([subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)])
-    _check_run(out, 2)
+    records = read_run_log(out / "metrics.jsonl")
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]  # 15 captions per rank in batches of 8: 2 steps per epoch
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1]
+    assert all(0 <= r["metrics"]["rsum"] <= 600 and "i2t_r1" in r["metrics"] for r in evals)
+    assert (out / "eval" / "epoch001" / "metrics.json").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"

@@ -20,7 +20,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -259,7 +259,22 @@ def _loop(cfg: ExperimentConfig, env: DistEnv, engine: Engine, enc: TextEncoder,
             log.warning("epoch %d ended between optimizer steps; no epoch-end checkpoint", pos.epoch - 1)
         else:  # (replaces a periodic checkpoint of the same step: this one has the new epoch)
             save()
+        if cfg.data.val_shards and pos.epoch % max(cfg.train.eval_every_epochs, 1) == 0:
+            evaluate(cfg, ds.module, enc, pos.epoch - 1, telemetry, ckpt_dir.parent)
     return pos
+
+
+def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, enc: TextEncoder, epoch: int,
+             telemetry: Telemetry, run_dir: Path) -> None:
+    """Sharded evaluation of ``data.val_shards`` on every rank; recalls go to the telemetry."""
+    from trainer.sharded_eval import evaluate_split
+
+    if cfg.train.precision != "fp32":  # low-precision weights cannot run an fp32 evaluation
+        cfg = replace(cfg, eval=replace(cfg.eval, precision=cfg.train.precision))
+    result = evaluate_split(model, cfg, cfg.data.val_shards, encode_text=enc.encode,
+                            out_dir=run_dir / "eval" / f"epoch{epoch:03d}")
+    telemetry.observe_eval(epoch=epoch, metrics=result.metrics)
+    log.info("epoch %d evaluation: rsum %.2f", epoch, result.metrics["rsum"])
 
 
 def _float(x: Any) -> float | None:
