@@ -82,8 +82,14 @@ class TilePlan:
         i0 = self.blocks[a][0]
         return next(f for f, (f0, f1) in enumerate(self.folds) if f0 <= i0 < f1)
 
-    def row_blocks(self, rank: int, world: int) -> list[int]:
-        return list(range(rank, len(self.blocks), world))
+    def diagonal_tiles(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """Pass 1 of ``rank``: the diagonal tiles of its rows a ≡ rank (mod world)."""
+        return [(a, a) for a in range(rank, len(self.blocks), world)]
+
+    def offdiagonal_tiles(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """Pass 2 of ``rank``: the rest of its rows."""
+        return [(a, b) for a in range(rank, len(self.blocks), world)
+                for b in range(len(self.blocks)) if b != a]
 
     def describe(self) -> dict:
         return {"blocks": [list(b) for b in self.blocks], "folds": [list(f) for f in self.folds],
@@ -379,9 +385,6 @@ def load_sims(sims_dir: str | os.PathLike) -> np.ndarray:
     return np.load(full, mmap_mode="r")
 
 
-Combine = Callable[[Partial], Partial]  # every rank's partial in, the combination of all out
-
-
 def torch_combine(part: Partial) -> Partial:
     """Combination over the torch.distributed group (O(N + M) numbers per rank)."""
     import torch.distributed as dist
@@ -454,18 +457,9 @@ def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
             "members": [{"xattn": asdict(m.xattn), "embeddings": m.emb.digest()} for m in members]}
 
 
-def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", image_block: int = 0,
-                        fold_images: int = COCO_FOLD, topk: int = 0, memory_budget_mb: int = 1024,
-                        rank: int = 0, world: int = 1,
-                        work_dir: str | os.PathLike | None = None,
-                        sims_dir: str | os.PathLike | None = None,
-                        combine: Combine = torch_combine,
-                        barrier: Callable[[], None] = torch_barrier) -> EvalResult:
-    """Exact sharded evaluation of encoded embeddings; call on every rank with the same members.
-
-    Every rank returns the same result. ``work_dir`` enables resuming (must be shared by the ranks
-    or stay with each rank); ``sims_dir`` saves every tile (``load_sims``).
-    """
+def plan_members(members: Sequence[Member], *, protocol: str, image_block: int = 0,
+                 fold_images: int = COCO_FOLD, world: int = 1) -> TilePlan:
+    """The tile plan of an ensemble's split, after checking the members describe the same split."""
     if not members:
         raise ValueError("evaluate_embeddings: no ensemble members")
     first = members[0].emb
@@ -473,23 +467,35 @@ def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", i
         if m.emb.image_keys != first.image_keys or m.emb.caps_per_image != first.caps_per_image:
             raise ValueError(f"ensemble member {j} was encoded from a different split (image keys "
                              f"or caps_per_image differ from member 0)")
-    plan = make_plan(first.num_images, first.caps_per_image,
+    return make_plan(first.num_images, first.caps_per_image,
                      folds=protocol_folds(protocol, first.num_images, fold_images),
-                     image_block=image_block,
-                     world=world)
+                     image_block=image_block, world=world)
+
+
+def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", image_block: int = 0,
+                        fold_images: int = COCO_FOLD, topk: int = 0, memory_budget_mb: int = 1024,
+                        rank: int = 0, world: int = 1,
+                        work_dir: str | os.PathLike | None = None,
+                        sims_dir: str | os.PathLike | None = None) -> EvalResult:
+    """Exact sharded evaluation of encoded embeddings; call on every rank with the same members.
+
+    Every rank returns the same result. ``work_dir`` enables resuming (must be shared by the ranks
+    or stay with each rank); ``sims_dir`` saves every tile (``load_sims``).
+    """
+    plan = plan_members(members, protocol=protocol, image_block=image_block, fold_images=fold_images,
+                        world=world)
     store = TileStore(work_dir, sims_dir)
-    store.check_plan(fingerprint(members, plan, topk), rank, barrier)
-    mine = plan.row_blocks(rank, world)
+    store.check_plan(fingerprint(members, plan, topk), rank, torch_barrier)
     show = rank == 0
-    diag = run_tiles(members, plan, [(a, a) for a in mine], store, topk=topk,
+    diag = run_tiles(members, plan, plan.diagonal_tiles(rank, world), store, topk=topk,
                      memory_budget_mb=memory_budget_mb, progress=show, desc="eval pass 1")
-    positives = combine(diag)
-    off = run_tiles(members, plan, [(a, b) for a in mine for b in range(len(plan.blocks)) if b != a],
-                    store, topk=topk, memory_budget_mb=memory_budget_mb, positives=positives,
-                    progress=show, desc="eval pass 2")
-    total = Partial.combine([positives, combine(off)])
+    positives = torch_combine(diag)
+    off = run_tiles(members, plan, plan.offdiagonal_tiles(rank, world), store, topk=topk,
+                    memory_budget_mb=memory_budget_mb, positives=positives, progress=show,
+                    desc="eval pass 2")
+    total = Partial.combine([positives, torch_combine(off)])
     if sims_dir is not None:
-        barrier()
+        torch_barrier()
         if rank == 0:
             store.write_sims_index(plan)
     result = finish(plan, total, protocol)
@@ -533,13 +539,21 @@ def run_eval(members: Sequence[Member], ev: EvalConfig, *, rank: int = 0, world:
         work_dir=out / "tiles" if out else None,
         sims_dir=out / "sims" if out and ev.save_sims else None)
     if out is not None and rank == 0:
-        if ev.topk:
-            write_topk(out / "topk.jsonl", result, members[0].emb)
-        summary = {"protocol": result.protocol, "metrics": result.metrics, "full": result.full,
-                   "folds": result.folds, "tiles_computed": result.tiles_computed,
-                   "tiles_loaded": result.tiles_loaded}
-        _atomic_write(out / "metrics.json", json.dumps(summary, indent=1).encode())
+        write_outputs(out, result, members[0].emb)
     return result
+
+
+def write_outputs(out_dir: str | os.PathLike, result: EvalResult, emb: Embeddings,
+                  **extra: object) -> None:
+    """``metrics.json`` (plus ``extra`` fields) and, when top-K ran, ``topk.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if result.topk:
+        write_topk(out / "topk.jsonl", result, emb)
+    summary = {"protocol": result.protocol, "metrics": result.metrics, "full": result.full,
+               "folds": result.folds, "tiles_computed": result.tiles_computed,
+               "tiles_loaded": result.tiles_loaded, **extra}
+    _atomic_write(out / "metrics.json", json.dumps(summary, indent=1).encode())
 
 
 def evaluate_split(model: torch.nn.Module, cfg: ExperimentConfig, spec: str, *, encode_text: EncodeText,

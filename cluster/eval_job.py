@@ -1,0 +1,117 @@
+"""The sharded evaluation as a Ray job: one actor per GPU (or per ``--num-cpus`` CPUs) scores
+tile rows; the driver combines the O(N + M) positives between the passes and the counts at the end.
+
+Same tiles, records and outputs as ``python -m trainer.sharded_eval`` (see trainer/sharded_eval.py):
+actor r owns the tile rows a ≡ r (mod actors), scores its diagonal tiles in pass 1 and the rest of
+its rows in pass 2. Submit with
+``ray job submit --address http://HEAD:8265 -- python -m cluster.eval_job --config c.yaml
+--embeddings e.pt --out DIR``; the output directory (and the embeddings files) must be reachable
+from every node (a shared file system), as for resuming under torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import torch
+
+from cluster.extract import connect
+from trainer.config import load_experiment
+from trainer.encode import load_embeddings
+from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, finish,
+                                  fingerprint, plan_members, run_tiles, write_outputs)
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=0)
+class TileWorker:
+    """Holds the ensemble's embeddings on its device and scores the tiles it is given."""
+
+    def __init__(self, members: list[Member], plan: TilePlan, work_dir: str, sims_dir: str | None,
+                 topk: int, memory_budget_mb: int) -> None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.members = [Member(m.emb.to(device), m.xattn) for m in members]
+        self.plan, self.topk, self.budget = plan, topk, memory_budget_mb
+        self.store = TileStore(work_dir, sims_dir)
+
+    def run(self, tiles: list[tuple[int, int]], positives: Partial | None = None) -> Partial:
+        return run_tiles(self.members, self.plan, tiles, self.store, topk=self.topk,
+                         memory_budget_mb=self.budget, positives=positives)
+
+
+def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = "split",
+                    image_block: int = 0, topk: int = 0, memory_budget_mb: int = 1024,
+                    save_sims: bool = False, actors: int = 1, num_cpus: float = 1,
+                    num_gpus: float = 0) -> EvalResult:
+    """Runs both passes on ``actors`` actors of the connected Ray; writes ``out_dir`` outputs."""
+    out = Path(out_dir)
+    plan = plan_members(members, protocol=protocol, image_block=image_block, world=actors)
+    work_dir, sims_dir = str(out / "tiles"), str(out / "sims") if save_sims else None
+    store = TileStore(work_dir, sims_dir)
+    store.check_plan(fingerprint(members, plan, topk), 0, lambda: None)
+    shared = ray.put(list(members))  # one copy in the object store, read by every actor
+    options = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": num_cpus}
+    pool = [TileWorker.options(**options).remote(shared, plan, work_dir, sims_dir, topk,
+                                                 memory_budget_mb) for _ in range(actors)]
+    positives = Partial.combine(ray.get([w.run.remote(plan.diagonal_tiles(r, actors))
+                                         for r, w in enumerate(pool)]))
+    log.info("pass 1 done: %d diagonal tiles", len(plan.blocks))
+    rest = ray.get([w.run.remote(plan.offdiagonal_tiles(r, actors), positives)
+                    for r, w in enumerate(pool)])
+    total = Partial.combine([positives, *rest])
+    if sims_dir:
+        store.write_sims_index(plan)
+    result = finish(plan, total, protocol)
+    write_outputs(out, result, members[0].emb, actors=actors)
+    for w in pool:
+        ray.kill(w)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cluster.eval_job", description=__doc__.split("\n")[0])
+    p.add_argument("--config", action="append", required=True,
+                   help="experiment YAML per ensemble member (eval settings from the first)")
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="embeddings file per member (trainer.encode.save_embeddings), same order")
+    p.add_argument("--out", required=True, help="output directory shared by the nodes")
+    p.add_argument("--actors", type=int, default=0,
+                   help="tile actors (0: one per GPU of the cluster, else one per --num-cpus CPUs)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor when there is no GPU")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.topk=10")
+    args = p.parse_args(argv)
+    if len(args.config) != len(args.embeddings):
+        p.error(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give one pair "
+                f"per ensemble member")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfgs = [load_experiment(path, args.overrides) for path in args.config]
+    members = [Member(load_embeddings(path), cfg.xattn) for cfg, path in zip(cfgs, args.embeddings)]
+    connect(args.address, None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = args.actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1) // args.num_cpus))
+    ev = cfgs[0].eval
+    result = evaluate_on_ray(members, out_dir=args.out, protocol=ev.protocol,
+                             image_block=ev.image_block, topk=ev.topk,
+                             memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
+                             actors=actors, num_cpus=args.num_cpus, num_gpus=1 if gpus else 0)
+    print(json.dumps({"protocol": result.protocol, **result.metrics, "actors": actors,
+                      "tiles_computed": result.tiles_computed, "tiles_loaded": result.tiles_loaded}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The evaluation as a Ray job (`ray job submit` to a real `ray start --head`), two tile actors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from test_sharded_eval_helpers import tied_embeddings
+from trainer.encode import save_embeddings
+from trainer.sharded_eval import Member, evaluate_embeddings, load_sims
+from trainer.xattn import XAttnConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv/bin"
+T2I = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
+I2T = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=20.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head on 127.0.0.1 with its dashboard (the job API).
+
+    Started with ``--block`` in its own session so that teardown ends exactly the processes it
+    started (``ray stop`` would stop every Ray on the machine, other users' too).
+    """
+    temp = Path("/tmp") / f"ray_h6_{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
+    # RAY_AUTH_MODE=disabled: Ray 2.60 turns token auth on when ~/.ray/auth_token exists (left by
+    # other local clusters); this private head and its clients then go without.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--include-dashboard", "true", "--temp-dir", str(temp),
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray dashboard did not come up in 120 s"
+                time.sleep(0.5)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path) -> None:
+    address, env = ray_head
+    a = tied_embeddings(blocks=4, block=5, seed=7)
+    b = dataclasses.replace(tied_embeddings(blocks=4, block=5, seed=8), image_keys=a.image_keys)
+    for name, emb, xattn in (("a", a, T2I), ("b", b, I2T)):
+        save_embeddings(emb, str(tmp_path / f"{name}.pt"))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"xattn": dataclasses.asdict(xattn), "eval": {"image_block": 5, "save_sims": True,
+                                                          "topk": 3}}))
+    out = tmp_path / "out"
+    entry = (f"cd {REPO} && {BIN / 'python'} -m cluster.eval_job --actors 2 --num-cpus 1 "
+             f"--config {tmp_path / 'a.yaml'} --embeddings {tmp_path / 'a.pt'} "
+             f"--config {tmp_path / 'b.yaml'} --embeddings {tmp_path / 'b.pt'} --out {out}")
+    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "bash",
+                          "-c", entry], env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+    summary = json.loads((out / "metrics.json").read_text())
+    ref = evaluate_embeddings([Member(a, T2I), Member(b, I2T)], image_block=5)
+    assert summary["actors"] == 2 and summary["tiles_computed"] == 16
+    assert summary["metrics"] == ref.metrics
+    assert np.asarray(load_sims(out / "sims")).shape == (20, 100)
+    assert len((out / "topk.jsonl").read_text().splitlines()) == 20 + 100
