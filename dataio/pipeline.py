@@ -255,9 +255,9 @@ def _captions_in(src: _Source, shard: Shard, lo: int, hi: int, counter: SkipCoun
     starts = np.concatenate([[0], np.cumsum([_ncaps(c, src.caps_per_image) for c in shard.caption_counts])])
     first_img = int(np.searchsorted(starts, lo, side="right")) - 1
     for idx, s in iter_shard(shard.url, on_error=src.on_error, expected=shard.samples,
-                             feature_dim=shard.feature_dim, counter=counter):
-        if idx < first_img:
-            continue
+                             feature_dim=shard.feature_dim, start=first_img, counter=counter,
+                             # an image straddling lo is counted by the reader of its first caption
+                             count_from=first_img + int(starts[first_img] < lo)):
         if starts[idx] >= hi:
             return
         n = _ncaps(shard.caption_counts[idx], src.caps_per_image)
@@ -429,11 +429,10 @@ def image_records(spec: str, *, rank: int | None = None, world: int | None = Non
     for sh in shards:
         if pos + sh.samples > a and pos < b:
             for idx, s in iter_shard(sh.url, on_error=on_error, expected=sh.samples,
-                                     feature_dim=sh.feature_dim):
-                if a <= pos + idx < b:
-                    yield s
-                elif pos + idx >= b:
+                                     feature_dim=sh.feature_dim, start=max(a - pos, 0)):
+                if pos + idx >= b:
                     break
+                yield s
         pos += sh.samples
         if pos >= b:
             return

@@ -62,7 +62,8 @@ class ShardRecord:
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "ShardRecord":
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d or k != "created"})
+            kw = {k: d[k] for k in cls.__dataclass_fields__ if k != "created"}
+            return cls(**kw, created=d.get("created", 0.0))
         except (KeyError, TypeError) as e:
             raise DataError(source, None, f"invalid shard record: {e!r}", "bad_record") from e
 
@@ -445,13 +446,16 @@ def raw_samples(url: str) -> Iterator[dict]:
 
 
 def iter_shard(url: str, *, on_error: OnError = "raise", expected: int | None = None,
-               feature_dim: int | None = None, counter: SkipCounter = SKIPS
-               ) -> Iterator[tuple[int, ImageSample]]:
-    """(position in shard, sample) for the valid samples of one shard.
+               feature_dim: int | None = None, start: int = 0, count_from: int = 0,
+               counter: SkipCounter = SKIPS) -> Iterator[tuple[int, ImageSample]]:
+    """(position in shard, sample) for the valid samples of one shard from position ``start``.
 
     Bad samples raise :class:`DataError` or, with ``on_error="skip"``, are logged, counted in
-    ``counter`` and left out (positions still advance). ``expected``: the record's sample count;
-    fewer samples means the tar was cut at a member boundary, which tarfile cannot see.
+    ``counter`` and left out (positions still advance). Samples before ``start`` are passed over
+    undecoded (and so unchecked: the reader whose part covers them reports them). ``expected``:
+    the record's sample count; fewer samples means the tar was cut at a member boundary, which
+    tarfile cannot see. ``count_from``: bad samples before this position are skipped without being
+    counted (another reader shares them and counts them).
     """
     check_on_error(on_error)
     n = 0
@@ -459,13 +463,13 @@ def iter_shard(url: str, *, on_error: OnError = "raise", expected: int | None = 
     try:
         for n, raw in enumerate(raw_samples(url), start=1):
             try:
-                s = decode_sample(raw, url, feature_dim)
-                if s.key in seen:
-                    raise DataError(url, s.key, "duplicate key within shard", "duplicate_key")
-                seen.add(s.key)
-                yield n - 1, s
+                if raw["__key__"] in seen:
+                    raise DataError(url, raw["__key__"], "duplicate key within shard", "duplicate_key")
+                seen.add(raw["__key__"])
+                if n - 1 >= start:
+                    yield n - 1, decode_sample(raw, url, feature_dim)
             except DataError as e:
-                handle(e, on_error, counter)
+                handle(e, on_error, counter if n - 1 >= count_from else SkipCounter())
     except DataError as e:
         if e.kind not in ("corrupt_tar", "missing_shard", "unsafe_key"):
             raise

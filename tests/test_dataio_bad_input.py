@@ -61,12 +61,12 @@ SAMPLE_CASES = [
 ]
 
 
-def _dataset(tmp_path, change) -> tuple[str, str, str]:
-    """Two shards (3 + 3 samples); ``change`` spoils the 3rd sample of the first. Returns
-    (manifest dir, bad shard URL, spoiled key)."""
+def _dataset(tmp_path, change, index: int = 2) -> tuple[str, str, str]:
+    """Two shards (3 + 3 samples); ``change`` spoils sample ``index`` (default: the 3rd of the
+    first shard). Returns (manifest dir, first shard URL, spoiled key)."""
     raws = [encode_sample(s) for s in GOOD]
-    bad_key = raws[2]["__key__"]
-    raws[2] = change(dict(raws[2]))
+    bad_key = raws[index]["__key__"]
+    raws[index] = change(dict(raws[index]))
     recs = []
     for i, part in enumerate((raws[:3], raws[3:])):
         name = f"shard-{i:06d}.tar"
@@ -106,6 +106,18 @@ def test_skip_keeps_batch_counts_equal_and_counts_skips(tmp_path):
     assert [sum(len(b) for b in r) for r in runs] == [15, 15]
     assert key not in {k for r in runs for b in r for k in b.keys}
     assert SKIPS.get() == {"missing_field": 1}  # counted in a worker, merged in this process
+
+
+def test_skip_of_an_image_shared_by_two_workers_is_counted_once(tmp_path):
+    # world 1, batch 4, 2 workers: worker roles read captions [0, 16) and [16, 30); the 4th image
+    # (captions 15..19) is read by both, and counted by the one holding its first caption.
+    spec, _, key = _dataset(tmp_path, SAMPLE_CASES[4][1], index=3)  # NaN/inf
+    SKIPS.reset()
+    batches = list(caption_batches(spec, batch_size=4, encode=Vocab([]), seed=0, epoch=0, rank=0, world=1,
+                                   num_workers=2, on_error="skip", shuffle=False))
+    assert len(batches) == 8 and sum(len(b) for b in batches) == 30
+    assert key not in {k for b in batches for k in b.keys}
+    assert SKIPS.get() == {"non_finite": 1}
 
 
 def _tar_bytes() -> bytes:
