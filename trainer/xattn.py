@@ -33,16 +33,19 @@ RawFeatureNorm = Literal[
 
 _EPS = 1e-8  # the reference's eps in l1norm / l2norm / cosine_similarity
 _TINY = 1e-30  # floor inside square roots: sqrt(0) has an infinite gradient (DESIGN.md §2)
-# First normalisations whose output lies in [-1, 1]: λ1·z ∈ [-λ1, λ1], so e = exp(λ1·z − λ1) cannot
-# overflow, and for λ1 ≤ _MAX_STATIC_SHIFT it stays ≥ e^-40 with e·e ≥ e^-80 in α^T G α, above the
-# fp32 normal minimum (≈ e^-87): shifting by the bound λ1 instead of the max saves a pass.
+# First normalisations whose output lies in [-1, 1]: λ1·z ∈ [-λ1, λ1]. For λ1 ≤ _MAX_UNSHIFTED,
+# e = exp(λ1·z) lies in [e^-20, e^20] and the products e·e·G in α^T G α in [e^-40, e^40]·|G|, far
+# inside fp32's range (e^±87): the max subtraction is provably unnecessary there and its pass is
+# skipped (the result is mathematically identical: softmax is shift-invariant). Otherwise the max
+# over contexts is subtracted.
 _BOUNDED_NORMS = frozenset({"clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "softmax"})
-_MAX_STATIC_SHIFT = 20.0
+_MAX_UNSHIFTED = 20.0
 # Buffers of c·q numbers kept per pair: s, e, G·e (+ autograd's saved tensors when training).
 _BUFFERS_INFERENCE = 3
 _BUFFERS_TRAINING = 8
-# Tile size for speed: the elementwise passes after the matrix product run over the tile several
-# times, so a tile that stays near the CPU caches beats one huge tile (see benchmarks/xattn.py).
+# Tile size for speed on CPU: the elementwise passes after the matrix product run over the tile
+# several times, so a tile near the caches beats one huge tile, while tiles much smaller make the
+# matrix product inefficient (measured with benchmarks/xattn.py). GPUs take the whole budget.
 _FAST_TILE_BYTES = 16 * 2**20
 
 
@@ -153,7 +156,7 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
     gram = torch.bmm(ctx, ctx.transpose(1, 2)).to(cdtype)
     grad = torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad)
     tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
-                                 grad and not checkpoint)
+                                 grad and not checkpoint, ctx.device.type == "cpu")
     rows = []
     for a0 in range(0, A, tile_a):
         a1 = min(A, a0 + tile_a)
@@ -170,11 +173,13 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
     return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
 
 
-def _tile_shape(A: int, B: int, pair_bytes: int, memory_budget_mb: float,
-                training: bool) -> tuple[int, int]:
+def _tile_shape(A: int, B: int, pair_bytes: int, memory_budget_mb: float, training: bool,
+                on_cpu: bool) -> tuple[int, int]:
     """Context owners × query owners per tile so that one tile's intermediates fit the budget."""
     buffers = _BUFFERS_TRAINING if training else _BUFFERS_INFERENCE
-    budget = min(memory_budget_mb * 2**20, _FAST_TILE_BYTES)
+    budget = memory_budget_mb * 2**20
+    if on_cpu:
+        budget = min(budget, _FAST_TILE_BYTES)
     pairs = max(1, int(budget // (pair_bytes * buffers)))
     tile_b = min(B, pairs)
     tile_a = max(1, min(A, pairs // tile_b))
@@ -238,11 +243,10 @@ def _attention_exp(s: Tensor, cfg: XAttnConfig, ctx_pad_rows: Tensor | None,
         x = x.view(A * c, B * q)
         x = (x.index_fill_(0, ctx_pad_rows, -math.inf) if inplace
              else x.index_fill(0, ctx_pad_rows, -math.inf)).view(A, c, B, q)
-    if kind in _BOUNDED_NORMS and lam <= _MAX_STATIC_SHIFT:
-        shift: Tensor | float = lam  # λ1·z ≤ λ1: a bound on the max saves a pass
-    else:
+    if not (kind in _BOUNDED_NORMS and lam <= _MAX_UNSHIFTED):
         shift = x.amax(dim=1, keepdim=True)
-    return x.sub_(shift).exp_() if inplace else (x - shift).exp()
+        x = x.sub_(shift) if inplace else x - shift
+    return x.exp_() if inplace else x.exp()
 
 
 def _aggregate(r: Tensor, qry_mask: Tensor | None, cfg: XAttnConfig) -> Tensor:

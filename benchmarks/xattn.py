@@ -1,0 +1,172 @@
+"""Time xattn_scores against the reference-style caption loop and the unavoidable matrix product.
+
+Run: ``.venv/bin/python benchmarks/xattn.py`` (``--quick`` for a tiny CI smoke run).
+
+Same inputs, same process, float32 CPU, k = 36 regions, d = 1024, caption lengths 8–20 padded to
+n = 20, the default config (t2i, clipped_l2norm, λ1 = 9, mean). Times are medians of interleaved
+runs (the methods alternate, so load from other processes hits all of them alike). Peak memory:
+each method runs once in a fresh subprocess; the figure is the growth of the peak resident set
+(VmHWM in /proc/self/status, reset with ``clear_refs`` 5 after the inputs exist) during one
+call, so it counts every byte torch's CPU allocator touched, not only tensors still alive.
+With CUDA it also times bf16 at 1,000 × 5,000 and reports TFLOP/s against the matmul floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run standalone from a checkout
+
+from benchmarks.reference_loop import reference_loop_scores  # noqa: E402
+from trainer.xattn import XAttnConfig, xattn_scores  # noqa: E402
+
+K_REGIONS, N_WORDS, DIM = 36, 20, 1024
+
+
+def make_inputs(n_img: int, n_cap: int, k: int, n: int, d: int, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n_img, k, d, generator=g), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(n_cap, n, d, generator=g), dim=-1)
+    cap_lens = torch.randint(min(8, n), n + 1, (n_cap,), generator=g)
+    return images.to(device, dtype), captions.to(device, dtype), cap_lens.to(device)
+
+
+def methods(images, captions, cap_lens, cfg) -> dict[str, Callable[[], torch.Tensor]]:
+    a = images.reshape(-1, images.shape[-1])
+    b = captions.reshape(-1, captions.shape[-1])
+    return {
+        "xattn_scores": lambda: xattn_scores(images, captions, cap_lens, cfg),
+        "reference_loop": lambda: reference_loop_scores(images, captions, cap_lens, cfg),
+        "floor_matmul": lambda: a @ b.t(),
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict[str, Callable[[], torch.Tensor]],
+                 repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall seconds and median process CPU seconds per method over `repeats` interleaved
+    rounds, after one warm-up each. CPU seconds (all threads) are less distorted than wall time
+    when other processes share the cores."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                _sync()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                _sync()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return ({name: statistics.median(v) for name, v in wall.items()},
+            {name: statistics.median(v) for name, v in cpu.items()})
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_growth_child(method: str, n_img: int, n_cap: int) -> None:
+    """Subprocess body: one call of `method`, print the peak RSS growth in MiB as JSON."""
+    torch.set_num_threads(2)
+    images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM)
+    fn = methods(images, captions, cap_lens, XAttnConfig())[method]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _vm_kib("VmRSS")
+    with torch.no_grad():
+        fn()
+    print(json.dumps({"peak_mib": (_vm_kib("VmHWM") - before) / 1024}))
+
+
+def peak_growth(method: str, n_img: int, n_cap: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--peak-child", method, str(n_img), str(n_cap)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def cpu_table(shapes: list[tuple[int, int]], repeats: int, measure_memory: bool) -> None:
+    cfg = XAttnConfig()
+    names = ("reference_loop", "xattn_scores", "floor_matmul")
+    print(f"float32 CPU, {torch.get_num_threads()} threads, k={K_REGIONS}, n={N_WORDS} "
+          f"(lengths 8-{N_WORDS}), d={DIM}, cfg={cfg}; median of {repeats} interleaved runs")
+    print(f"{'N x M':>10} {'':>5} {'loop s':>9} {'xattn s':>9} {'floor s':>9} {'loop/xattn':>10} "
+          f"{'xattn/floor':>11}")
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
+    floor_ratio: dict[str, float] = {}
+    peaks = []
+    for n_img, n_cap in shapes:
+        images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM)
+        wall, cpu = median_times(methods(images, captions, cap_lens, cfg), repeats)
+        for clock, t in (("wall", wall), ("cpu", cpu)):
+            ratio = t["reference_loop"] / t["xattn_scores"]
+            ratios[clock].append(ratio)
+            floor_ratio[clock] = t["xattn_scores"] / t["floor_matmul"]
+            print(f"{f'{n_img} x {n_cap}':>10} {clock:>5} {t['reference_loop']:9.3f} "
+                  f"{t['xattn_scores']:9.3f} {t['floor_matmul']:9.3f} {ratio:10.2f} "
+                  f"{floor_ratio[clock]:11.2f}")
+        if measure_memory:
+            peaks.append((n_img, n_cap, {m: peak_growth(m, n_img, n_cap) for m in names}))
+    for clock in ("wall", "cpu"):
+        geo = math.exp(sum(map(math.log, ratios[clock])) / len(ratios[clock]))
+        print(f"[{clock}] geometric mean loop/xattn: {geo:.2f}x; xattn/floor at "
+              f"{shapes[-1][0]} x {shapes[-1][1]}: {floor_ratio[clock]:.2f}x")
+    if peaks:
+        print("peak memory, MiB: growth of the peak resident set during one call in a fresh "
+              "subprocess (VmHWM after clear_refs 5)")
+        for n_img, n_cap, mem in peaks:
+            print(f"{f'{n_img} x {n_cap}':>10} " + "  ".join(f"{m} {mem[m]:.1f}" for m in names))
+
+
+def gpu_table(n_img: int, n_cap: int, repeats: int) -> None:
+    cfg = XAttnConfig()
+    images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM, device="cuda",
+                                             dtype=torch.bfloat16)
+    fns = methods(images, captions, cap_lens, cfg)
+    del fns["reference_loop"]
+    t, _ = median_times(fns, repeats)
+    flops = 2.0 * n_img * K_REGIONS * n_cap * N_WORDS * DIM
+    print(f"bf16 {torch.cuda.get_device_name()} {n_img} x {n_cap}: "
+          f"xattn {t['xattn_scores']:.3f} s ({flops / t['xattn_scores'] / 1e12:.1f} TFLOP/s of the "
+          f"floor's work), floor {t['floor_matmul']:.4f} s ({flops / t['floor_matmul'] / 1e12:.1f} "
+          f"TFLOP/s), xattn/floor {t['xattn_scores'] / t['floor_matmul']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a CI smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak-child", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_child:
+        method, n_img, n_cap = args.peak_child
+        peak_growth_child(method, int(n_img), int(n_cap))
+        return
+    if args.quick:
+        cpu_table([(4, 8), (8, 8)], repeats=2, measure_memory=False)
+        return
+    cpu_table([(32, 160), (128, 128)], repeats=args.repeats, measure_memory=True)
+    if torch.cuda.is_available():
+        gpu_table(1000, 5000, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()
