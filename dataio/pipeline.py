@@ -266,7 +266,12 @@ def _captions_in(src: _Source, shard: Shard, lo: int, hi: int, counter: SkipCoun
                              "bad_caption"), src.on_error, counter)
             continue
         for j in range(max(lo - starts[idx], 0), min(hi - starts[idx], n)):
-            yield s, _encode(src, s.tokens[j], s.captions[j])
+            ids = _encode(src, s.tokens[j], s.captions[j])
+            if not ids:  # a zero-length caption would give NaN features downstream
+                handle(DataError(shard.url, s.key, f"caption {s.captions[j]!r} encodes to no tokens",
+                                 "bad_caption"), src.on_error, counter)
+                continue
+            yield s, ids
 
 
 def _span_stream(src: _Source, a: int, b: int, counter: SkipCounter) -> Iterator[tuple[ImageSample, list[int]]]:

@@ -144,3 +144,20 @@ def test_brace_pattern_spec(generated_shards, vocab):
     assert len(resolve_shards(spec)) == 2
     bs = _epoch(spec, vocab, rank=0, world=1, batch_size=50)
     assert sum(len(b) for b in bs) == 300
+
+
+def test_rank_and_world_default_to_the_environment(generated_shards, vocab, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    loader = caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, num_workers=0)
+    assert (loader.plan.rank_start, loader.plan.rank_captions, len(loader)) == (200, 200, 13)
+    with pytest.raises(ValueError, match="rank 3 is not in"):
+        caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=3)
+
+
+def test_encoder_returning_no_ids_is_a_named_error(generated_shards):
+    from dataio.errors import DataError
+
+    with pytest.raises(DataError, match="encodes to no tokens"):
+        list(caption_batches(generated_shards, batch_size=16, encode=lambda toks, raw: [], seed=0, epoch=0,
+                             rank=0, world=1, num_workers=0))
