@@ -1,0 +1,240 @@
+"""Training throughput of the SCAN step: samples/s, median step time and peak memory per rank.
+
+Model and batch as the paper's recipe: batch 128 captions per rank, k = 36 regions of D = 2048,
+embed 1024, word dim 300, BiGRU, captions of 8-20 words (+ <start>/<end>), t2i λ1 = 9 AVG.
+Every case runs the real engine (``trainer.engine.build_engine``) and loss
+(``trainer.train.batch_loss``) on fixed random tensors (no data loading), with W processes over
+gloo (CPU) or nccl (GPU) for the multi-rank cases. ``reference`` is a straightforward
+single-process re-implementation of the reference training step: its per-caption loop scorer
+(``benchmarks/reference_loop.py``), fp32, torch Adam, no DeepSpeed.
+
+    python benchmarks/train.py                 # the cases for this machine (CPU: a few minutes)
+    python benchmarks/train.py --cases fp32-1 reference --steps 3
+    python benchmarks/train.py --cases global1024-2x512   # peak memory at a global batch of 1,024
+
+Samples/s counts captions of the global batch per second (W × per-rank batch / median step time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+VOCAB = 10_000
+
+
+@dataclass(frozen=True)
+class Case:
+    world: int
+    precision: str  # fp32 | bf16 | fp16 | reference
+    cross_device: bool = True
+    batch: int = 128  # captions per rank
+
+
+CASES = {
+    "fp32-1": Case(1, "fp32"),
+    "bf16-1": Case(1, "bf16"),
+    "fp16-1": Case(1, "fp16"),
+    "fp32-2-cross": Case(2, "fp32"),
+    "fp32-2-local": Case(2, "fp32", cross_device=False),
+    "bf16-2-cross": Case(2, "bf16"),
+    "reference": Case(1, "reference"),
+    # A global batch of 1,024 with hardest negatives over all of it (peak memory is the point).
+    "global1024-2x512": Case(2, "bf16", batch=512),
+    "global1024-1x1024": Case(1, "bf16", batch=1024),
+}
+CPU_DEFAULT = ["fp32-1", "bf16-1", "fp32-2-cross", "fp32-2-local"]
+GPU_DEFAULT = ["reference", "fp32-1", "bf16-1", "fp16-1", "global1024-1x1024"]
+
+
+def make_batch(batch: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cap_lens = torch.randint(8, 21, (batch,), generator=g) + 2  # words + <start>/<end>
+    tokens = torch.randint(4, VOCAB, (batch, int(cap_lens.max())), generator=g)
+    return {"regions": torch.randn(batch, 36, 2048, generator=g).to(device),
+            "img_lens": torch.full((batch,), 36).to(device),
+            "tokens": tokens.to(device), "cap_lens": cap_lens.to(device),
+            "image_ids": torch.arange(batch).to(device) + seed * batch}
+
+
+def experiment(case: Case):
+    from trainer.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 2048, 1024, 300
+    cfg.data.batch_size = case.batch
+    cfg.loss.cross_device = case.cross_device
+    cfg.train.precision = "fp32" if case.precision == "reference" else case.precision
+    return cfg
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_worker(name: str, steps: int, warmup: int) -> None:
+    """One rank of one case (rank/world from the environment); rank 0 prints a RESULT line."""
+    from trainer.distributed import init_process_group, read_env
+    from trainer.model import build_model
+    from trainer.train import peak_memory_bytes, seed_everything
+
+    case = CASES[name]
+    env = read_env()
+    cfg = experiment(case)
+    seed_everything(0)
+    model = build_model(cfg.model, VOCAB)
+    batch = make_batch(case.batch, env.rank, env.device)
+    if case.precision == "reference":
+        step, label = _reference_step(cfg, model, env.device)
+    else:
+        init_process_group(env)
+        step, label = _engine_step(cfg, model, env)
+    times = []
+    for _ in range(warmup + steps):
+        _sync(env.device)
+        t0 = time.perf_counter()
+        step(batch)
+        _sync(env.device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times[warmup:])
+    peak = torch.tensor(float(peak_memory_bytes(env.device)))
+    if case.precision != "reference" and env.world > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    if env.rank == 0:
+        print("RESULT " + json.dumps({
+            "case": name, "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
+            "precision": case.precision, "ranks": env.world, "global_batch": case.batch * env.world,
+            "mining": "global" if case.cross_device else "per rank", "optimizer": label,
+            "median_step_s": median, "samples_per_s": case.batch * env.world / median,
+            "peak_mem_gb": float(peak) / 2**30, "threads": torch.get_num_threads()}), flush=True)
+
+
+def _engine_step(cfg, model, env):
+    from trainer.engine import build_engine
+    from trainer.train import batch_loss
+
+    engine = build_engine(cfg, model, env, steps_per_epoch=1000)
+    ds = engine.ds
+    dtype = next(ds.module.parameters()).dtype
+
+    def step(b: dict[str, torch.Tensor]) -> None:
+        img = ds.module.encode_images(b["regions"].to(dtype), b["img_lens"])
+        cap = ds.module.encode_captions(b["tokens"], b["cap_lens"])
+        loss, _ = batch_loss(img, b["img_lens"], cap, b["cap_lens"], b["image_ids"], cfg.loss, cfg.xattn)
+        ds.backward(loss)
+        ds.step()
+
+    return step, engine.optimizer_name
+
+
+def _reference_step(cfg, model, device):
+    """The reference's step: loop scorer, VSE++ max-violation loss (no masking), Adam, clip 2."""
+    from reference_loop import reference_loop_scores
+
+    from trainer.loss import hardest_negative_loss
+
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+
+    def step(b: dict[str, torch.Tensor]) -> None:
+        img = model.encode_images(b["regions"], b["img_lens"])
+        cap = model.encode_captions(b["tokens"], b["cap_lens"])
+        loss = hardest_negative_loss(reference_loop_scores(img, cap, b["cap_lens"], cfg.xattn),
+                                     cfg.loss.margin, cfg.loss.max_violation)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+
+    return step, "torch.optim.Adam"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(name: str, steps: int, warmup: int) -> dict | None:
+    """Runs one case in CASES[name].world fresh processes; returns rank 0's result."""
+    world = CASES[name].world
+    cores = os.cpu_count() or 1
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS=str(max(1, cores // world)))
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--warmup", str(warmup)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    result = None
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            print(f"case {name}: a rank failed (exit {p.returncode}):\n{err[-2000:]}", file=sys.stderr)
+            return None
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    ref = next((r for r in rows if r["precision"] == "reference"), None)
+    head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "median step s",
+            "samples/s", "peak mem/rank GiB", "vs reference"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        speedup = f"{ref['median_step_s'] / r['median_step_s']:.2f}x" if ref and r["global_batch"] == ref["global_batch"] else ""
+        print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['ranks']} | {r['global_batch']} | "
+              f"{r['mining']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.1f} | "
+              f"{r['peak_mem_gb']:.2f} | {speedup} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="default: the machine's set")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        run_worker(args.worker, args.steps, args.warmup)
+        return
+    gpus = torch.cuda.device_count()
+    names = args.cases or (GPU_DEFAULT if gpus else CPU_DEFAULT)
+    rows = []
+    for name in names:
+        if gpus and CASES[name].world > gpus:
+            print(f"case {name}: needs {CASES[name].world} GPUs, this machine has {gpus}; skipped",
+                  file=sys.stderr)
+            continue
+        if not gpus and CASES[name].precision == "fp16":
+            print(f"case {name}: fp16 needs a GPU; skipped", file=sys.stderr)
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        result = launch(name, args.steps, args.warmup)
+        if result:
+            rows.append(result)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
