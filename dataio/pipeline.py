@@ -295,7 +295,7 @@ def _role_stream(src: _Source, role: int, counter: SkipCounter) -> Iterator[tupl
     if size == 0:
         return
     rng = np.random.default_rng([src.seed, src.epoch, src.rank, role, 1])
-    produced, passes = 0, 0
+    produced, passes, empty = 0, 0, 0  # empty: consecutive passes that gave nothing
     while produced < size:
         if src.resampled:
             sh = src.shards[int(rng.integers(len(src.shards)))]
@@ -312,11 +312,13 @@ def _role_stream(src: _Source, role: int, counter: SkipCounter) -> Iterator[tupl
             if produced == size:
                 return
         passes += 1
-        if got == 0 and not src.resampled:
+        empty = empty + 1 if got == 0 else 0
+        if empty and not src.resampled:
             raise DataError(src.shards[src.plan.order[0]].url, None,
                             f"rank {src.rank} worker role {role}: no valid samples in its span", "empty")
-        if got == 0 and passes > 100 * len(src.shards):
-            raise DataError(src.shards[0].url, None, "resampling found no valid samples", "empty")
+        if empty > 100 * len(src.shards):
+            raise DataError(src.shards[0].url, None, "resampling drew only shards without valid samples",
+                            "empty")
 
 
 def _shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:

@@ -179,3 +179,14 @@ def test_member_names_never_become_paths(tmp_path):
     with pytest.raises(DataError, match="unsafe or invalid key"):
         list(read_shard(str(out / "x.tar")))
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["x.tar"]
+
+
+def test_skip_with_nothing_valid_stops_instead_of_spinning(tmp_path):
+    raws = [_bad("regions.npy", _npy(NAN))(encode_sample(s)) for s in GOOD[:3]]
+    _write_raw(str(tmp_path / "shard-000000.tar"), raws)
+    write_manifest(str(tmp_path), [ShardRecord("shard-000000.tar", 3, 0, "", [9, 16], 15, [5, 5, 5])],
+                   split="train", extractor={})
+    for resampled in (False, True):
+        with pytest.raises(DataError, match="no valid samples|without valid samples"):
+            list(caption_batches(str(tmp_path), batch_size=4, encode=Vocab([]), seed=0, epoch=0, rank=0, world=1,
+                                 num_workers=0, on_error="skip", resampled=resampled))
