@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from dataio import storage  # noqa: E402
 from dataio.text import HFTokenizer, TextEncoder, Vocab, tokenize  # noqa: E402
 from trainer.xattn import XAttnConfig, xattn_scores  # noqa: E402
 
@@ -99,7 +100,7 @@ def _load_image(image: str | os.PathLike | Image.Image | None, what: str) -> Ima
     if image is None or isinstance(image, Image.Image):
         return None if image is None else image.convert("RGB")
     try:
-        with Image.open(image) as img:
+        with storage.open_url(str(image), "rb") as f, Image.open(f) as img:  # local or s3://
             return img.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ValueError(f"{what}: cannot read image {str(image)!r}: {exc}") from exc
@@ -189,7 +190,8 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     regions (k, D) raw region features of ONE image (e.g. ``ImageSample.regions``);
     text_encoder: the run's ``dataio.text.Vocab`` or ``HFTokenizer``;
     boxes (k, 4) normalised x0, y0, x1, y1 (``ImageSample.boxes``); None: ``layout_boxes(k)``;
-    image: the original picture (path or PIL image); None: a blank canvas with the boxes outlined.
+    image: the original picture (local path, s3:// URL or PIL image; the extraction job records
+    the path as ``meta["file"]``); None: a blank canvas with the boxes outlined.
 
     Returns {"score": float, "words": [drawn words], "attention": (words, k) float array of the
     drawn words' weights (module doc), "png": path}.
