@@ -75,13 +75,16 @@ def resolve_shards(spec: str) -> list[Shard]:
         d = m["feature_shape"][1]
         recs = [ShardRecord.from_dict(r, spec) for r in m["shards"]]
         return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d) for r in recs]
+    urls = list(braceexpand(spec))
+    try:
+        blobs = storage.read_many([u + RECORD_SUFFIX for u in urls])
+    except FileNotFoundError:
+        missing = next(u for u in urls if not storage.exists(u + RECORD_SUFFIX))
+        raise FileNotFoundError(f"shard {missing} has no record {missing + RECORD_SUFFIX}: it is not "
+                                f"committed, or was not written by dataio") from None
     shards = []
-    for url in braceexpand(spec):
-        try:
-            rec = ShardRecord.from_dict(json.loads(storage.read_bytes(url + RECORD_SUFFIX)), url)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"shard {url} has no record {url + RECORD_SUFFIX}: it is not "
-                                    f"committed, or was not written by dataio") from e
+    for url in urls:
+        rec = ShardRecord.from_dict(json.loads(blobs[url + RECORD_SUFFIX]), url)
         shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1]))
     if len({s.feature_dim for s in shards}) > 1:
         raise DataError(spec, None, "shards disagree on the feature dimension", "bad_record")

@@ -273,12 +273,10 @@ def write_shard(dest: str, name: str, samples: Iterable[ImageSample]) -> ShardRe
 def committed_shards(dest: str) -> dict[str, ShardRecord]:
     """Shards of ``dest`` whose record exists (and so were completely written), by file name."""
     names = set(storage.listdir(dest))
-    out = {}
-    for n in sorted(names):
-        if n.endswith(".tar" + RECORD_SUFFIX) and n[: -len(RECORD_SUFFIX)] in names:
-            url = storage.join(dest, n)
-            out[n[: -len(RECORD_SUFFIX)]] = ShardRecord.from_dict(json.loads(storage.read_bytes(url)), url)
-    return out
+    shards = sorted(n for n in names if n.endswith(".tar") and n + RECORD_SUFFIX in names)
+    urls = [storage.join(dest, n + RECORD_SUFFIX) for n in shards]
+    blobs = storage.read_many(urls)
+    return {n: ShardRecord.from_dict(json.loads(blobs[u]), u) for n, u in zip(shards, urls)}
 
 
 def clear_dataset(dest: str) -> None:

@@ -92,6 +92,16 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_many(urls: list[str]) -> dict[str, bytes]:
+    """Contents of many small files of one filesystem by URL (concurrent requests on S3)."""
+    if not urls:
+        return {}
+    fs = filesystem(urls[0])
+    got = fs.cat(urls, on_error="raise")
+    # s3fs keys the result by "bucket/key" (no protocol), the local filesystem by the path given
+    return {u: got[u] if u in got else got[fs._strip_protocol(u)] for u in urls}
+
+
 def temp_name(url: str) -> str:
     """A unique sibling name for writing ``url`` before it is made visible."""
     return f"{url}.tmp-{uuid.uuid4().hex}"

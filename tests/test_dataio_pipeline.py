@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataio.pipeline import caption_batches, image_id, image_records, iter_tokens, resolve_shards
-from dataio.sources.synthetic import write_synthetic
+from dataio.sources.synthetic import synthetic_samples, write_synthetic
 from dataio.text import build_vocab
 
 WORLD, WORKERS = 2, 2
@@ -161,3 +161,14 @@ def test_encoder_returning_no_ids_is_a_named_error(generated_shards):
     with pytest.raises(DataError, match="encodes to no tokens"):
         list(caption_batches(generated_shards, batch_size=16, encode=lambda toks, raw: [], seed=0, epoch=0,
                              rank=0, world=1, num_workers=0))
+
+
+def test_brace_pattern_needs_committed_records(tmp_path):
+    from dataio.shards import write_shard
+
+    write_shard(str(tmp_path), "a", synthetic_samples(2, dim=8))
+    write_shard(str(tmp_path), "b", synthetic_samples(2, seed=1, dim=8))
+    (tmp_path / "b.tar.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"b.tar has no record .*b.tar.json"):
+        resolve_shards(str(tmp_path / "{a,b}.tar"))
+
