@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.plots import moving_average, plot_run
-from trainer.telemetry import JsonlRunLog
+from trainer.plots import _latest_by, moving_average, plot_run
+from trainer.telemetry import JsonlRunLog, read_run_log
 
 
 def _step(sink: JsonlRunLog, step: int, loss: float, lr: float = 2e-4) -> None:
@@ -79,3 +79,17 @@ def test_eval_without_recalls_is_an_error(tmp_path):
 def test_moving_average_skips_gaps():
     values = np.array([1.0, 3.0, np.nan, np.nan, 5.0, 7.0])
     np.testing.assert_allclose(moving_average(values, 2), [1.0, 2.0, 3.0, np.nan, 5.0, 6.0])
+
+
+
+def test_replayed_records_count_once_the_later_wins(tmp_path):
+    sink = JsonlRunLog(tmp_path)
+    for step, loss in ((1, 1.0), (2, 2.0), (3, 3.0), (2, 20.0), (3, 30.0), (4, 40.0)):
+        _step(sink, step, loss)  # resumed from step 1: steps 2 and 3 logged again
+    sink.observe_eval(epoch=0, metrics=_metrics(0))
+    sink.observe_eval(epoch=0, metrics=_metrics(5))  # the re-run evaluation of epoch 0
+    sink.close()
+    records = read_run_log(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in _latest_by(records, "step", "step")] == \
+        [(1, 1.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+    assert [r["metrics"]["rsum"] for r in _latest_by(records, "eval", "epoch")] == [_metrics(5)["rsum"]]
