@@ -110,7 +110,7 @@ def check_sample(s: ImageSample, shard: str, feature_dim: int | None = None) -> 
     for raw, toks in zip(s.captions, s.tokens):
         if not isinstance(raw, str) or not raw.strip():
             raise DataError(shard, s.key, f"empty caption {raw!r}", "bad_caption")
-        if not toks or not all(isinstance(t, str) and t for t in toks):
+        if not isinstance(toks, list) or not toks or not all(isinstance(t, str) and t for t in toks):
             raise DataError(shard, s.key, f"caption {raw!r} has no valid tokens: {toks!r}",
                             "bad_caption")
 

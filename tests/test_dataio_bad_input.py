@@ -54,6 +54,7 @@ SAMPLE_CASES = [
     ("bad_boxes", _bad("boxes.npy", _npy(np.ones((3, 4), np.float32))), r"boxes must be float \(9, 4\)", "bad_array"),
     ("empty_captions", _bad("captions.json", json.dumps({"raw": [], "tokens": []}).encode()), "no captions", "bad_caption"),
     ("empty_caption", _bad("captions.json", json.dumps({"raw": ["a", " "], "tokens": [["a"], []]}).encode()), "empty caption", "bad_caption"),
+    ("tokens_not_lists", _bad("captions.json", json.dumps({"raw": ["a dog"], "tokens": ["a dog"]}).encode()), "has no valid tokens", "bad_caption"),
     ("non_utf8", _bad("captions.json", b'{"raw": ["caf\xe9"], "tokens": [["caf"]]}'), "not valid UTF-8", "bad_caption"),
     ("bad_json", _bad("captions.json", b'{"raw": ['), "not valid JSON", "bad_caption"),
     ("duplicate_key", lambda raw: {**raw, "__key__": GOOD[1].key}, "duplicate key within shard", "duplicate_key"),
