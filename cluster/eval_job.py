@@ -55,7 +55,7 @@ def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = 
     plan = plan_members(members, protocol=protocol, image_block=image_block, world=actors)
     work_dir, sims_dir = str(out / "tiles"), str(out / "sims") if save_sims else None
     store = TileStore(work_dir, sims_dir)
-    store.check_plan(fingerprint(members, plan, topk), 0, lambda: None)
+    store.check_plan(lambda: fingerprint(members, plan, topk), 0, lambda: None)
     shared = ray.put(list(members))  # one copy in the object store, read by every actor
     options = {"num_gpus": num_gpus} if num_gpus else {"num_cpus": num_cpus}
     pool = [TileWorker.options(**options).remote(shared, plan, work_dir, sims_dir, topk,

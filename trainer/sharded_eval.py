@@ -119,10 +119,14 @@ def protocol_folds(protocol: str, n_images: int, fold_images: int = COCO_FOLD) -
 
 def make_plan(n_images: int, caps_per_image: int, *, folds: Sequence[tuple[int, int]],
               image_block: int = 0, world: int = 1) -> TilePlan:
-    """Blocks of ``image_block`` images per fold (0: about four tile rows per rank)."""
+    """Blocks of ``image_block`` images per fold.
+
+    0: about four tile rows per rank (load balance, resume granularity), but at least 32 images
+    (smaller tiles spend more time in per-call overhead than in arithmetic).
+    """
     if image_block < 0:
         raise ValueError(f"eval.image_block must be >= 0, got {image_block}")
-    block = image_block or max(1, math.ceil(n_images / (4 * world)))
+    block = image_block or max(32, math.ceil(n_images / (4 * world)))
     blocks = tuple((i, min(i + block, f1)) for f0, f1 in folds for i in range(f0, f1, block))
     return TilePlan(blocks, tuple(tuple(f) for f in folds), caps_per_image)
 
@@ -279,8 +283,12 @@ class TileStore:
         self.work_dir = Path(work_dir) if work_dir else None
         self.sims_dir = Path(sims_dir) if sims_dir else None
 
-    def check_plan(self, fingerprint: dict, rank: int, barrier: Callable[[], None]) -> None:
-        """Refuses records of another evaluation; rank 0 writes ``plan.json``, others wait."""
+    def check_plan(self, fingerprint: Callable[[], dict], rank: int,
+                   barrier: Callable[[], None]) -> None:
+        """Refuses records of another evaluation; rank 0 writes ``plan.json``, others wait.
+
+        ``fingerprint`` is called only with a work dir (it hashes every embedding).
+        """
         if self.work_dir is None:
             return
         path = self.work_dir / "plan.json"
@@ -288,14 +296,15 @@ class TileStore:
             (self.work_dir / "records").mkdir(parents=True, exist_ok=True)
             if self.sims_dir:
                 self.sims_dir.mkdir(parents=True, exist_ok=True)
+            current = fingerprint()
             if path.exists():
                 old = json.loads(path.read_text())
-                if old != fingerprint:
+                if old != current:
                     raise ValueError(
                         f"work dir {self.work_dir} holds records of a different evaluation "
-                        f"({path}: {_first_difference(old, fingerprint)}); use a fresh directory")
+                        f"({path}: {_first_difference(old, current)}); use a fresh directory")
             else:
-                _atomic_write(path, json.dumps(fingerprint, indent=1).encode())
+                _atomic_write(path, json.dumps(current, indent=1).encode())
         barrier()
 
     def _record_path(self, a: int, b: int) -> Path:
@@ -485,7 +494,7 @@ def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", i
     plan = plan_members(members, protocol=protocol, image_block=image_block, fold_images=fold_images,
                         world=world)
     store = TileStore(work_dir, sims_dir)
-    store.check_plan(fingerprint(members, plan, topk), rank, torch_barrier)
+    store.check_plan(lambda: fingerprint(members, plan, topk), rank, torch_barrier)
     show = rank == 0
     diag = run_tiles(members, plan, plan.diagonal_tiles(rank, world), store, topk=topk,
                      memory_budget_mb=memory_budget_mb, progress=show, desc="eval pass 1")
