@@ -1,5 +1,6 @@
 """The one entry point under real launchers on CPU (gloo): ``deepspeed --num_gpus 2`` (bf16, ZeRO 1),
-two ``deepspeed --hostfile --no_ssh --node_rank R`` "nodes" on 127.0.0.1 (fp32, ZeRO 2) and
+two ``deepspeed --hostfile --no_ssh --node_rank R`` "nodes" on 127.0.0.1 (fp32, ZeRO 2, gradient
+accumulation 2) and
 ``torchrun`` (fp32, ZeRO 0, local-only mining, with evaluation), each training a few steps on
 generated shards."""
 from __future__ import annotations
@@ -51,7 +52,8 @@ def test_deepspeed_two_nodes_no_ssh(generated_shards, tmp_path):
     for node in (0, 1):
         cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                "--master_addr", "127.0.0.1", "--master_port", port, "--module", "trainer.train",
-               *train_args(generated_shards, out, f"train.max_steps={STEPS}", "train.zero_stage=2")]
+               *train_args(generated_shards, out, f"train.max_steps={STEPS}", "train.zero_stage=2",
+                          "train.grad_accum=2")]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     _wait(procs)

@@ -46,6 +46,13 @@ def test_fp16_trains_on_gpu(generated_shards, tmp_path):
     assert len(steps) == 3 and all(r["loss_scale"] for r in steps)
 
 
+def test_non_finite_loss_stops_the_run(generated_shards, tmp_path):
+    done = run_train(generated_shards, tmp_path, "loss.margin=.inf", "train.max_steps=2")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "non-finite training loss inf at epoch 0, step 1" in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_deepspeed_config_merges_json_under_experiment_fields(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 1, "zero_optimization": {"stage": 3,

@@ -300,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError) as err:  # bad input: the message says it all
         log.error("%s", err)
         raise SystemExit(2) from None
+    except FloatingPointError as err:
+        log.error("training stopped: %s", err)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":
