@@ -388,10 +388,15 @@ class CaptionLoader:
         return self.plan.num_batches - self._src.start_batch
 
     def __iter__(self) -> Iterator[CaptionBatch]:
+        skipped = SkipCounter()  # this epoch's, for the summary line
         for b in self._loader:
             if b.skipped:
                 SKIPS.merge(b.skipped)
+                skipped.merge(b.skipped)
             yield b
+        if skipped.total():
+            log.warning("rank %d epoch %d: skipped %d bad samples %s (replaced by repeats)",
+                        self._src.rank, self._src.epoch, skipped.total(), skipped.get())
 
 
 def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, epoch: int,

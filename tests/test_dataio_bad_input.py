@@ -98,7 +98,7 @@ def test_bad_sample_in_pipeline_stops_with_named_error(tmp_path):
         list(caption_batches(spec, batch_size=4, encode=Vocab([]), seed=0, epoch=0, rank=0, world=1, num_workers=2))
 
 
-def test_skip_keeps_batch_counts_equal_and_counts_skips(tmp_path):
+def test_skip_keeps_batch_counts_equal_and_counts_skips(tmp_path, caplog):
     spec, shard, key = _dataset(tmp_path, SAMPLE_CASES[0][1])  # missing captions.json
     SKIPS.reset()
     runs = [list(caption_batches(spec, batch_size=4, encode=Vocab([]), seed=0, epoch=0, rank=r, world=2,
@@ -107,6 +107,7 @@ def test_skip_keeps_batch_counts_equal_and_counts_skips(tmp_path):
     assert [sum(len(b) for b in r) for r in runs] == [15, 15]
     assert key not in {k for r in runs for b in r for k in b.keys}
     assert SKIPS.get() == {"missing_field": 1}  # counted in a worker, merged in this process
+    assert "rank 0 epoch 0: skipped 1 bad samples {'missing_field': 1}" in caplog.text
 
 
 def test_skip_of_an_image_shared_by_two_workers_is_counted_once(tmp_path):
