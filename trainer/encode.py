@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Literal
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
 Precision = Literal["fp32", "bf16", "fp16"]
 EncodeText = Callable[[list[str], str], list[int]]  # (tokens, raw caption) -> token ids
@@ -121,7 +122,7 @@ def _batches(records: Iterable, size: int) -> Iterator[list]:
 @torch.no_grad()
 def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: EncodeText,
                    caps_per_image: int, precision: Precision = "bf16", batch_size: int = 128,
-                   device: torch.device | str = "cpu") -> Embeddings:
+                   device: torch.device | str = "cpu", progress: bool = False) -> Embeddings:
     """Encodes ``dataio.shards.ImageSample`` records: each image and each caption once.
 
     ``model`` has ``encode_images(regions (B, k, D), img_lens (B,)) -> (B, k, d)`` and
@@ -134,7 +135,8 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     model.eval()
     images, img_lens, captions, cap_lens, keys = [], [], [], [], []
     try:
-        for batch in _batches(records, batch_size):
+        for batch in tqdm(_batches(records, batch_size), desc="encode", unit="batch",
+                          disable=not progress):
             regions, tokens, raw = [], [], []
             for sample in batch:
                 if len(sample.captions) != caps_per_image or len(sample.tokens) != caps_per_image:
@@ -218,7 +220,8 @@ def encode_split(model: torch.nn.Module, spec: str, *, encode_text: EncodeText, 
 
     records = image_records(spec, rank=rank, world=world, on_error=on_error)
     local = encode_records(model, records, encode_text=encode_text, caps_per_image=caps_per_image,
-                           precision=precision, batch_size=batch_size, device=device)
+                           precision=precision, batch_size=batch_size, device=device,
+                           progress=rank == 0)
     log.info("rank %d encoded %d images, %d captions from %s", rank, local.num_images,
              local.captions.shape[0], spec)
     return gather_embeddings(local)

@@ -150,6 +150,8 @@ def _top_k(scores: torch.Tensor, offset: int, k: int) -> tuple[np.ndarray, np.nd
     A stable descending sort keeps the lower index first among ties, so the export is the same
     whatever the tiling (``torch.topk`` picks among ties arbitrarily).
     """
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.float32), np.zeros((scores.shape[0], 0), np.int64)
     s, i = torch.sort(scores, dim=1, descending=True, stable=True)
     return s[:, :k].cpu().numpy(), (i[:, :k] + offset).cpu().numpy()
 
@@ -197,7 +199,7 @@ def count_tile(plan: TilePlan, a: int, b: int, scores: torch.Tensor, topk: int,
     diagonal = a == b
     if diagonal:
         n, cpi = scores.shape[0], plan.caps_per_image
-        own = scores.reshape(n, n, cpi)[torch.arange(n), torch.arange(n)]  # (rows, cpi)
+        own = scores.reshape(n, n, cpi).diagonal(dim1=0, dim2=1).T  # (rows, cpi) own captions
         pos_img, pos_cap = own.max(dim=1).values, own.reshape(-1)
     assert pos_img is not None and pos_cap is not None
     i2t = (scores > pos_img[:, None]).sum(dim=1)
