@@ -135,3 +135,14 @@ def test_shard_writer_streams_and_aborts_cleanly(tmp_path):
     # the first, complete shard is committed; the open one left no file behind
     assert sorted(os.listdir(dest)) == ["shard-000000.tar", "shard-000000.tar.json"]
     assert committed_shards(dest)["shard-000000.tar"].samples == 3
+
+
+@pytest.mark.parametrize("value,finite", [(np.nan, False), (np.inf, False), (-np.inf, False),
+                                          (65504.0, True), (-6e-8, True), (0.0, True)])
+def test_float16_finiteness_check(value, finite):
+    from dataio.shards import _all_finite
+
+    a = np.ones((3, 5), np.float16)
+    a[2, 4] = value
+    assert _all_finite(a) is finite
+    assert _all_finite(a.astype(np.float32)) is finite
