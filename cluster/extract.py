@@ -78,7 +78,8 @@ class UnitResult:
     samples: int  # images written
     skipped: list[dict]  # {"key", "file", "reason"}: images left out, with their captions
     converted: list[dict]  # {"key", "file", "note"}: images written after a conversion
-    captions_dropped: int
+    bad_captions: list[dict]  # {"key", "caption"}: empty captions (or without tokens) left out
+    captions_dropped: int  # captions of skipped images + bad captions
     started: float  # unix time
     finished: float
     pid: int
@@ -172,23 +173,32 @@ def _chunks(seq: Iterable, size: int) -> Iterator[list]:
 class _UnitLog:
     skipped: list[dict] = field(default_factory=list)
     converted: list[dict] = field(default_factory=list)
+    bad_captions: list[dict] = field(default_factory=list)
     captions_dropped: int = 0
 
     def skip(self, item: ImageItem, reason: str) -> None:
         log.warning("skipping image %s (%s): %s", item.key, image_name(item), reason)
         self.skipped.append({"key": item.key, "file": image_name(item), "reason": reason})
-        self.captions_dropped += len(item.captions)
+        self.captions_dropped += len(item.captions) - sum(b["key"] == item.key for b in self.bad_captions)
 
 
 def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.Tensor,
-            extractor: dict) -> ImageSample:
-    """features (k, D), boxes (k, 4) of one image -> its shard sample."""
+            extractor: dict, ulog: _UnitLog) -> ImageSample:
+    """features (k, D), boxes (k, 4) of one image -> its shard sample, without empty captions."""
+    captions, tokens = [], []
+    for raw, toks in zip(item.captions, item.tokens):
+        if isinstance(raw, str) and raw.strip() and toks:
+            captions.append(raw)
+            tokens.append(list(toks))
+        else:
+            ulog.bad_captions.append({"key": item.key, "caption": raw})
+            ulog.captions_dropped += 1
     meta = {**item.meta, "file": image_name(item), "width": dec.width, "height": dec.height,
             "split": item.split, "extractor": extractor}
     if dec.note:
         meta["converted"] = dec.note
-    return ImageSample(key=item.key, regions=features.numpy(), captions=list(item.captions),
-                       tokens=[list(t) for t in item.tokens], boxes=boxes.numpy(), meta=meta)
+    return ImageSample(key=item.key, regions=features.numpy(), captions=captions, tokens=tokens,
+                       boxes=boxes.numpy(), meta=meta)
 
 
 def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode_threads: int,
@@ -217,10 +227,10 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
             regions = backbone(np.stack([dec.pixels for _, dec in good]))  # features (B, k, D)
             for b, (item, dec) in enumerate(good):
                 k = int(regions.lengths[b])
-                sample = _sample(item, dec, regions.features[b, :k], regions.boxes[b, :k], extractor)
+                sample = _sample(item, dec, regions.features[b, :k], regions.boxes[b, :k], extractor, ulog)
                 try:
                     check_sample(sample, shard)
-                except DataError as err:
+                except DataError as err:  # no caption left, non-finite features, unsafe key
                     ulog.skip(item, err.problem)
                     continue
                 if dec.note:
@@ -255,7 +265,8 @@ def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: 
         sha256, written = record.sha256, record.samples
     result = UnitResult(name=unit.name, split=unit.split, fingerprint=fingerprint,
                         extractor=backbone.describe(), shard_sha256=sha256, samples=written,
-                        skipped=ulog.skipped, converted=ulog.converted, captions_dropped=ulog.captions_dropped,
+                        skipped=ulog.skipped, converted=ulog.converted, bad_captions=ulog.bad_captions,
+                        captions_dropped=ulog.captions_dropped,
                         started=started, finished=time.time(), pid=os.getpid(), run_id=run_id,
                         attempt=attempt)
     storage.write_bytes_atomic(unit_stats_url(dest, unit.split, unit.name),
@@ -461,6 +472,7 @@ def _write_manifests(dest: str, units: Sequence[WorkUnit], stats: dict[str, Unit
             "skipped_images": [x for s in split_stats for x in s.skipped],
             "captions_dropped": sum(s.captions_dropped for s in split_stats),
             "converted_images": [x for s in split_stats for x in s.converted],
+            "bad_captions": [x for s in split_stats for x in s.bad_captions],
         }}
         write_manifest(split_dest(dest, split), records, split=split, extractor=extractor, extra=extra)
         for name in storage.listdir(split_dest(dest, split)):  # partial files of killed workers
@@ -532,7 +544,9 @@ def _load_items(args: argparse.Namespace) -> list[ImageItem]:
                  for it in synthetic_items(args.synthetic, seed=args.seed, split=split, size=args.synthetic_size)]
     else:
         from dataio.sources.karpathy import karpathy_items
-        items = list(karpathy_items(args.karpathy, args.images, splits=splits))
+        # Missing files are not fatal here: the workers record them as skipped images.
+        root = args.images if storage.is_s3(args.images) else os.path.abspath(args.images)
+        items = list(karpathy_items(args.karpathy, root, splits=splits, check_files=False))
     return items[:args.limit] if args.limit else items
 
 

@@ -132,10 +132,12 @@ def _odd_images(root: Path) -> list[ImageItem]:
     (root / "garbage.png").write_bytes(b"GIF89a but not really")
     names = ["rgb.jpg", "gray.jpg", "cmyk.jpg", "alpha.png", "tiny.png", "huge.jpg",
              "trunc.jpg", "garbage.png", "missing.jpg"]
-    return [ImageItem(name.replace(".", "_"), str(root / name),
-                      [f"caption {i} of {name}" for i in range(5)],
-                      [["caption", str(i), "of", name] for i in range(5)], "train", {"source": "odd"})
-            for name in names]
+    items = [ImageItem(name.replace(".", "_"), str(root / name),
+                       [f"caption {i} of {name}" for i in range(5)],
+                       [["caption", str(i), "of", name] for i in range(5)], "train", {"source": "odd"})
+             for name in names]
+    items[0].captions[4], items[0].tokens[4] = " ", []  # an empty caption: dropped, image kept
+    return items
 
 
 def test_bad_images_are_converted_or_skipped_with_reasons(local_ray, tiny_vit, tmp_path):
@@ -157,9 +159,11 @@ def test_bad_images_are_converted_or_skipped_with_reasons(local_ray, tiny_vit, t
     assert (samples["huge_jpg"].meta["width"], samples["huge_jpg"].meta["height"]) == (10000, 8000)
     assert samples["cmyk_jpg"].meta["converted"] == "CMYK -> RGB"
     m = read_manifest(str(dest / "train"))
-    assert m["num_captions"] == 30  # captions of skipped images are not written ...
+    assert m["num_captions"] == 29  # captions of skipped images are not written ...
+    assert samples["rgb_jpg"].captions == [f"caption {i} of rgb.jpg" for i in range(4)]
     ext = m["extraction"]
-    assert ext["images_in"] == 9 and ext["images_written"] == 6 and ext["captions_dropped"] == 15
+    assert ext["images_in"] == 9 and ext["images_written"] == 6 and ext["captions_dropped"] == 16
+    assert ext["bad_captions"] == [{"key": "rgb_jpg", "caption": " "}]
     assert {Path(s["file"]).name for s in ext["skipped_images"]} == set(skipped)  # ... and say so
     # The all-broken unit has no shard; its stats mark it done, so a rerun reuses everything.
     assert [s["name"] for s in m["shards"]] == ["train-000000.tar", "train-000001.tar"]
