@@ -126,11 +126,11 @@ class CaptionBatch:
 
     @property
     def region_mask(self) -> torch.Tensor:  # (B, k) bool, True for real regions
-        return torch.arange(self.regions.shape[1]) < self.img_lens[:, None]
+        return torch.arange(self.regions.shape[1], device=self.img_lens.device) < self.img_lens[:, None]
 
     @property
     def word_mask(self) -> torch.Tensor:  # (B, n) bool, True for real words
-        return torch.arange(self.tokens.shape[1]) < self.cap_lens[:, None]
+        return torch.arange(self.tokens.shape[1], device=self.cap_lens.device) < self.cap_lens[:, None]
 
     def __len__(self) -> int:
         return len(self.keys)

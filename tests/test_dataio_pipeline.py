@@ -172,3 +172,14 @@ def test_brace_pattern_needs_committed_records(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"b.tar has no record .*b.tar.json"):
         resolve_shards(str(tmp_path / "{a,b}.tar"))
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and device copies need a CUDA GPU")
+def test_pinned_batches_move_to_the_gpu(generated_shards, vocab):
+    (b, *_) = caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=0, world=1,
+                              num_workers=2, pin_memory=True)
+    assert b.regions.is_pinned() and b.tokens.is_pinned()
+    g = b.to("cuda", non_blocking=True)
+    assert g.regions.is_cuda and g.keys == b.keys
+    torch.testing.assert_close(g.regions.cpu(), b.regions)
+    assert g.word_mask.device.type == "cuda"
