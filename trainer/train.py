@@ -162,33 +162,37 @@ def _client_state(cfg: ExperimentConfig, pos: Position, vocab_path: str, enc: Te
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Telemetry | None = None,
           local_rank: int | None = None) -> dict[str, Any]:
-    """Trains ``cfg`` (optionally resuming ``latest`` or a tag); returns a summary of the run."""
+    """Trains ``cfg`` (optionally resuming ``latest`` or a tag); returns a summary of the run.
+
+    ``telemetry`` receives every optimizer step and evaluation and is closed at the end; default:
+    the JSON-lines run log ``<output_dir>/metrics.jsonl`` (written by rank 0).
+    """
+    if not cfg.data.train_shards:
+        raise ConfigError("config key 'data.train_shards' is empty: name the training manifest or shards")
     env = read_env(local_rank)
-    init_process_group(env)
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / "checkpoints"
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.data.train_shards:
-        raise ValueError("config key 'data.train_shards' is empty: name the training manifest or shards")
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    enc, vocab_size = text_encoder(cfg, env, run_dir)
-    vocab_path = cfg.data.vocab or str(run_dir / "vocab.json")
-    embeddings = (torch.from_numpy(load_glove(enc, cfg.model.glove, cfg.train.seed))
-                  if cfg.model.glove and isinstance(enc, Vocab) else None)
-    model = build_model(cfg.model, vocab_size, embeddings)
-    steps = max(1, len(epoch_batches(cfg, enc, env, 0)) // cfg.train.grad_accum)
-    engine = build_engine(cfg, model, env, steps)
-    seed_everything(cfg.train.seed + env.rank)  # per-rank streams from here on
-    pos = Position()
-    if resume:
-        state = checkpoint.load(engine.ds, ckpt_dir, resume, env)
-        pos = Position(**state["scan_position"])
-        saved_itos = state["scan_vocab"]["itos"]
-        if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
-            raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
     try:
+        init_process_group(env)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        enc, vocab_size = text_encoder(cfg, env, run_dir)
+        vocab_path = cfg.data.vocab or str(run_dir / "vocab.json")
+        embeddings = (torch.from_numpy(load_glove(enc, cfg.model.glove, cfg.train.seed))
+                      if cfg.model.glove and isinstance(enc, Vocab) else None)
+        model = build_model(cfg.model, vocab_size, embeddings)
+        steps = max(1, len(epoch_batches(cfg, enc, env, 0)) // cfg.train.grad_accum)
+        engine = build_engine(cfg, model, env, steps)
+        seed_everything(cfg.train.seed + env.rank)  # per-rank streams from here on
+        pos = Position()
+        if resume:
+            state = checkpoint.load(engine.ds, ckpt_dir, resume, env)
+            pos = Position(**state["scan_position"])
+            saved_itos = state["scan_vocab"]["itos"]
+            if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
+                raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
         pos = _loop(cfg, env, engine, enc, pos, telemetry, ckpt_dir, vocab_path)
     finally:
         telemetry.close()
