@@ -245,7 +245,7 @@ def _loop(cfg: ExperimentConfig, env: DistEnv, engine: Engine, enc: TextEncoder,
                 step=pos.step, epoch=pos.epoch, loss=loss_sum / gas, samples_per_s=samples / step_time,
                 step_time_s=step_time, data_wait_s=data_wait, lr=lr,
                 grad_norm=grad_norm if grad_norm is not None else _float(ds.get_global_grad_norm()),
-                loss_scale=_float(ds._get_optimizer_loss_scale()) if ds.fp16_enabled() else None,
+                loss_scale=_loss_scale(ds),
                 skipped_samples=SKIPS.total(), memory_bytes=peak_memory_bytes(env.device))
             if env.is_main and pos.step % max(cfg.train.log_every, 1) == 0:
                 log.info("epoch %d step %d loss %.4f lr %.3g %.1f samples/s", pos.epoch, pos.step,
@@ -283,6 +283,14 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, enc: TextEncoder, ep
 
 def _float(x: Any) -> float | None:
     return None if x is None else float(x)
+
+
+def _loss_scale(ds: Any) -> float | None:
+    """The dynamic fp16 loss scale (ZeRO optimizers keep it in ``loss_scale_config``)."""
+    if not ds.fp16_enabled():
+        return None
+    holder = getattr(ds.optimizer, "loss_scale_config", ds.optimizer)
+    return _float(getattr(holder, "cur_scale", None))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
