@@ -87,7 +87,6 @@ def _vm_kib(field: str) -> int:
 
 def peak_growth_child(method: str, n_img: int, n_cap: int) -> None:
     """Subprocess body: one call of `method`, print the peak RSS growth in MiB as JSON."""
-    torch.set_num_threads(2)
     images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM)
     fn = methods(images, captions, cap_lens, XAttnConfig())[method]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -154,12 +153,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a CI smoke run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--peak-child", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
         method, n_img, n_cap = args.peak_child
         peak_growth_child(method, int(n_img), int(n_cap))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         cpu_table([(4, 8), (8, 8)], repeats=2, measure_memory=False)
         return

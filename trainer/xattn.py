@@ -191,16 +191,28 @@ def _tile_scores(ctx: Tensor, gram: Tensor, ctx_mask: Tensor | None, qry: Tensor
     """Scores (A, B) of one tile: ctx (A, c, d), gram (A, c, c), qry (B, q, d), q_norm (B, q)."""
     A, c, d = ctx.shape
     B, q, _ = qry.shape
-    inplace = not (torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad))
-    # (A*c, d) @ (d, B*q): every dot product of the tile in one product, in the input dtype.
-    s = torch.mm(ctx.reshape(A * c, d), qry.reshape(B * q, d).t()).to(cdtype).view(A, c, B, q)
     ctx_pad_rows = None if ctx_mask is None else torch.nonzero(~ctx_mask.reshape(-1)).squeeze(1)
     qry_bias = None if qry_mask is None else _mask_bias(qry_mask, cdtype).view(1, 1, B, q)
-    e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias, inplace)
-    z = e.sum(1)  # (A, B, q) softmax denominators
-    qa = (s.mul_(e) if inplace else s * e).sum(1)  # Σ_c e s: (A, B, q)
-    ge = torch.bmm(gram, e.view(A, c, B * q)).view(A, c, B, q)
-    aa = (ge.mul_(e) if inplace else ge * e).sum(1)  # e^T G e: (A, B, q)
+    ctx_flat, qry_flat = ctx.reshape(A * c, d), qry.reshape(B * q, d)
+    if torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad):
+        # (A*c, d) @ (d, B*q): every dot product of the tile in one product, in the input dtype.
+        s = torch.mm(ctx_flat, qry_flat.t()).to(cdtype).view(A, c, B, q)
+        e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias)
+        ge = torch.bmm(gram, e.view(A, c, B * q)).view(A, c, B, q)
+        qa, aa, z = (s * e).sum(1), (ge * e).sum(1), e.sum(1)
+    else:
+        # Inference: one buffer w = [s, G·e, e] (3, A, c, B*q), filled in place, so the per-pair
+        # passes after the product are: first norm (2-3), exp, G·e, one multiply, one sum.
+        w = torch.empty(3, A, c, B * q, dtype=cdtype, device=ctx.device)
+        if ctx.dtype == cdtype:
+            torch.mm(ctx_flat, qry_flat.t(), out=w[0].view(A * c, B * q))
+        else:
+            w[0].view(A * c, B * q).copy_(torch.mm(ctx_flat, qry_flat.t()))
+        e = _attention_exp(w[0].view(A, c, B, q), cfg, ctx_pad_rows, qry_bias,
+                           out=w[2].view(A, c, B, q))
+        torch.bmm(gram, w[2], out=w[1])
+        w[:2].mul_(w[2])  # [s·e, (G·e)·e, e]
+        qa, aa, z = w.sum(2).view(3, A, B, q)  # Σ_c of each: (A, B, q)
     # α = e / Z, so q·a_q = qa / Z and |a_q|² = aa / Z²; R_q = q·a_q / max(|q| |a_q|, eps).
     a_norm = (aa / (z * z)).clamp_min(_TINY).sqrt()
     r = (qa / z) / (q_norm[None] * a_norm).clamp_min(_EPS)
@@ -213,40 +225,48 @@ def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _attention_exp(s: Tensor, cfg: XAttnConfig, ctx_pad_rows: Tensor | None,
-                   qry_bias: Tensor | None, inplace: bool) -> Tensor:
+                   qry_bias: Tensor | None, out: Tensor | None = None) -> Tensor:
     """Unnormalised attention e (A, c, B, q) from dot products s (A, c, B, q).
 
     e = exp(λ1 · norm_q(s) − shift), 0 for padded contexts (flat rows of (A*c) in ctx_pad_rows);
     α = e / Σ_c e is the reference's softmax over contexts. qry_bias (.., B, q) is -inf at padded
     queries (their s is already 0, which leaves L1/L2 norms unchanged; only softmax needs it).
+    With ``out`` (inference only) every step writes into that buffer instead of allocating.
     """
-    lam = cfg.lambda_softmax
-    kind = cfg.raw_feature_norm
-    if kind == "softmax":
-        x = torch.softmax(s if qry_bias is None else s + qry_bias, dim=-1)
-        x = x.mul_(lam) if inplace else x * lam
-    elif kind == "no_norm":
-        x = s * lam
-    else:
-        clipped = kind.startswith("clipped")
-        x = F.leaky_relu(s, 0.1) if clipped else s
-        if kind.endswith("l2norm"):
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        elif kind.endswith("l1norm"):
-            norm = torch.linalg.vector_norm(x, ord=1, dim=-1, keepdim=True)
-        else:
-            norm = None
-        factor = lam if norm is None else lam / (norm + _EPS)
-        x = x.mul_(factor) if inplace and x is not s else x * factor
+    inplace = out is not None
+    x = _scaled_first_norm(s, cfg, qry_bias, out)
     if ctx_pad_rows is not None:
         A, c, B, q = x.shape
         x = x.view(A * c, B * q)
         x = (x.index_fill_(0, ctx_pad_rows, -math.inf) if inplace
              else x.index_fill(0, ctx_pad_rows, -math.inf)).view(A, c, B, q)
-    if not (kind in _BOUNDED_NORMS and lam <= _MAX_UNSHIFTED):
+    if not (cfg.raw_feature_norm in _BOUNDED_NORMS and cfg.lambda_softmax <= _MAX_UNSHIFTED):
         shift = x.amax(dim=1, keepdim=True)
         x = x.sub_(shift) if inplace else x - shift
     return x.exp_() if inplace else x.exp()
+
+
+def _scaled_first_norm(s: Tensor, cfg: XAttnConfig, qry_bias: Tensor | None,
+                       out: Tensor | None) -> Tensor:
+    """λ1 · (first normalisation of s over the query axis, the last one); into ``out`` if given."""
+    lam = cfg.lambda_softmax
+    kind = cfg.raw_feature_norm
+    if kind == "softmax":
+        return torch.mul(torch.softmax(s if qry_bias is None else s + qry_bias, dim=-1), lam, out=out)
+    if kind == "no_norm":
+        return torch.mul(s, lam, out=out)
+    base = s
+    if kind.startswith("clipped"):
+        base = F.leaky_relu(s, 0.1) if out is None else torch.ops.aten.leaky_relu.out(s, 0.1, out=out)
+    if kind.endswith("l2norm"):
+        factor: Tensor | float = lam / (torch.linalg.vector_norm(base, dim=-1, keepdim=True) + _EPS)
+    elif kind.endswith("l1norm"):
+        factor = lam / (torch.linalg.vector_norm(base, ord=1, dim=-1, keepdim=True) + _EPS)
+    else:  # clipped
+        factor = lam
+    if out is not None and base is out:
+        return out.mul_(factor)
+    return torch.mul(base, factor, out=out)
 
 
 def _aggregate(r: Tensor, qry_mask: Tensor | None, cfg: XAttnConfig) -> Tensor:
@@ -271,7 +291,7 @@ def _pair_attention(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask:
     s = torch.bmm(ctx, qry.transpose(1, 2)).to(cdtype).view(P, c, 1, q)
     ctx_pad_rows = None if ctx_mask is None else torch.nonzero(~ctx_mask.reshape(-1)).squeeze(1)
     qry_bias = None if qry_mask is None else _mask_bias(qry_mask, cdtype).view(P, 1, 1, q)
-    e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias, inplace=False)
+    e = _attention_exp(s, cfg, ctx_pad_rows, qry_bias)
     alpha = (e / e.sum(1, keepdim=True)).view(P, c, q).transpose(1, 2)  # (P, q, c)
     if qry_mask is not None:
         alpha = alpha * qry_mask[:, :, None].to(alpha.dtype)
