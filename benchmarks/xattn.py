@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run standalone from a checkout
 
@@ -66,7 +67,7 @@ def median_times(fns: dict[str, Callable[[], torch.Tensor]],
     with torch.no_grad():
         for fn in fns.values():
             fn()
-        for _ in range(repeats):
+        for _ in tqdm(range(repeats), desc="rounds", leave=False):
             for name, fn in fns.items():
                 _sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
