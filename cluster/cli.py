@@ -1,0 +1,222 @@
+"""``scan``: the command line of the SCAN system. Each subcommand parses, then calls one library function.
+
+    scan demo                       photos (or generated scenes) → shards → training → evaluation → report
+    scan extract ...                Ray feature-extraction job → WebDataset shards
+    scan import-precomp ...         SCAN precomp .npy/.txt features → shards
+    scan build-vocab ...            word vocabulary (threshold 4) from a TRAIN split's shards
+    scan train --config X.yaml      DeepSpeed training (one process, deepspeed, torchrun)
+    scan evaluate --run R ...       sharded evaluation of one run or an ensemble of runs
+    scan explain --run R ...        per-word attention picture of an image–caption pair
+    scan retrieve --run R ...       text → images and image → captions, printed and as HTML
+
+Distributed launch: ``deepspeed --num_gpus N --module cluster.cli train --config X.yaml`` (or
+``torchrun --nproc_per_node N -m cluster.cli train ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+log = logging.getLogger("scan")
+
+OVERRIDES_HELP = "key=value config overrides applied after the YAML, e.g. optim.lr=5e-4 xattn.agg=lse"
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+# --------------------------------------------------------------------------------------------- train
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--resume", default=None,
+                   help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; do not pass by hand")
+    _overrides(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from cluster.metrics import build_telemetry
+    from trainer.config import load_experiment
+    from trainer.distributed import read_env
+    from trainer.train import train
+
+    cfg = load_experiment(args.config, args.overrides)
+    env = read_env(args.local_rank)
+    telemetry = build_telemetry(cfg, rank=env.rank, local_rank=env.local_rank)
+    summary = train(cfg, resume=args.resume, telemetry=telemetry, local_rank=args.local_rank)
+    if env.rank == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", action="append", required=True,
+                   help="training run folder; repeat for an ensemble (similarity matrices averaged)")
+    p.add_argument("--shards", required=True, help="the split to evaluate: manifest.json, shard pattern or s3:// URL")
+    p.add_argument("--tag", default="latest", help="checkpoint tag of every run")
+    p.add_argument("--out", default=None,
+                   help="folder for metrics.json, resumable tile records, topk.jsonl and (eval.save_sims) sims/")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    _overrides(p)
+    p.epilog = ("Overrides apply to the eval section of every run's config, e.g. eval.protocol=coco1k "
+                "(split | f30k1k | coco1k | coco5k), eval.topk=10, eval.save_sims=true.")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from trainer.inference import evaluate_runs
+
+    result = evaluate_runs(args.run, args.shards, tag=args.tag, overrides=args.overrides,
+                           out_dir=args.out, local_rank=args.local_rank)
+    if result is not None:
+        print(json.dumps({"protocol": result.protocol, **result.metrics}, indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- explain
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="training run folder")
+    p.add_argument("--shards", required=True, help="shards holding the image (manifest.json or pattern)")
+    p.add_argument("--key", default=None, help="image key (default: the first image of the shards)")
+    p.add_argument("--caption", default=None, help="caption text (default: the image's first caption)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--tag", default="latest", help="checkpoint tag")
+    p.add_argument("--columns", type=int, default=5, help="tiles per row of the picture")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from trainer.explain import explain_pair
+    from trainer.inference import find_record, load_run
+
+    run = load_run(args.run, args.tag)
+    record = find_record(args.shards, args.key)
+    caption = args.caption if args.caption is not None else record.captions[0]
+    out = explain_pair(run.model, record.regions, caption, run.text, run.cfg.xattn, args.out,
+                       boxes=record.boxes, image=record.meta.get("file"), columns=args.columns)
+    print(f"{out['png']}: image {record.key}, score {out['score']:.4f}, words {' '.join(out['words'])}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ retrieve
+def _add_retrieve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", action="append", required=True, help="training run folder; repeat for an ensemble")
+    p.add_argument("--shards", required=True, help="the gallery split (manifest.json or pattern)")
+    p.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
+    p.add_argument("--image", action="append", default=[], help="an image key of the gallery (repeatable)")
+    p.add_argument("-k", type=int, default=5, help="results per query")
+    p.add_argument("--html", default=None, help="also write a static HTML page with the images here")
+    p.add_argument("--tag", default="latest", help="checkpoint tag of every run")
+
+
+def _run_retrieve(args: argparse.Namespace) -> int:
+    from trainer.inference import gallery_for_runs
+    from trainer.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
+
+    if not args.text and not args.image:
+        raise SystemExit("scan retrieve: give at least one --text or --image query")
+    gallery = gallery_for_runs(args.run, args.shards, tag=args.tag)
+    queries = [TextQuery(t) for t in args.text] + [ImageQuery(k) for k in args.image]
+    results = [retrieve(gallery, q, args.k) for q in queries]
+    print(format_results(results))
+    if args.html:
+        print(f"page: {write_html(results, args.html, gallery.image_files)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- build-vocab
+def _add_build_vocab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, help="the TRAIN split's shards (manifest.json or pattern)")
+    p.add_argument("--out", required=True, help="vocabulary JSON to write (local path or s3://)")
+    p.add_argument("--threshold", type=int, default=4, help="keep words seen at least this often (SCAN: 4)")
+
+
+def _run_build_vocab(args: argparse.Namespace) -> int:
+    from dataio.pipeline import iter_tokens
+    from dataio.text import build_vocab
+
+    vocab = build_vocab(iter_tokens(args.shards), threshold=args.threshold)
+    vocab.save(args.out)
+    print(f"{args.out}: {len(vocab)} entries (4 special tokens + words seen >= {args.threshold} times)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ import-precomp
+def _add_import_precomp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
+    p.add_argument("--split", required=True, help="train, dev, test, testall ...")
+    p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix of the shards")
+    p.add_argument("--images-per-shard", type=int, default=1000, help="images per shard")
+
+
+def _run_import_precomp(args: argparse.Namespace) -> int:
+    from dataio.sources.precomp import import_precomp
+
+    print(import_precomp(args.data_dir, args.split, args.out, max_samples=args.images_per_shard))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- extract
+def _run_extract(argv: Sequence[str]) -> int:
+    from cluster.extract import main
+
+    return main(argv)
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    from cluster.demo import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[str, Callable | None, Callable]] = {
+    # name: (one-line help, add_arguments or None when the module parses its own argv, run)
+    "demo": ("the whole system end to end on real photos (or generated scenes), with a report",
+             None, _run_demo),
+    "extract": ("extract region/grid features with a Ray job into WebDataset shards", None, _run_extract),
+    "import-precomp": ("import SCAN precomp features (.npy + .txt) into shards", _add_import_precomp,
+                       _run_import_precomp),
+    "build-vocab": ("build the word vocabulary from a TRAIN split", _add_build_vocab, _run_build_vocab),
+    "train": ("train SCAN with DeepSpeed (one process, deepspeed or torchrun)", _add_train, _run_train),
+    "evaluate": ("sharded evaluation of a run or an ensemble", _add_evaluate, _run_evaluate),
+    "explain": ("per-word attention picture of an image and a caption", _add_explain, _run_explain),
+    "retrieve": ("text → images and image → captions over an evaluated gallery", _add_retrieve,
+                 _run_retrieve),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="scan", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="Run `scan <command> --help` for the options of each command.")
+    sub = top.add_subparsers(dest="command", metavar="command")
+    for name, (help_text, _, _) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(argv or ["--help"])  # prints help, or the error naming the allowed commands
+        return 2
+    name, rest = argv[0], argv[1:]
+    help_text, add_arguments, run = COMMANDS[name]
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainer.configfile import ConfigError
+
+    try:
+        if add_arguments is None:
+            return run(rest)
+        p = argparse.ArgumentParser(prog=f"scan {name}", description=help_text,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_arguments(p)
+        return run(p.parse_intermixed_args(rest))
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: the message says it all
+        print(f"scan {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

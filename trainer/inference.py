@@ -1,0 +1,123 @@
+"""Trained runs at inference: load one, evaluate one or an ensemble, build a retrieval gallery.
+
+A run folder holds ``checkpoints/<tag>/mp_rank_00_model_states.pt`` (DeepSpeed's model states, with
+the experiment config and vocabulary in its client state). Nothing is unpickled: the file is read
+with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dataio.pipeline import image_records
+from dataio.shards import ImageSample
+from dataio.text import TextEncoder, Vocab, load_hf_tokenizer
+from trainer import checkpoint, configfile
+from trainer.config import ExperimentConfig
+from trainer.distributed import init_process_group, read_env
+from trainer.encode import encode_split
+from trainer.model import SCANModel, build_model
+from trainer.retrieve import Gallery, build_gallery
+from trainer.sharded_eval import EvalResult, Member, run_eval
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+@dataclass
+class TrainedRun:
+    cfg: ExperimentConfig
+    model: SCANModel  # float32, eval mode
+    text: TextEncoder
+    checkpoint: Path
+
+
+def checkpoint_path(run_dir: str | Path, tag: str = "latest") -> Path:
+    """The model-states file of checkpoint ``tag`` (``latest`` or ``stepNNNNNNNN``) of a run."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    name = checkpoint.latest_tag(ckpt_dir) if tag == checkpoint.LATEST else tag
+    if name is None:
+        raise FileNotFoundError(f"run {run_dir}: no complete checkpoint under {ckpt_dir}")
+    path = ckpt_dir / name / MODEL_STATES
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run_dir}: checkpoint {name} has no {MODEL_STATES} "
+                                f"(available: {checkpoint.complete_tags(ckpt_dir) or 'none'})")
+    return path
+
+
+def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.device = "cpu") -> TrainedRun:
+    """Rebuilds the model of a training run from its checkpoint, ready to encode."""
+    path = checkpoint_path(run_dir, tag)
+    states = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("module", "scan_config", "scan_vocab"):
+        if key not in states:
+            raise ValueError(f"{path}: not a SCAN training checkpoint (no '{key}')")
+    cfg = configfile.from_dict(ExperimentConfig, states["scan_config"])
+    if cfg.model.text_encoder == "hf":
+        text: TextEncoder = load_hf_tokenizer(cfg.model.hf_path)
+        vocab_size = len(text.tok)
+    else:
+        text = Vocab(states["scan_vocab"]["itos"][4:])  # itos starts with the 4 specials
+        vocab_size = len(text)
+    model = build_model(cfg.model, vocab_size)
+    model.load_state_dict({k: v.float() for k, v in states["module"].items()})
+    model.to(device).eval()
+    log.info("loaded %s (%s %s, %d-word text encoder)", path, cfg.xattn.direction, cfg.xattn.agg,
+             vocab_size)
+    return TrainedRun(cfg, model, text, path)
+
+
+def find_record(spec: str, key: str | None = None) -> ImageSample:
+    """The image ``key`` of a split (the first image when ``key`` is None)."""
+    for record in image_records(spec):
+        if key is None or record.key == key:
+            return record
+    raise KeyError(f"image key {key!r} is not in {spec}")
+
+
+def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
+                  overrides: Sequence[str] = (), out_dir: str | None = None,
+                  local_rank: int | None = None) -> EvalResult | None:
+    """Sharded evaluation of one run, or of the ensemble of several (their score matrices averaged),
+    on the split ``spec``, under whatever launcher started this process. Every rank returns the result.
+
+    ``overrides`` (``eval.protocol=coco1k`` ...) apply to every run's config; the first run's
+    eval section decides the protocol and tiling.
+    """
+    env = read_env(local_rank)
+    if env.world > 1:
+        init_process_group(env)
+    members = []
+    eval_cfg = None
+    for run_dir in run_dirs:
+        run = load_run(run_dir, tag, env.device)
+        cfg = configfile.from_dict(ExperimentConfig, _overridden(run.cfg, overrides))
+        eval_cfg = eval_cfg or cfg.eval
+        emb = encode_split(run.model, spec, encode_text=run.text.encode,
+                           caps_per_image=cfg.eval.caps_per_image, precision=cfg.eval.precision,
+                           batch_size=cfg.data.batch_size, device=env.device, rank=env.rank,
+                           world=env.world, on_error=cfg.data.on_error)
+        members.append(Member(emb.to(env.device), cfg.xattn))
+    return run_eval(members, eval_cfg, rank=env.rank, world=env.world, out_dir=out_dir)
+
+
+def gallery_for_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest") -> Gallery:
+    """A retrieval gallery of the split ``spec`` scored by one run or an ensemble of runs."""
+    runs = [load_run(run_dir, tag) for run_dir in run_dirs]
+    first = runs[0]
+    return build_gallery([(r.model, r.cfg.xattn) for r in runs], image_records(spec),
+                         encode_text=first.text.encode, caps_per_image=first.cfg.eval.caps_per_image,
+                         precision=first.cfg.eval.precision,
+                         memory_budget_mb=first.cfg.eval.memory_budget_mb)
+
+
+def _overridden(cfg: ExperimentConfig, overrides: Sequence[str]) -> dict:
+    data = configfile.to_dict(cfg)
+    for override in overrides:
+        configfile.apply_override(data, override)
+    return data
