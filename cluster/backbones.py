@@ -99,6 +99,8 @@ class Backbone:
         self.grid: tuple[int, int] = probe[1]
         self.feature_dim: int = probe[0].shape[-1]
         self._boxes = grid_boxes(*self.grid)
+        log.info("backbone %s on %s: %d px -> %d x %d regions x %d", name, device, self.image_size,
+                 *self.grid, self.feature_dim)
 
     @property
     def image_size(self) -> int:

@@ -9,11 +9,13 @@ in, what was skipped and why, timings); a rerun reuses a unit only when its shar
 its stats name the same inputs, extractor and shard hash, so every image lands exactly once.
 The manifest of each split is written last, and only when all its units succeeded.
 
-    python -m cluster.extract --source karpathy --json dataset.json --images DIR \\
-        --backbone efficientnet-lite2 --dest DEST
+    python -m cluster.extract --karpathy dataset_flickr30k.json --images DIR \\
+        --backbone efficientnet-lite2 --dest s3://bucket/f30k-lite2
 
 Without ``--address`` (and no ``RAY_ADDRESS``) it starts a local Ray; under
-``ray job submit ... -- python -m cluster.extract ...`` it joins the job's cluster.
+``ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.extract ...`` it
+joins the job's cluster. On several machines, DEST and the images must be reachable from every
+node (``s3://`` or a shared file system).
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ class WorkUnit:
         """Identifies what this unit's shard holds: its inputs and the backbone's identity
         (`cluster.backbones.identify`)."""
         items = [[it.key, it.image if isinstance(it.image, str) else "<loader>", it.captions,
-                  it.tokens, it.split] for it in self.items]
-        body = json.dumps({"items": items, "backbone": backbone}, sort_keys=True)
+                  it.tokens, it.split, it.meta] for it in self.items]
+        body = json.dumps({"items": items, "backbone": backbone}, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -359,12 +361,12 @@ def connect(address: str | None, num_cpus: int | None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def _reusable(unit: WorkUnit, fingerprint: str, dest: str, committed: dict) -> UnitResult | None:
+def _reusable(unit: WorkUnit, fingerprint: str, dest: str, committed: dict,
+              stats_files: set[str]) -> UnitResult | None:
     """The stats of a previous run of this unit when its output is in place and still valid."""
-    url = unit_stats_url(dest, unit.split, unit.name)
-    if not storage.exists(url):
+    if f"{unit.name}.json" not in stats_files:
         return None
-    stats = UnitResult(**json.loads(storage.read_bytes(url)))
+    stats = UnitResult(**json.loads(storage.read_bytes(unit_stats_url(dest, unit.split, unit.name))))
     if stats.fingerprint != fingerprint:
         return None
     record = committed.get(shard_filename(unit.name))
@@ -434,8 +436,9 @@ def _run_units(pool: _Pool, units: Sequence[WorkUnit], fingerprints: dict[str, s
             if attempt < max_retries:
                 queue.append((unit, attempt + 1))
             else:
+                cause = getattr(err, "cause", None) or err  # the exception raised in the actor
                 failed.append({"unit": unit.name, "attempts": attempt + 1,
-                               "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+                               "error": f"{type(cause).__name__}: {cause}".splitlines()[0]})
         else:
             results.append(result)
             progress.update(len(unit.items))
@@ -493,10 +496,14 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
         raise ValueError("the source has no images")
     identity = identify(cfg.backbone, cfg.image_size)
     fingerprints = {u.name: u.fingerprint(identity) for u in units}
-    committed = {split: committed_shards(split_dest(dest, split)) for split in {u.split for u in units}}
+    splits = {u.split for u in units}
+    committed = {split: committed_shards(split_dest(dest, split)) for split in splits}
+    stats_files = {split: set(storage.listdir(storage.join(split_dest(dest, split), UNITS_DIR)))
+                   for split in splits}
     stats: dict[str, UnitResult] = {}
     for unit in units:
-        previous = _reusable(unit, fingerprints[unit.name], dest, committed[unit.split])
+        previous = _reusable(unit, fingerprints[unit.name], dest, committed[unit.split],
+                             stats_files[unit.split])
         if previous is not None:
             stats[unit.name] = previous
     reused = [u.name for u in units if u.name in stats]
