@@ -608,9 +608,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("give exactly one source: --karpathy JSON --images DIR, or --synthetic N")
     if args.karpathy and not args.images:
         p.error("--karpathy needs --images DIR")
-    for name in ("images_per_shard", "batch_size", "decode_threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.karpathy and not storage.is_s3(args.images) and not os.path.isdir(args.images):
+        p.error(f"--images {args.images!r}: not a directory")
+    for name, low in (("images_per_shard", 1), ("batch_size", 1), ("decode_threads", 1), ("workers", 0),
+                      ("cpus_per_worker", 0), ("max_retries", 0), ("limit", 0), ("synthetic", 0)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     return args
 
 
@@ -623,7 +626,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     decode_threads=args.decode_threads, max_retries=args.max_retries,
                     max_pixels=args.max_pixels, address=args.address, num_cpus=args.num_cpus,
                     use_gpu=not args.no_gpu, progress=not args.no_progress)
-    summary = run_job(_load_items(args), cfg)
+    try:  # bad input: a clear message instead of a traceback
+        items = _load_items(args)
+        identify(cfg.backbone, cfg.image_size)
+    except (ValueError, OSError) as err:
+        print(f"python -m cluster.extract: error: {err}", file=sys.stderr)
+        return 2
+    summary = run_job(items, cfg)
     _print_summary(summary)
     if args.summary_json:
         storage.write_bytes_atomic(args.summary_json, json.dumps(summary.to_dict(), indent=1).encode())

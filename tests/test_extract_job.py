@@ -217,3 +217,16 @@ def test_writes_shards_to_s3(local_ray, tiny_vit, s3_server):
     listing = storage.listdir(f"{dest}/train")
     assert not [n for n in listing if ".tmp-" in n]
     assert run_job(items, _cfg(dest, tiny_vit, images_per_unit=3)).units_computed == []
+
+
+def test_cli_refuses_bad_input_before_starting_ray(tmp_path, capsys):
+    from cluster.extract import main
+
+    assert main(["--synthetic", "2", "--backbone", "resnet9000", "--dest", str(tmp_path)]) == 2
+    assert "unknown backbone 'resnet9000'" in capsys.readouterr().err
+    (tmp_path / "k.json").write_text('{"images": [{"filename": "../x.jpg", "split": "train"}]}')
+    assert main(["--karpathy", str(tmp_path / "k.json"), "--images", str(tmp_path), "--dest", str(tmp_path)]) == 2
+    assert "k.json: images[0]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--synthetic", "2", "--images-per-shard", "0", "--dest", str(tmp_path)])
+    assert "--images-per-shard must be >= 1, got 0" in capsys.readouterr().err
