@@ -1,6 +1,8 @@
 """Attention pictures: exact PNG size, the model's own attention, heat maps on cells and boxes."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,13 @@ def test_transformer_tokens_are_labelled():
     labels, special = token_labels(tok, [], ids)
     assert labels[0] == "[CLS]" and labels[-1] == "[SEP]" and special[0] and special[-1]
     assert labels[1:-1] == ["a", "dog", "runs"] and not any(special[1:-1])
+
+
+def test_bf16_model_as_trained_with_deepspeed(tiny, tmp_path):
+    model, vocab, samples = tiny
+    s = samples[2]
+    fp32 = explain_pair(model, s.regions, s.captions[0], vocab, XAttnConfig(), tmp_path / "f.png")
+    bf16 = explain_pair(copy.deepcopy(model).to(torch.bfloat16), s.regions, s.captions[0], vocab,
+                        XAttnConfig(), tmp_path / "b.png")
+    assert bf16["score"] == pytest.approx(fp32["score"], abs=0.03)
+    assert bf16["words"] == fp32["words"]

@@ -106,21 +106,22 @@ def _load_image(image: str | os.PathLike | Image.Image | None, what: str) -> Ima
         raise ValueError(f"{what}: cannot read image {str(image)!r}: {exc}") from exc
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def _model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the weights are and their dtype (a bf16 DeepSpeed module takes bf16 regions)."""
     param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
 
 
 @torch.no_grad()
 def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
            xattn_cfg: XAttnConfig) -> tuple[float, np.ndarray]:
     """Score of one pair and its word × region attention (n, k) as described in the module doc."""
-    device = _model_device(model)
+    device, dtype = _model_placement(model)
     was_training = model.training
     model.eval()
     try:
         k = regions.shape[0]
-        img = model.encode_images(regions[None].float().to(device),
+        img = model.encode_images(regions[None].to(device, dtype),
                                   torch.tensor([k], device=device))  # (1, k, d)
         cap = model.encode_captions(torch.tensor([ids], device=device),
                                     torch.tensor([len(ids)], device=device))  # (1, n, d)
