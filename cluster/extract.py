@@ -395,13 +395,22 @@ class _Pool:
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._new()
 
-    def describe(self) -> dict:
-        """Waits for every actor to load its backbone; all must agree on the extractor."""
-        try:
-            described = ray.get([a.describe.remote() for a in self.actors])
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"extraction workers failed to start (backbone {self.args[0]!r}): "
-                               f"{err}") from err
+    def describe(self, retries: int) -> dict:
+        """Waits for every actor to load its backbone (replacing one that dies on the way, e.g.
+        killed by Ray's memory monitor); all must agree on the extractor."""
+        described = []
+        for index in range(len(self.actors)):
+            for attempt in range(retries + 1):
+                try:
+                    described.append(ray.get(self.actors[index].describe.remote()))
+                    break
+                except ray.exceptions.RayActorError as err:
+                    if attempt == retries:
+                        raise RuntimeError(f"extraction worker failed to start {retries + 1} times "
+                                           f"(backbone {self.args[0]!r}): {err}") from err
+                    log.warning("worker %d died while starting; starting a new one: %s", index,
+                                str(err).splitlines()[0])
+                    self.replace(index)
         if any(d != described[0] for d in described):
             raise RuntimeError(f"workers disagree on the extractor: {described}")
         return described[0]
@@ -518,7 +527,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
         workers = min(workers, len(todo))
         log.info("%d workers x (%d CPU, %d GPU)", workers, cpus, gpus)
         pool = _Pool(cfg, workers, cpus, gpus, ExitFault.from_env())
-        extractor = pool.describe()
+        extractor = pool.describe(cfg.max_retries)
         t1 = time.time()
         with tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="extract",
                   disable=not cfg.progress) as progress:
