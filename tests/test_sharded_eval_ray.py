@@ -86,8 +86,13 @@ def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path)
     entry = (f"cd {REPO} && {BIN / 'python'} -m cluster.eval_job --actors 2 --num-cpus 1 "
              f"--config {tmp_path / 'a.yaml'} --embeddings {tmp_path / 'a.pt'} "
              f"--config {tmp_path / 'b.yaml'} --embeddings {tmp_path / 'b.pt'} --out {out}")
-    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "bash",
-                          "-c", entry], env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(30):  # the job agent can come up a little after the dashboard answers
+        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
+                              "bash", "-c", entry], env=env, capture_output=True, text=True,
+                             timeout=300)
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
 
     summary = json.loads((out / "metrics.json").read_text())
