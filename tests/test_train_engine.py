@@ -143,7 +143,7 @@ def test_caption_chunks_give_the_same_loss_and_gradients():
         i, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
         loss, _ = batch_loss(i, img_lens, c, cap_lens, ids, cfg.loss, cfg.xattn)
         loss.backward()
-        results.append((float(loss), i.grad, c.grad))
+        results.append((float(loss.detach()), i.grad, c.grad))
     (l0, gi0, gc0), (l1, gi1, gc1) = results
     assert l0 == pytest.approx(l1, rel=1e-6)
     torch.testing.assert_close(gi0, gi1)
