@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +107,6 @@ def test_coco_1k_and_5k_from_one_set_of_tiles() -> None:
     assert res_1k.metrics["rsum"] == pytest.approx(
         sum(res_1k.metrics[d][r] for d in ("i2t", "t2i") for r in ("r1", "r5", "r10")))
     assert res_5k.metrics == res_1k.full == recall_metrics(sims, 5)
-    # Fold ranks count only in-fold candidates, so they never exceed the 5K ranks.
-    assert (np.asarray(res_1k.i2t_ranks) >= 0).all()
     assert res_1k.tiles_computed == len(plan.blocks) ** 2
 
 
