@@ -2,12 +2,14 @@
 
 Run: ``.venv/bin/python benchmarks/evaluate.py`` (default 200 images × 1,000 captions on CPU);
 ``--full`` for 1,000 × 5,000 (k = 36, d = 1,024, captions of 8–20 words padded to 20: ~7.4 TFLOP
-of matrix product alone, minutes on 2 cores). The reference-style loop
-(benchmarks/reference_loop.py, one caption at a time against all N images) is timed on all N images × a few captions and scaled
-by the number of captions. The floor is the one unavoidable matrix product, regions × words, for
-every pair: timed on the same slice on CPU (scaled) and as a dense GEMM of the same FLOPs on a GPU. With CUDA it also evaluates 1,000 × 5,000
-and 5,000 × 25,000 (COCO 5K + 1K in one pass) in bf16. Every sharded run's figures are computed
-exactly; 1- and 2-rank results are checked equal.
+of matrix product alone; tens of minutes on 2 shared cores).
+
+The reference-style loop (benchmarks/reference_loop.py: one caption at a time against all N
+images) is timed on all N images × a few captions and scaled by the number of captions. The floor
+is the one unavoidable matrix product, regions × words, for every pair: timed on the same slice on
+CPU (scaled), and as a dense GEMM of the same FLOPs on a GPU. With CUDA it also evaluates
+1,000 × 5,000 and 5,000 × 25,000 (COCO 5K and 1K in one pass) in bf16. Every sharded figure is
+exact; the 1- and 2-rank results are checked equal.
 """
 from __future__ import annotations
 
