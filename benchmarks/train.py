@@ -182,16 +182,16 @@ def launch(name: str, steps: int, warmup: int) -> dict | None:
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--warmup", str(warmup)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    result = None
-    for p in procs:
+    result, failed = None, False
+    for rank, p in enumerate(procs):
         out, err = p.communicate()
         if p.returncode != 0:
-            print(f"case {name}: a rank failed (exit {p.returncode}):\n{err[-2000:]}", file=sys.stderr)
-            return None
+            print(f"case {name}: rank {rank} failed (exit {p.returncode}):\n{err[-2000:]}", file=sys.stderr)
+            failed = True
         for line in out.splitlines():
             if line.startswith("RESULT "):
                 result = json.loads(line[len("RESULT "):])
-    return result
+    return None if failed else result
 
 
 def print_table(rows: list[dict]) -> None:
