@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--decode-threads", type=int, default=1)
     p.add_argument("--workers", default="1,2", help="Ray job worker counts to run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of (plain loop, each Ray job), interleaved; the table gives medians")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -76,25 +79,32 @@ def main() -> None:
     items = items[:args.limit] if args.limit else items
     workers = [int(w) for w in args.workers.split(",") if w]
     tmp = tempfile.mkdtemp(prefix="bench-extract-")
-    rows = []
+    runs: dict[tuple[str, int], list[dict]] = {}
     try:
-        rows.append(("plain loop", 1, plain_loop(items, args.backbone, args.image_size, f"{tmp}/plain", args)))
         t = time.perf_counter()
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
         ray_start = time.perf_counter() - t
-        for w in workers:
-            rows.append(("ray job", w, ray_job(items, args.backbone, args.image_size, f"{tmp}/ray{w}", w, args)))
+        # Interleaved rounds, so that a change in machine load hits every mode alike.
+        for r in range(args.repeat):
+            runs.setdefault(("plain loop", 1), []).append(
+                plain_loop(items, args.backbone, args.image_size, f"{tmp}/plain{r}", args))
+            for w in workers:
+                runs.setdefault(("ray job", w), []).append(
+                    ray_job(items, args.backbone, args.image_size, f"{tmp}/ray{w}-{r}", w, args))
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    rows = [(name, w, {k: statistics.median(run[k] for run in rs) for k in ("startup", "extract")})
+            for (name, w), rs in runs.items()]
 
     n = len(items)
     base = rows[0][2]
     size = args.image_size or load_backbone(args.backbone, device="cpu").image_size
     print(f"{args.backbone} at {size} px, {n} images from {args.images}, {os.cpu_count()} cores, "
-          f"batch {args.batch_size}, {args.images_per_shard} images per shard; ray.init took {ray_start:.1f} s")
+          f"batch {args.batch_size}, {args.images_per_shard} images per shard, median of {args.repeat} "
+          f"round(s); ray.init took {ray_start:.1f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"{'mode':<11}{'workers':>8}{'startup s':>11}{'extract s':>11}{'steady img/s':>14}"
           f"{'e2e img/s':>11}{'steady overhead':>17}{'e2e overhead':>14}")
     results = []
@@ -104,7 +114,8 @@ def main() -> None:
         over_e2e = (r["startup"] + r["extract"]) / (base["startup"] + base["extract"]) - 1
         print(f"{name:<11}{w:>8}{r['startup']:>11.1f}{r['extract']:>11.1f}{steady:>14.2f}{e2e:>11.2f}"
               f"{over:>16.1%}{over_e2e:>14.1%}")
-        results.append({"mode": name, "workers": w, **r, "steady_img_s": steady, "e2e_img_s": e2e})
+        results.append({"mode": name, "workers": w, **r, "steady_img_s": steady, "e2e_img_s": e2e,
+                        "runs": runs[(name, w)]})
     print("overhead = time / plain-loop time - 1 (e2e for the Ray job excludes ray.init)")
     if args.json:
         with open(args.json, "w") as f:
