@@ -69,9 +69,11 @@ GRAD_VARIANTS = [
     ("i2t", "lse", "clipped_l2norm", False),
     ("t2i", "max", "softmax", False),
     ("i2t", "sum", "l1norm", False),
-    ("t2i", "lse", "no_norm", True),
-    ("i2t", "mean", "clipped_l2norm", True),
+    ("t2i", "lse", "no_norm", False),
+    ("i2t", "mean", "clipped_l2norm", False),
 ]
+# checkpoint=True recomputes tiles with reentrant checkpointing, which supports .backward() but not
+# torch.autograd.grad (what gradcheck calls): its gradients are checked against the plain ones below.
 
 
 @pytest.mark.parametrize("direction,agg,norm,use_checkpoint", GRAD_VARIANTS)
@@ -89,10 +91,12 @@ def test_gradcheck(direction, agg, norm, use_checkpoint):
     assert torch.autograd.gradcheck(fn, (images, captions), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_checkpoint_gradients_equal_plain(direction):
+@pytest.mark.parametrize("direction,agg,norm", [("t2i", "mean", "clipped_l2norm"),
+                                                ("i2t", "mean", "clipped_l2norm"),
+                                                ("t2i", "lse", "no_norm"), ("i2t", "max", "softmax")])
+def test_checkpoint_gradients_equal_plain(direction, agg, norm):
     images, captions, cap_lens, img_lens = make_inputs(n_img=4, n_cap=5, seed=4)
-    cfg = XAttnConfig(direction=direction)
+    cfg = XAttnConfig(direction=direction, agg=agg, raw_feature_norm=norm)
     grads = []
     for use_checkpoint in (False, True):
         im = images.clone().requires_grad_(True)
