@@ -102,11 +102,11 @@ def row(name: str, n_img: int, ranks: str, precision: str, seconds: float, floor
         loop_s: float | None) -> str:
     flops = floor_flops(n_img, n_img * CPI)
     speedup = f"{loop_s / seconds:9.1f}x" if loop_s else f"{'-':>10}"
-    return (f"{name:<22} {f'{n_img} x {n_img * CPI}':>13} {ranks:>5} {precision:>5} {seconds:10.2f} "
+    return (f"{name:<23} {f'{n_img} x {n_img * CPI}':>13} {ranks:>5} {precision:>5} {seconds:10.2f} "
             f"{flops / seconds / 1e12:8.3f} {seconds / floor_s:8.2f} {speedup}")
 
 
-HEADER = (f"{'method':<22} {'N x M':>13} {'ranks':>5} {'prec':>5} {'time s':>10} {'TFLOP/s':>8} "
+HEADER = (f"{'method':<23} {'N x M':>13} {'ranks':>5} {'prec':>5} {'time s':>10} {'TFLOP/s':>8} "
           f"{'x floor':>8} {'vs loop':>10}")
 
 
@@ -126,11 +126,18 @@ def cpu_table(n_img: int, slice_cap: int) -> None:
     print(HEADER)
     print(row("reference loop*", n_img, "1", "fp32", loop_s, floor_s, None))
     time_sharded(split_embeddings(8))  # warm-up
-    one_s, one_m = time_sharded(split_embeddings(n_img))
-    print(row("sharded", n_img, "1", "fp32", one_s, floor_s, loop_s))
+    emb = split_embeddings(n_img)
+    one_s, one_m = time_sharded(emb)
+    print(row(f"sharded ({threads} threads)", n_img, "1", "fp32", one_s, floor_s, loop_s))
+    if threads > 1:  # intra-op threads vs processes: the same cores, used differently
+        torch.set_num_threads(1)
+        single_s, _ = time_sharded(emb)
+        torch.set_num_threads(threads)
+        print(row("sharded (1 thread)", n_img, "1", "fp32", single_s, floor_s, loop_s))
+    del emb
     two_s, two_m = time_ranks(n_img, 2)
-    print(row("sharded (gloo)", n_img, "2", "fp32", two_s, floor_s, loop_s))
-    print(f"{'matmul floor*':<22} {f'{n_img} x {n_img * CPI}':>13} {'1':>5} {'fp32':>5} "
+    print(row("sharded (gloo, 1 th/rk)", n_img, "2", "fp32", two_s, floor_s, loop_s))
+    print(f"{'matmul floor*':<23} {f'{n_img} x {n_img * CPI}':>13} {'1':>5} {'fp32':>5} "
           f"{floor_s:10.2f} {floor_flops(n_img, n_img * CPI) / floor_s / 1e12:8.3f}")
     print(f"* timed on {n_img} x {slice_cap} and scaled by captions; 1 rank == 2 ranks exactly: "
           f"{one_m == two_m}; rsum {one_m['rsum']:.2f} (random embeddings)")
