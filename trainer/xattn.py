@@ -155,8 +155,9 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
     q_norm = (q32 * q32).sum(-1).clamp_min(_TINY).sqrt()
     gram = torch.bmm(ctx, ctx.transpose(1, 2)).to(cdtype)
     grad = torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad)
+    # A checkpointed tile holds the training intermediates while it is recomputed in backward.
     tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
-                                 grad and not checkpoint, ctx.device.type == "cpu")
+                                 grad, ctx.device.type == "cpu")
     rows = []
     for a0 in range(0, A, tile_a):
         a1 = min(A, a0 + tile_a)
@@ -177,10 +178,13 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
 
 def _tile_shape(A: int, B: int, pair_bytes: int, memory_budget_mb: float, training: bool,
                 on_cpu: bool) -> tuple[int, int]:
-    """Context owners × query owners per tile so that one tile's intermediates fit the budget."""
+    """Context owners × query owners per tile so that one tile's intermediates fit the budget.
+
+    Inference on a CPU also keeps tiles cache-sized (its one in-place buffer is fastest there);
+    training tiles go up to the budget, since autograd's per-tile overhead dominates small tiles."""
     buffers = _BUFFERS_TRAINING if training else _BUFFERS_INFERENCE
     budget = memory_budget_mb * 2**20
-    if on_cpu:
+    if on_cpu and not training:
         budget = min(budget, _FAST_TILE_BYTES)
     pairs = max(1, int(budget // (pair_bytes * buffers)))
     tile_b = min(B, pairs)
