@@ -191,6 +191,9 @@ COMMANDS: dict[str, tuple[str, Callable | None, Callable]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N right after the module, before the command.
+    launcher = [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]
+    argv = [a for a in argv if a not in launcher]
     top = argparse.ArgumentParser(prog="scan", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="Run `scan <command> --help` for the options of each command.")
@@ -200,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         top.parse_args(argv or ["--help"])  # prints help, or the error naming the allowed commands
         return 2
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], argv[1:] + launcher
     help_text, add_arguments, run = COMMANDS[name]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -213,9 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(p)
         return run(p.parse_intermixed_args(rest))
-    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: the message says it all
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:  # bad input: the message says it all
         print(f"scan {name}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a non-finite training loss
+        print(f"scan {name}: training stopped: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

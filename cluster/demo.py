@@ -127,7 +127,7 @@ def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, su
         return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
                 + f" | {m['rsum']:.1f} |")
 
-    lines = [f"# SCAN demo report", "", f"- source: {source}",
+    lines = ["# SCAN demo report", "", f"- source: {source}",
              f"- extraction: {extraction['images_written']} images, "
              f"{extraction['images_per_second']:.1f} images/s, {len(extraction['skipped'])} skipped",
              f"- training: {summary['steps']} steps, optimizer {summary.get('optimizer')}",

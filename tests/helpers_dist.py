@@ -44,14 +44,14 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def train_args(shards: str, out: Path, *overrides: str) -> list[str]:
-    """``--config`` and overrides of the tiny test run (after ``-m trainer.train`` or a launcher)."""
+    """``--config`` and overrides of the tiny test run (after ``-m cluster.cli train`` or a launcher)."""
     return ["--config", str(TINY_CONFIG), f"data.train_shards={shards}", f"train.output_dir={out}",
             *overrides]
 
 
 def run_train(shards: str, out: Path, *overrides: str, resume: str | None = None,
               timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "trainer.train", *train_args(shards, out, *overrides)]
+    cmd = [sys.executable, "-m", "cluster.cli", "train", *train_args(shards, out, *overrides)]
     if resume:
         cmd += ["--resume", resume]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)

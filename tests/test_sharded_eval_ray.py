@@ -44,14 +44,19 @@ def ray_head():
     # RAY_AUTH_MODE=disabled: Ray 2.60 turns token auth on when ~/.ray/auth_token exists (left by
     # other local clusters); this private head and its clients then go without.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    port, dash = _free_port(), _free_port()
+    # Every fixed port on a free one: with the defaults, another Ray on this machine holding the
+    # dashboard agent's port leaves the job API answering "No available agent" for good.
+    ports = {flag: str(_free_port()) for flag in (
+        "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
+        "--node-manager-port", "--object-manager-port")}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--include-dashboard", "true", "--temp-dir", str(temp),
-         "--disable-usage-stats"],
+         "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+         "--temp-dir", str(temp), "--disable-usage-stats",
+         *[x for flag, port in ports.items() for x in (flag, port)]],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -86,7 +91,7 @@ def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path)
     entry = (f"cd {REPO} && {BIN / 'python'} -m cluster.eval_job --actors 2 --num-cpus 1 "
              f"--config {tmp_path / 'a.yaml'} --embeddings {tmp_path / 'a.pt'} "
              f"--config {tmp_path / 'b.yaml'} --embeddings {tmp_path / 'b.pt'} --out {out}")
-    for _ in range(30):  # the job agent can come up a little after the dashboard answers
+    for _ in range(15):  # the job agent can come up a little after the dashboard answers
         job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
                               "bash", "-c", entry], env=env, capture_output=True, text=True,
                              timeout=300)

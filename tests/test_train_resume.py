@@ -35,7 +35,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _kill_after_first_checkpoint(shards: str, out: Path) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *train_args(shards, out, *RUN)],
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *train_args(shards, out, *RUN)],
                             cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240

@@ -1,8 +1,8 @@
 """The SCAN training loop on DeepSpeed: cross-device hardest negatives, checkpoints, resume.
 
-Run as ``python -m trainer.train --config X.yaml [key=value ...] [--resume latest]`` in one process,
-or under ``deepspeed [--num_gpus N | --hostfile H ...] --module trainer.train ...`` or ``torchrun
--m trainer.train ...``; the library entry is :func:`train`.
+Run as ``scan train --config X.yaml [key=value ...] [--resume latest]`` in one process, or under
+``deepspeed [--num_gpus N | --hostfile H ...] --module cluster.cli train ...`` or ``torchrun -m
+cluster.cli train ...`` (the command adds the Prometheus exporter); the library entry is :func:`train`.
 
 Negatives (``../shared/DESIGN.md`` §3): with ``loss.cross_device`` every rank gathers all ranks'
 region and word embeddings, lengths and image ids, scores its local images × all captions and all
@@ -13,16 +13,14 @@ gradients over ranks: the update then equals one process's on the concatenated g
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from dataio.errors import SKIPS
 from dataio.pipeline import CaptionLoader, caption_batches, iter_tokens
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer
 from trainer import checkpoint
-from trainer.config import ExperimentConfig, LossConfig, load_experiment
+from trainer.config import ExperimentConfig, LossConfig
 from trainer.configfile import ConfigError, to_dict
 from trainer.distributed import (DistEnv, all_gather_ints, all_reduce_sum, gather_padded,
                                  init_process_group, is_distributed, read_env)
@@ -291,31 +289,3 @@ def _loss_scale(ds: Any) -> float | None:
         return None
     holder = getattr(ds.optimizer, "loss_scale_config", ds.optimizer)
     return _float(getattr(holder, "cur_scale", None))
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="experiment YAML")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN)")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4")
-    return p.parse_intermixed_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_experiment(args.config, args.overrides)
-        return train(cfg, resume=args.resume, local_rank=args.local_rank)
-    except (ConfigError, FileNotFoundError) as err:  # bad input: the message says it all
-        log.error("%s", err)
-        raise SystemExit(2) from None
-    except FloatingPointError as err:
-        log.error("training stopped: %s", err)
-        raise SystemExit(3) from None
-
-
-if __name__ == "__main__":
-    main()
