@@ -82,10 +82,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     caps_per_image: int = 5
-    protocol: Literal["split", "coco1k", "coco5k", "f30k1k"] = "split"
+    protocol: Literal["split", "coco1k", "coco5k", "f30k1k"] = "split"  # split: any Karpathy split
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    image_block: int = 0  # tile size over images (0: automatic)
-    caption_block: int = 0  # tile size over captions (0: automatic)
+    image_block: int = 0  # images per tile (0: automatic); a tile holds those images' captions
     memory_budget_mb: int = 1024
     save_sims: bool = False
     topk: int = 0  # export each query's top-K to JSON lines when > 0
