@@ -157,3 +157,22 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpoint.load(None, tmp_path / "checkpoints", "step00000007", env)
+
+
+@pytest.mark.parametrize("name, stage, precision", [("zero1_bf16", 1, "bf16"), ("zero2_fp16", 2, "fp16")])
+def test_shipped_deepspeed_json_must_agree_with_the_experiment(name, stage, precision):
+    from trainer.config import load_experiment
+    from trainer.engine import deepspeed_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{name}.json"
+    cuda = torch.device("cuda")  # only read to decide whether fp16 is allowed: nothing runs on it
+    good = load_experiment(None, [f"train.deepspeed_config={path}", f"train.zero_stage={stage}",
+                                  f"train.precision={precision}"])
+    ds = deepspeed_config(good, 2, cuda)
+    assert ds["zero_optimization"]["stage"] == stage and ds[precision]["enabled"]
+    with pytest.raises(ConfigError, match=rf"{name}.json.*train.zero_stage"):
+        deepspeed_config(load_experiment(None, [f"train.deepspeed_config={path}", "train.zero_stage=0",
+                                                f"train.precision={precision}"]), 2, cuda)
+    with pytest.raises(ConfigError, match=rf"{name}.json.*train.precision"):
+        deepspeed_config(load_experiment(None, [f"train.deepspeed_config={path}", f"train.zero_stage={stage}",
+                                                "train.precision=fp32"]), 2, cuda)

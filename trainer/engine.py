@@ -40,6 +40,7 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
             raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
         if not isinstance(ds, dict):
             raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+        _check_agrees(ds, cfg, path)
     precision = cfg.train.precision
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'train.precision': 'fp16' is not supported on CPU (DeepSpeed "
@@ -73,6 +74,18 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
         ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     ds.setdefault("steps_per_print", 10**9)  # our own loop logs; keep DeepSpeed quiet
     return ds
+
+
+def _check_agrees(ds: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
+    """The experiment config decides ZeRO stage and precision; a JSON that says otherwise is an error."""
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.train.zero_stage:
+        raise ConfigError(f"DeepSpeed config {path} asks for ZeRO stage {stage} but config key "
+                          f"'train.zero_stage' is {cfg.train.zero_stage}; set train.zero_stage={stage}")
+    for name in ("fp16", "bf16"):
+        if ds.get(name, {}).get("enabled") and cfg.train.precision != name:
+            raise ConfigError(f"DeepSpeed config {path} enables {name} but config key "
+                              f"'train.precision' is {cfg.train.precision!r}; set train.precision={name}")
 
 
 def _nvidia_apex_fused_adam() -> type | None:
