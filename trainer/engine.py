@@ -41,7 +41,7 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
         if not isinstance(ds, dict):
             raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
         _check_agrees(ds, cfg, path)
-    precision = cfg.train.precision
+    precision = resolve_precision(cfg.train.precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'train.precision': 'fp16' is not supported on CPU (DeepSpeed "
                           "refuses fp16 without a GPU); use 'bf16' or 'fp32' here")
@@ -76,6 +76,32 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
     return ds
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products natively (not by emulation).
+
+    CPUs need AVX512-BF16 or AMX: without them bf16 products are emulated (measured on a 2-core
+    AVX-512 Xeon without either: 5.5 GFLOP/s in bf16 against 30.6 in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 where the device computes it natively, else fp32 (logged with the reason)."""
+    if requested != "auto":
+        return requested
+    if native_bf16(device):
+        log.info("train.precision auto: bf16 (native on %s)", device.type)
+        return "bf16"
+    log.info("train.precision auto: fp32, since this %s has no native bf16 matrix products "
+             "(no AVX512-BF16/AMX): emulated bf16 would run several times slower", device.type)
+    return "fp32"
+
+
 def _check_agrees(ds: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
     """The experiment config decides ZeRO stage and precision; a JSON that says otherwise is an error."""
     stage = ds.get("zero_optimization", {}).get("stage")
@@ -83,7 +109,7 @@ def _check_agrees(ds: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None
         raise ConfigError(f"DeepSpeed config {path} asks for ZeRO stage {stage} but config key "
                           f"'train.zero_stage' is {cfg.train.zero_stage}; set train.zero_stage={stage}")
     for name in ("fp16", "bf16"):
-        if ds.get(name, {}).get("enabled") and cfg.train.precision != name:
+        if ds.get(name, {}).get("enabled") and cfg.train.precision not in (name, "auto"):
             raise ConfigError(f"DeepSpeed config {path} enables {name} but config key "
                               f"'train.precision' is {cfg.train.precision!r}; set train.precision={name}")
 
@@ -170,7 +196,8 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, env: DistEnv,
                                              dist_init_required=False)
     if env.is_main:
         log.info("optimizer %s; precision %s; ZeRO stage %d; micro-batch %d x accumulation %d x "
-                 "world %d; %d optimizer steps per epoch", name, cfg.train.precision,
-                 cfg.train.zero_stage, cfg.data.batch_size, cfg.train.grad_accum, env.world,
+                 "world %d; %d optimizer steps per epoch", name,
+                 "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32",
+                 ds_config["zero_optimization"]["stage"], cfg.data.batch_size, cfg.train.grad_accum, env.world,
                  steps_per_epoch)
     return Engine(ds=ds_engine, optimizer_name=name, ds_config=ds_config)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dataio.text import local_model_dir
 from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModel  # heavy import, only when this encoder is used
 
-        model_dir = Path(path)
+        model_dir = Path(local_model_dir(str(path)))
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"hf text encoder path {str(model_dir)!r}: no config.json there; "
                              "expected a local transformers model directory")
