@@ -1,0 +1,150 @@
+"""The `scan` command end to end on the generated set: every subcommand runs as a user would run it.
+
+One short training on generated region features (the module fixture) feeds evaluate, explain and
+retrieve; extract, import-precomp and the demo run on their own small inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataio.shards import read_manifest
+from dataio.sources.synthetic import write_synthetic
+from trainer.explain import figure_size
+
+REPO = Path(__file__).resolve().parents[1]
+SCAN = str(Path(sys.executable).with_name("scan"))
+TINY = str(REPO / "configs" / "train_tiny.yaml")
+
+
+def scan(*args: str, cwd: Path = REPO, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([SCAN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"scan {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny SCAN trained for a few epochs on generated features, with its train and val shards."""
+    root = tmp_path_factory.mktemp("cli")
+    train = write_synthetic(str(root / "train"), 160, seed=0, split="train", dim=64, shard_size=80)
+    val = write_synthetic(str(root / "val"), 20, seed=1, split="val", dim=64, shard_size=20)
+    vocab = root / "vocab.json"
+    out = scan("build-vocab", "--shards", train, "--out", str(vocab)).stdout
+    assert "entries" in out and json.loads(vocab.read_text())["itos"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    run = root / "run"
+    scan("train", "--config", TINY, f"data.train_shards={train}", f"data.val_shards={val}",
+         f"data.vocab={vocab}", f"train.output_dir={run}", "train.epochs=5", "optim.lr_update=[100]",
+         "data.batch_size=32", "model.embed_size=64", "model.word_dim=32", "optim.lr=5e-3",
+         # Summed violations give every negative a gradient: a short run from scratch learns in a
+         # few epochs (hardest negatives alone need many more, as VSE++ notes).
+         "loss.max_violation=false", "eval.precision=fp32")
+    return {"root": root, "train": train, "val": val, "run": run}
+
+
+def test_train_writes_a_run_with_per_epoch_recalls(trained):
+    records = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == list(range(5))
+    assert evals[-1]["metrics"]["rsum"] > evals[0]["metrics"]["rsum"]  # it learned something
+    assert (trained["run"] / "checkpoints" / "latest").is_file()
+
+
+def test_evaluate_a_run_and_an_ensemble(trained):
+    out = trained["root"] / "eval"
+    one = json.loads(scan("evaluate", "--run", str(trained["run"]), "--shards", trained["val"],
+                          "--out", str(out), "eval.topk=3", "eval.precision=fp32").stdout)
+    assert one["protocol"] == "split" and 0 < one["rsum"] <= 600
+    assert (out / "metrics.json").is_file() and (out / "topk.jsonl").is_file()
+    both = json.loads(scan("evaluate", "--run", str(trained["run"]), "--run", str(trained["run"]),
+                           "--shards", trained["val"], "eval.precision=fp32").stdout)
+    assert both["rsum"] == pytest.approx(one["rsum"])  # the mean of a model with itself is the model
+
+
+def test_explain_writes_a_png_of_the_expected_size(trained):
+    png = trained["root"] / "explain.png"
+    caption = "a red circle in the top left"
+    out = scan("explain", "--run", str(trained["run"]), "--shards", trained["val"], "--caption", caption,
+               "--out", str(png)).stdout
+    assert "score" in out
+    words = len(caption.split())  # one tile per word, plus the picture's own tile
+    assert Image.open(png).size == figure_size(words)
+
+
+def test_retrieve_finds_the_query_captions_own_image(trained):
+    from dataio.pipeline import image_records
+
+    records = list(image_records(trained["val"]))[:5]
+    page = trained["root"] / "page.html"
+    args = ["retrieve", "--run", str(trained["run"]), "--shards", trained["val"], "-k", "5", "--html", str(page)]
+    for r in records:
+        args += ["--text", r.captions[0]]
+    out = scan(*args, "--image", records[0].key).stdout
+    ranks = [int(m) for m in re.findall(r"ground truth at rank (\d+)", out)]
+    assert len(ranks) == 6
+    # After the short training most caption queries find their own image among 20 in the top 5.
+    assert sum(rank <= 5 for rank in ranks[:5]) >= 3, out
+    assert page.is_file() and records[0].key in page.read_text()
+
+
+def test_extract_and_import_precomp(tmp_path):
+    out = scan("extract", "--synthetic", "6", "--splits", "train", "--backbone", "efficientnet-lite0",
+               "--dest", str(tmp_path / "extracted"), "--images-per-shard", "3", "--num-cpus", "2",
+               "--no-progress").stdout
+    manifest = read_manifest(str(tmp_path / "extracted" / "train" / "manifest.json"))
+    assert sum(s["samples"] for s in manifest["shards"]) == 6 and "6 in the output" in out
+
+    precomp = tmp_path / "precomp"
+    precomp.mkdir()
+    np.save(precomp / "test_ims.npy", np.random.default_rng(0).standard_normal((4, 36, 32)).astype(np.float32))
+    (precomp / "test_caps.txt").write_text("".join(f"a photo number {i} of a thing\n" for i in range(20)))
+    scan("import-precomp", "--data-dir", str(precomp), "--split", "test", "--out", str(tmp_path / "imported"))
+    manifest = read_manifest(str(tmp_path / "imported" / "manifest.json"))
+    assert sum(s["samples"] for s in manifest["shards"]) == 4
+
+
+def test_demo_on_the_generated_set(tmp_path):
+    """The main job, small: generated scenes, Lite2 extraction on a local Ray, one epoch, report."""
+    out = tmp_path / "demo"
+    proc = scan("demo", "--out", str(out), "--data", str(tmp_path / "no-photos"), "--generated", "24",
+                "--pictures", "1", "--no-baseline", "train.epochs=1", "data.batch_size=32",
+                "model.embed_size=64", "train.precision=fp32")
+    run = out / "run"
+    for name in ("config.yaml", "vocab.json", "metrics.jsonl", "loss.png", "recall.png", "retrieval.html",
+                 "report.md", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    assert list((run / "attention").glob("*.png"))
+    report = json.loads((run / "report.json").read_text())
+    assert report["source"] == "generated captioned shapes" and report["val"]["rsum"] > 0
+    assert "Val recalls" in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--config", TINY, "xattn.agg=median"], ["xattn.agg", "median", "'mean'", "'lse'"]),
+    (["train", "--config", TINY, "optim.learning_rate=1"], ["optim.learning_rate", "allowed keys"]),
+    (["train", "--config", "no/such.yaml"], ["no/such.yaml", "does not exist"]),
+    (["evaluate", "--run", "no/such/run", "--shards", "x"], ["no/such/run", "checkpoint"]),
+])
+def test_config_and_input_errors_name_the_problem(args, words):
+    proc = scan(*args, check=False)
+    assert proc.returncode == 2
+    for word in words:
+        assert word in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_explains_every_command():
+    top = scan("--help", check=False).stdout
+    for command in ("demo", "extract", "import-precomp", "build-vocab", "train", "evaluate", "explain", "retrieve"):
+        assert command in top
+        assert "usage: " in scan(command, "--help").stdout
