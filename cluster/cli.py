@@ -5,9 +5,9 @@
     scan import-precomp ...         SCAN precomp .npy/.txt features → shards
     scan build-vocab ...            word vocabulary (threshold 4) from a TRAIN split's shards
     scan train --config X.yaml      DeepSpeed training (one process, deepspeed, torchrun)
-    scan evaluate --run R ...       sharded evaluation of one run or an ensemble of runs
-    scan explain --run R ...        per-word attention picture of an image–caption pair
-    scan retrieve --run R ...       text → images and image → captions, printed and as HTML
+    scan evaluate --run-dir R ...   sharded evaluation of one run or an ensemble of runs
+    scan explain --run-dir R ...    per-word attention picture of an image–caption pair
+    scan retrieve --run-dir R ...   text → images and image → captions, printed and as HTML
 
 Distributed launch: ``deepspeed --num_gpus N --module cluster.cli train --config X.yaml`` (or
 ``torchrun --nproc_per_node N -m cluster.cli train ...``).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -56,7 +57,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ evaluate
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", action="append", required=True,
+    p.add_argument("--run-dir", action="append", required=True,
                    help="training run folder; repeat for an ensemble (similarity matrices averaged)")
     p.add_argument("--shards", required=True, help="the split to evaluate: manifest.json, shard pattern or s3:// URL")
     p.add_argument("--tag", default="latest", help="checkpoint tag of every run")
@@ -71,16 +72,16 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from trainer.inference import evaluate_runs
 
-    result = evaluate_runs(args.run, args.shards, tag=args.tag, overrides=args.overrides,
+    result = evaluate_runs(args.run_dir, args.shards, tag=args.tag, overrides=args.overrides,
                            out_dir=args.out, local_rank=args.local_rank)
-    if result is not None:
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank has the result; one prints it
         print(json.dumps({"protocol": result.protocol, **result.metrics}, indent=1))
     return 0
 
 
 # ------------------------------------------------------------------------------------------- explain
 def _add_explain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="training run folder")
+    p.add_argument("--run-dir", required=True, help="training run folder")
     p.add_argument("--shards", required=True, help="shards holding the image (manifest.json or pattern)")
     p.add_argument("--key", default=None, help="image key (default: the first image of the shards)")
     p.add_argument("--caption", default=None, help="caption text (default: the image's first caption)")
@@ -93,7 +94,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from trainer.explain import explain_pair
     from trainer.inference import find_record, load_run
 
-    run = load_run(args.run, args.tag)
+    run = load_run(args.run_dir, args.tag)
     record = find_record(args.shards, args.key)
     caption = args.caption if args.caption is not None else record.captions[0]
     out = explain_pair(run.model, record.regions, caption, run.text, run.cfg.xattn, args.out,
@@ -104,7 +105,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ retrieve
 def _add_retrieve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", action="append", required=True, help="training run folder; repeat for an ensemble")
+    p.add_argument("--run-dir", action="append", required=True, help="training run folder; repeat for an ensemble")
     p.add_argument("--shards", required=True, help="the gallery split (manifest.json or pattern)")
     p.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
     p.add_argument("--image", action="append", default=[], help="an image key of the gallery (repeatable)")
@@ -119,7 +120,7 @@ def _run_retrieve(args: argparse.Namespace) -> int:
 
     if not args.text and not args.image:
         raise SystemExit("scan retrieve: give at least one --text or --image query")
-    gallery = gallery_for_runs(args.run, args.shards, tag=args.tag)
+    gallery = gallery_for_runs(args.run_dir, args.shards, tag=args.tag)
     queries = [TextQuery(t) for t in args.text] + [ImageQuery(k) for k in args.image]
     results = [retrieve(gallery, q, args.k) for q in queries]
     print(format_results(results))

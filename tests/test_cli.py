@@ -62,19 +62,40 @@ def test_train_writes_a_run_with_per_epoch_recalls(trained):
 
 def test_evaluate_a_run_and_an_ensemble(trained):
     out = trained["root"] / "eval"
-    one = json.loads(scan("evaluate", "--run", str(trained["run"]), "--shards", trained["val"],
+    one = json.loads(scan("evaluate", "--run-dir", str(trained["run"]), "--shards", trained["val"],
                           "--out", str(out), "eval.topk=3", "eval.precision=fp32").stdout)
     assert one["protocol"] == "split" and 0 < one["rsum"] <= 600
     assert (out / "metrics.json").is_file() and (out / "topk.jsonl").is_file()
-    both = json.loads(scan("evaluate", "--run", str(trained["run"]), "--run", str(trained["run"]),
+    both = json.loads(scan("evaluate", "--run-dir", str(trained["run"]), "--run-dir", str(trained["run"]),
                            "--shards", trained["val"], "eval.precision=fp32").stdout)
     assert both["rsum"] == pytest.approx(one["rsum"])  # the mean of a model with itself is the model
+
+
+def test_evaluate_over_two_ranks_equals_one_process(trained):
+    """`scan evaluate` under torchrun: tiles spread over 2 gloo ranks give the same exact recalls."""
+    args = ["evaluate", "--run-dir", str(trained["run"]), "--shards", trained["val"], "eval.precision=fp32"]
+    one = json.loads(scan(*args).stdout)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(_free_port()), "-m", "cluster.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout) == one
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_explain_writes_a_png_of_the_expected_size(trained):
     png = trained["root"] / "explain.png"
     caption = "a red circle in the top left"
-    out = scan("explain", "--run", str(trained["run"]), "--shards", trained["val"], "--caption", caption,
+    out = scan("explain", "--run-dir", str(trained["run"]), "--shards", trained["val"], "--caption", caption,
                "--out", str(png)).stdout
     assert "score" in out
     words = len(caption.split())  # one tile per word, plus the picture's own tile
@@ -86,7 +107,7 @@ def test_retrieve_finds_the_query_captions_own_image(trained):
 
     records = list(image_records(trained["val"]))[:5]
     page = trained["root"] / "page.html"
-    args = ["retrieve", "--run", str(trained["run"]), "--shards", trained["val"], "-k", "5", "--html", str(page)]
+    args = ["retrieve", "--run-dir", str(trained["run"]), "--shards", trained["val"], "-k", "5", "--html", str(page)]
     for r in records:
         args += ["--text", r.captions[0]]
     out = scan(*args, "--image", records[0].key).stdout
@@ -120,7 +141,7 @@ def test_demo_on_the_generated_set(tmp_path):
                 "--pictures", "1", "--no-baseline", "train.epochs=1", "data.batch_size=32",
                 "model.embed_size=64", "train.precision=fp32")
     run = out / "run"
-    for name in ("config.yaml", "vocab.json", "metrics.jsonl", "loss.png", "recall.png", "retrieval.html",
+    for name in ("config.yaml", "tokenizer/tokenizer_config.json", "metrics.jsonl", "loss.png", "recall.png", "retrieval.html",
                  "report.md", "checkpoints/latest"):
         assert (run / name).exists(), name
     assert list((run / "attention").glob("*.png"))
@@ -133,7 +154,7 @@ def test_demo_on_the_generated_set(tmp_path):
     (["train", "--config", TINY, "xattn.agg=median"], ["xattn.agg", "median", "'mean'", "'lse'"]),
     (["train", "--config", TINY, "optim.learning_rate=1"], ["optim.learning_rate", "allowed keys"]),
     (["train", "--config", "no/such.yaml"], ["no/such.yaml", "does not exist"]),
-    (["evaluate", "--run", "no/such/run", "--shards", "x"], ["no/such/run", "checkpoint"]),
+    (["evaluate", "--run-dir", "no/such/run", "--shards", "x"], ["no/such/run", "checkpoint"]),
 ])
 def test_config_and_input_errors_name_the_problem(args, words):
     proc = scan(*args, check=False)

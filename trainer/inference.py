@@ -82,7 +82,7 @@ def find_record(spec: str, key: str | None = None) -> ImageSample:
 
 def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
                   overrides: Sequence[str] = (), out_dir: str | None = None,
-                  local_rank: int | None = None) -> EvalResult | None:
+                  local_rank: int | None = None) -> EvalResult:
     """Sharded evaluation of one run, or of the ensemble of several (their score matrices averaged),
     on the split ``spec``, under whatever launcher started this process. Every rank returns the result.
 

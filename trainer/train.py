@@ -96,9 +96,12 @@ def text_encoder(cfg: ExperimentConfig, env: DistEnv, run_dir: Path) -> tuple[Te
     GRU models use a word vocabulary: ``data.vocab`` when given, else the run's own
     ``<output_dir>/vocab.json`` (so a resumed run keeps its vocabulary), else one built by rank 0
     from the training shards' tokens and saved there before the other ranks read it.
+    Transformers encoders keep a copy of their tokenizer in ``<output_dir>/tokenizer/``.
     """
     if cfg.model.text_encoder == "hf":
         tok = load_hf_tokenizer(cfg.model.hf_path)
+        if env.is_main:
+            tok.tok.save_pretrained(str(run_dir / "tokenizer"))
         return tok, len(tok.tok)
     path = Path(cfg.data.vocab) if cfg.data.vocab else run_dir / "vocab.json"
     if not cfg.data.vocab and env.is_main and not path.is_file():
