@@ -274,8 +274,9 @@ def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, enc: TextEncoder, ep
     """Sharded evaluation of ``data.val_shards`` on every rank; recalls go to the telemetry."""
     from trainer.sharded_eval import evaluate_split
 
-    if cfg.train.precision != "fp32":  # low-precision weights cannot run an fp32 evaluation
-        cfg = replace(cfg, eval=replace(cfg.eval, precision=cfg.train.precision))
+    weights = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype)
+    if weights is not None:  # low-precision weights cannot run an fp32 evaluation
+        cfg = replace(cfg, eval=replace(cfg.eval, precision=weights))
     result = evaluate_split(model, cfg, cfg.data.val_shards, encode_text=enc.encode,
                             out_dir=run_dir / "eval" / f"epoch{epoch:03d}")
     telemetry.observe_eval(epoch=epoch, metrics=result.metrics)
