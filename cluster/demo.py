@@ -121,7 +121,7 @@ def pictures(cfg: ExperimentConfig, run_dir: Path, val_spec: str, count: int) ->
 
 
 def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, summary: dict,
-                 final: dict | None, baseline: dict | None, shown: dict) -> Path:
+                 final: tuple[dict, dict] | None, baseline: dict | None, shown: dict) -> Path:
     """``report.md`` and ``report.json`` in the run folder."""
     def row(name: str, m: dict) -> str:
         return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
@@ -129,16 +129,20 @@ def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, su
 
     lines = ["# SCAN demo report", "", f"- source: {source}",
              f"- extraction: {extraction['images_written']} images, "
-             f"{extraction['images_per_second']:.1f} images/s, {len(extraction['skipped'])} skipped",
+             + (f"{extraction['images_per_second']:.1f} images/s" if extraction["images_computed"]
+                else "shards reused from an earlier run") + f", {len(extraction['skipped'])} skipped",
              f"- training: {summary['steps']} steps, optimizer {summary.get('optimizer')}",
              "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
              "## Val recalls", "",
              "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     if final:
-        lines.append(row("SCAN (this run, last epoch)", final))
+        last, best = final
+        lines.append(row(f"SCAN, last epoch ({last['epoch']})", last))
+        lines.append(row(f"SCAN, best val epoch ({best['epoch']})", best))
     if baseline:
-        lines.append(row("VSE++ global-embedding baseline", baseline["val"]))
+        lines.append(row(f"VSE++ global-embedding baseline, best val epoch ({baseline['best_epoch']})",
+                         baseline["val"]))
     lines += ["", "Plots: `loss.png`, `recall.png`. Retrieval page: "
               f"`{shown['retrieval_page']}`. Attention pictures:", ""]
     lines += [f"- `{a['png']}`: {a['caption']} (score {a['score']:.3f})" for a in shown["attention"]]
@@ -146,20 +150,26 @@ def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, su
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (run_dir / "report.json").write_text(json.dumps(
         {"source": source, "timings_s": timings, "extraction": extraction, "training": summary,
-         "val": final, "baseline": baseline, **shown}, indent=1), encoding="utf-8")
+         "val": final[0] if final else None, "val_best": final[1] if final else None,
+         "baseline": baseline, **shown}, indent=1), encoding="utf-8")
     return report
 
 
-def last_eval(run_dir: Path) -> dict | None:
+def val_recalls(run_dir: Path) -> tuple[dict, dict] | None:
+    """The (last, best by rsum) val evaluations of the run, as recall dicts with their epoch."""
     from trainer.telemetry import read_run_log
 
     evals = [r for r in read_run_log(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     if not evals:
         return None
-    flat = evals[-1]["metrics"]
-    return {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-            "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-            "rsum": flat["rsum"], "epoch": evals[-1]["epoch"]}
+
+    def unflatten(record: dict) -> dict:
+        flat = record["metrics"]
+        return {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+                "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+                "rsum": flat["rsum"], "epoch": record["epoch"]}
+
+    return unflatten(evals[-1]), unflatten(max(evals, key=lambda r: r["metrics"]["rsum"]))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -214,6 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_run(run_dir / "metrics.jsonl", run_dir)
     shown = pictures(cfg, run_dir, str(shards / "val" / "manifest.json"), args.pictures)
     timings["report"] = time.time() - t
-    report = write_report(run_dir, source, timings, extraction, summary, last_eval(run_dir), baseline, shown)
+    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir), baseline, shown)
     print(report.read_text())
     return 0
