@@ -24,8 +24,9 @@ import torch
 from cluster.extract import connect
 from trainer.config import load_experiment
 from trainer.encode import load_embeddings
-from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, finish,
-                                  fingerprint, plan_members, run_tiles, write_outputs)
+from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, add_member_arguments,
+                                  finish, fingerprint, parse_members, plan_members, run_tiles,
+                                  write_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,13 @@ def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cluster.eval_job", description=__doc__.split("\n")[0])
-    p.add_argument("--config", action="append", required=True,
-                   help="experiment YAML per ensemble member (eval settings from the first)")
-    p.add_argument("--embeddings", action="append", required=True,
-                   help="embeddings file per member (trainer.encode.save_embeddings), same order")
+    add_member_arguments(p)
     p.add_argument("--out", required=True, help="output directory shared by the nodes")
     p.add_argument("--actors", type=int, default=0,
                    help="tile actors (0: one per GPU of the cluster, else one per --num-cpus CPUs)")
     p.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor when there is no GPU")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.topk=10")
-    args = p.parse_args(argv)
-    if len(args.config) != len(args.embeddings):
-        p.error(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give one pair "
-                f"per ensemble member")
-    return args
+    return parse_members(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

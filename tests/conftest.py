@@ -72,3 +72,17 @@ def generated_shards(tmp_path_factory) -> str:
 
     dest = Path(tmp_path_factory.mktemp("generated_shards")) / "train"
     return write_synthetic(str(dest), 120, seed=0, split="train", dim=64, shard_size=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """Directory of a tiny random ViT saved as a local transformers model: 32 px, 4 x 4 patches, D = 24."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=48)
+    path = tmp_path_factory.mktemp("tiny_vit")
+    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
+    return str(path)

@@ -10,17 +10,6 @@ import torch
 from cluster.backbones import Preprocess, grid_boxes, load_backbone
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> str:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=48)
-    path = tmp_path_factory.mktemp("tiny_vit")
-    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
-    return str(path)
-
 
 def _pixels(b: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

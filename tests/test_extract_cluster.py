@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from dataio.shards import committed_shards, read_manifest, read_shard
 from dataio.sources.synthetic import synthetic_items
@@ -104,17 +103,6 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> str:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=48)
-    path = tmp_path_factory.mktemp("tiny_vit")
-    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
-    return f"hf:{path}"
-
 
 def _keys(split_dir: Path) -> list[str]:
     m = read_manifest(str(split_dir))
@@ -126,7 +114,7 @@ def test_ray_job_submit_runs_the_cli_unchanged(ray_head, tiny_vit, tmp_path):
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,
            "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv/", ".git/"]}),
            "--", "python", "-m", "cluster.extract", "--synthetic", "6", "--splits", "train,val",
-           "--dest", str(dest), "--backbone", tiny_vit, "--images-per-shard", "4", "--no-progress",
+           "--dest", str(dest), "--backbone", f"hf:{tiny_vit}", "--images-per-shard", "4", "--no-progress",
            "--summary-json", str(summary)]
     r = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cluster.backbones import load_backbone
@@ -17,18 +16,6 @@ from dataio.shards import read_manifest, read_shard
 from dataio.sources import ImageItem
 from dataio.sources.synthetic import synthetic_items
 
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> str:
-    """A tiny random ViT saved as a local transformers model: 32 px, 4 x 4 patches, D = 24."""
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=48)
-    path = tmp_path_factory.mktemp("tiny_vit")
-    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
-    return f"hf:{path}"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +72,7 @@ def test_plan_units_is_deterministic_per_split():
 def test_local_ray_extracts_every_image_once_and_reruns_reuse(local_ray, tiny_vit, tmp_path):
     items = _items(10, 5)
     dest = tmp_path / "out"
-    summary = run_job(items, _cfg(dest, tiny_vit, workers=2))
+    summary = run_job(items, _cfg(dest, f"hf:{tiny_vit}", workers=2))
     assert summary.units_failed == [] and summary.units_reused == [] and summary.workers == 2
     assert sorted(summary.units_computed) == ["train-000000", "train-000001", "train-000002",
                                               "val-000000", "val-000001"]
@@ -112,12 +99,12 @@ def test_local_ray_extracts_every_image_once_and_reruns_reuse(local_ray, tiny_vi
 
     shard = dest / "train" / "train-000001.tar"
     mtime = shard.stat().st_mtime_ns
-    again = run_job(items, _cfg(dest, tiny_vit))
+    again = run_job(items, _cfg(dest, f"hf:{tiny_vit}"))
     assert again.units_computed == [] and len(again.units_reused) == 5 and again.images_written == 15
     assert shard.stat().st_mtime_ns == mtime
 
     # A different unit size changes every unit: all recomputed, old shards gone, still once each.
-    third = run_job(items, _cfg(dest, tiny_vit, images_per_unit=3))
+    third = run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=3))
     assert len(third.units_computed) == 6 and third.units_reused == []
     assert set(_read_all(str(dest), "train")) == {it.key for it in items if it.split == "train"}
     assert sorted(p.name for p in (dest / "train").glob("*.tar")) == [
@@ -151,7 +138,7 @@ def test_bad_images_are_converted_or_skipped_with_reasons(local_ray, tiny_vit, t
     (tmp_path / "img").mkdir()
     items = _odd_images(tmp_path / "img")
     dest = tmp_path / "out"
-    summary = run_job(items, _cfg(dest, tiny_vit, images_per_unit=3))
+    summary = run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=3))
     assert summary.units_failed == [] and len(summary.units_computed) == 3  # the job did not die
     skipped = {Path(s["file"]).name: s["reason"] for s in summary.skipped}
     assert set(skipped) == {"trunc.jpg", "garbage.png", "missing.jpg"}
@@ -174,7 +161,7 @@ def test_bad_images_are_converted_or_skipped_with_reasons(local_ray, tiny_vit, t
     assert {Path(s["file"]).name for s in ext["skipped_images"]} == set(skipped)  # ... and say so
     # The all-broken unit has no shard; its stats mark it done, so a rerun reuses everything.
     assert [s["name"] for s in m["shards"]] == ["train-000000.tar", "train-000001.tar"]
-    assert run_job(items, _cfg(dest, tiny_vit, images_per_unit=3)).units_computed == []
+    assert run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=3)).units_computed == []
 
 
 def test_actor_killed_mid_unit_still_gives_every_image_once(local_ray, tiny_vit, tmp_path, monkeypatch):
@@ -182,7 +169,7 @@ def test_actor_killed_mid_unit_still_gives_every_image_once(local_ray, tiny_vit,
     monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # an actor exits hard half-way through its 2nd unit
     items = _items(16)
     dest = tmp_path / "out"
-    summary = run_job(items, _cfg(dest, tiny_vit, images_per_unit=2, max_retries=1))
+    summary = run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=2, max_retries=1))
     assert marker.exists()
     assert summary.units_failed == [] and len(summary.units_computed) == 8
     stats = [json.loads(p.read_text()) for p in (dest / "train" / "_units").glob("*.json")]
@@ -197,7 +184,7 @@ def test_unit_failing_every_attempt_is_reported_and_no_manifest(local_ray, tiny_
     dest = tmp_path / "out"
     (dest / "train").mkdir(parents=True)
     (dest / "train" / "train-000001.tar").mkdir()  # the shard's rename target cannot be replaced
-    summary = run_job(_items(8), _cfg(dest, tiny_vit, max_retries=1))
+    summary = run_job(_items(8), _cfg(dest, f"hf:{tiny_vit}", max_retries=1))
     assert [f["unit"] for f in summary.units_failed] == ["train-000001"]
     assert summary.units_failed[0]["attempts"] == 2 and summary.manifests == []
     assert summary.units_failed[0]["error"].startswith(("IsADirectoryError", "OSError"))
@@ -209,14 +196,14 @@ def test_writes_shards_to_s3(local_ray, tiny_vit, s3_server):
     bucket = s3_server.make_bucket()
     dest = f"{bucket}/features/syn"
     items = _items(6, 2)
-    summary = run_job(items, _cfg(dest, tiny_vit, images_per_unit=3))
+    summary = run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=3))
     assert summary.units_failed == [] and summary.manifests == [f"{dest}/train/manifest.json",
                                                                 f"{dest}/val/manifest.json"]
     assert set(_read_all(dest, "train")) == {it.key for it in items if it.split == "train"}
     assert set(_read_all(dest, "val")) == {it.key for it in items if it.split == "val"}
     listing = storage.listdir(f"{dest}/train")
     assert not [n for n in listing if ".tmp-" in n]
-    assert run_job(items, _cfg(dest, tiny_vit, images_per_unit=3)).units_computed == []
+    assert run_job(items, _cfg(dest, f"hf:{tiny_vit}", images_per_unit=3)).units_computed == []
 
 
 def test_cli_refuses_bad_input_before_starting_ray(tmp_path, capsys):

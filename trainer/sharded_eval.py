@@ -591,14 +591,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m trainer.sharded_eval",
         description="Exact sharded SCAN evaluation of encoded splits (one process, torchrun or "
                     "deepspeed). Several --config/--embeddings pairs evaluate their ensemble.")
+    add_member_arguments(p)
+    p.add_argument("--out", help="output directory: metrics.json, resume records, sims, topk.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher")
+    return parse_members(p, argv)
+
+
+def add_member_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--embeddings pairs (one per ensemble member) and key=value overrides."""
     p.add_argument("--config", action="append", required=True,
                    help="experiment YAML of a model (its xattn section; eval settings from the first)")
     p.add_argument("--embeddings", action="append", required=True,
                    help="embeddings file of that model (trainer.encode.save_embeddings), same order")
-    p.add_argument("--out", help="output directory: metrics.json, resume records, sims, topk.jsonl")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.protocol=coco1k")
+
+
+def parse_members(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.config) != len(args.embeddings):
         p.error(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give one pair "
