@@ -75,7 +75,7 @@ def test_hf_tokenizer_from_local_directory():
     ids = tok.encode(["a", "dog"], "A dog runs.")
     assert ids[0] == tok.tok.cls_token_id and ids[-1] == tok.tok.sep_token_id and len(ids) == 6
     assert tok.pad_id == tok.tok.pad_token_id
-    with pytest.raises(FileNotFoundError, match="tokenizer directory '/nonexistent' does not exist"):
+    with pytest.raises(FileNotFoundError, match="model directory '/nonexistent' does not exist"):
         load_hf_tokenizer("/nonexistent")
 
 
