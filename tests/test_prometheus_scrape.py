@@ -166,7 +166,7 @@ def test_prometheus_scrapes_the_loss_series_of_a_training_feed(prometheus_bin, t
 # A real (tiny) training run in its own process, exporting through build_telemetry as a launcher
 # would: synthetic shards, GRU text encoder, fp32 on CPU, one process without a launcher.
 TRAIN_DRIVER = """
-import logging, sys
+import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from cluster.metrics import build_telemetry
 from dataio.sources.synthetic import write_synthetic
@@ -181,7 +181,20 @@ cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 32, 16, 16
 cfg.train.precision, cfg.train.epochs, cfg.train.max_steps = "fp32", 1, steps
 cfg.train.output_dir = work + "/run"
 cfg.metrics.port_base = port
-train(cfg, telemetry=build_telemetry(cfg, rank=0, local_rank=0))
+telemetry = build_telemetry(cfg, rank=0, local_rank=0)
+
+
+class KeepServing:  # the run may end within one scrape interval: serve the last values a bit longer
+    def __getattr__(self, name):
+        return getattr(telemetry, name)
+
+    def close(self):
+        pass
+
+
+train(cfg, telemetry=KeepServing())
+time.sleep(3)  # at 1 s scrape interval: at least two scrapes of the final values
+telemetry.close()
 """
 
 

@@ -55,8 +55,8 @@ def test_non_finite_loss_stops_the_run(generated_shards, tmp_path):
 
 def test_deepspeed_config_merges_json_under_experiment_fields(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": 1, "zero_optimization": {"stage": 3,
-                                "reduce_bucket_size": 1234}, "optimizer": {"type": "Lamb"}}))
+    path.write_text(json.dumps({"train_batch_size": 1, "zero_optimization": {"reduce_bucket_size": 1234},
+                                "optimizer": {"type": "Lamb"}}))
     cfg = ExperimentConfig()
     cfg.train.deepspeed_config = str(path)
     cfg.train.precision, cfg.train.zero_stage, cfg.train.grad_accum = "fp32", 2, 3
