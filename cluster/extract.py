@@ -43,6 +43,7 @@ from cluster.backbones import Backbone, identify, load_backbone
 from cluster.images import DEFAULT_MAX_PIXELS, BadImage, Decoded, decode_image
 from dataio import storage
 from dataio.errors import DataError
+from dataio.pipeline import batched
 from dataio.shards import (RECORD_SUFFIX, ImageSample, check_sample, committed_shards, shard_filename,
                            write_manifest, write_shard)
 from dataio.sources import ImageItem
@@ -160,15 +161,6 @@ def _read_and_decode(item: ImageItem, size: int, resample: str, max_pixels: int)
         return BadImage(name, f"unreadable: {type(exc).__name__}: {exc}")
 
 
-def _chunks(seq: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for x in seq:
-        chunk.append(x)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @dataclass
@@ -217,7 +209,7 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
     with ThreadPoolExecutor(max(1, decode_threads)) as pool:
         decoded = pool.map(lambda it: _read_and_decode(it, pre.image_size, pre.resample, max_pixels),
                            unit.items)
-        for batch in _chunks(zip(unit.items, decoded), batch_size):
+        for batch in batched(zip(unit.items, decoded), batch_size):
             good = []
             for item, dec in batch:
                 if isinstance(dec, BadImage):

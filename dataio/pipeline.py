@@ -55,6 +55,18 @@ Encoder = Union[TextEncoder, Callable[[list[str], str], list[int]]]
 # what to read
 
 
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter)."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 @dataclass(frozen=True)
 class Shard:
     url: str

@@ -18,6 +18,7 @@ from PIL import Image
 
 from dataio.shards import read_manifest
 from dataio.sources.synthetic import write_synthetic
+from helpers_dist import free_port
 from trainer.explain import figure_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,18 +79,10 @@ def test_evaluate_over_two_ranks_equals_one_process(trained):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(_free_port()), "-m", "cluster.cli", *args], cwd=REPO, env=env,
+                           str(free_port()), "-m", "cluster.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout) == one
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_explain_writes_a_png_of_the_expected_size(trained):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import yaml
 
 from test_sharded_eval_helpers import stable_topk, tied_embeddings, tile_matrix
+from helpers_dist import free_port
 from trainer.encode import Embeddings, encode_records, save_embeddings
 from trainer.evaluate import coco_1k_folds, recall_metrics, retrieval_ranks
 from trainer.sharded_eval import (Member, evaluate_embeddings, load_sims, make_plan, protocol_folds,
@@ -25,11 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 T2I_AVG = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
 I2T_LSE = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=5.0)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_config(path: Path, xattn: XAttnConfig, **eval_fields) -> Path:
@@ -52,7 +47,7 @@ def test_two_gloo_ranks_equal_recall_metrics_exactly_with_ties(tmp_path: Path) -
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "trainer.sharded_eval", "--config", str(cfg),
+         "--master_port", str(free_port()), "-m", "trainer.sharded_eval", "--config", str(cfg),
          "--embeddings", str(tmp_path / "emb.pt"), "--out", str(tmp_path / "out")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from test_sharded_eval_helpers import tied_embeddings
+from helpers_dist import free_port
 from trainer.encode import save_embeddings
 from trainer.sharded_eval import Member, evaluate_embeddings, load_sims
 from trainer.xattn import XAttnConfig
@@ -26,11 +26,6 @@ BIN = REPO / ".venv/bin"
 T2I = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
 I2T = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=20.0)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def ray_head():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     # Every fixed port on a free one: with the defaults, another Ray on this machine holding the
     # dashboard agent's port leaves the job API answering "No available agent" for good.
-    ports = {flag: str(_free_port()) for flag in (
+    ports = {flag: str(free_port()) for flag in (
         "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
         "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
         "--node-manager-port", "--object-manager-port")}

@@ -11,12 +11,14 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
+
+from dataio.pipeline import batched
 
 Precision = Literal["fp32", "bf16", "fp16"]
 EncodeText = Callable[[list[str], str], list[int]]  # (tokens, raw caption) -> token ids
@@ -108,15 +110,6 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
-def _batches(records: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @torch.no_grad()
@@ -135,7 +128,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     model.eval()
     images, img_lens, captions, cap_lens, keys = [], [], [], [], []
     try:
-        for batch in tqdm(_batches(records, batch_size), desc="encode", unit="batch",
+        for batch in tqdm(batched(records, batch_size), desc="encode", unit="batch",
                           disable=not progress):
             regions, tokens, raw = [], [], []
             for sample in batch:
