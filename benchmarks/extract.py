@@ -21,15 +21,16 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
-import ray
 import torch
 
 from cluster.backbones import identify, load_backbone
+from cluster.local_ray import ray  # before any other ray import: the local Ray stays on loopback
 from cluster.extract import JobConfig, extract_unit, plan_units, run_job
 from dataio.sources.karpathy import karpathy_items
 
-DATA = "/work/shared/data/flickr8k-1k"
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k")
 
 
 def plain_loop(items, backbone: str, image_size: int | None, dest: str, args) -> dict:
@@ -60,7 +61,7 @@ def ray_job(items, backbone: str, image_size: int | None, dest: str, workers: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--karpathy", default=f"{DATA}/dataset_flickr8k_1k.json")
+    p.add_argument("--karpathy", default=f"{DATA}/dataset_flickr8k.json")
     p.add_argument("--images", default=f"{DATA}/images")
     p.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -82,7 +83,6 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
         t = time.perf_counter()
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
         ray_start = time.perf_counter() - t

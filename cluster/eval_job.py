@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import ray
 import torch
 
-from cluster.extract import connect
+from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
 from trainer.config import load_experiment
 from trainer.encode import load_embeddings
 from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, add_member_arguments,
@@ -106,5 +104,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.exit(main())

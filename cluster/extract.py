@@ -12,7 +12,8 @@ The manifest of each split is written last, and only when all its units succeede
     python -m cluster.extract --karpathy dataset_flickr30k.json --images DIR \\
         --backbone efficientnet-lite2 --dest s3://bucket/f30k-lite2
 
-Without ``--address`` (and no ``RAY_ADDRESS``) it starts a local Ray; under
+Without ``--address`` (and no ``RAY_ADDRESS``) it starts a local Ray, listening on 127.0.0.1 only
+(`cluster.local_ray`); under
 ``ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.extract ...`` it
 joins the job's cluster. On several machines, DEST and the images must be reachable from every
 node (``s3://`` or a shared file system).
@@ -35,12 +36,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import ray
 import torch
 from tqdm import tqdm
 
 from cluster.backbones import Backbone, identify, load_backbone
 from cluster.images import DEFAULT_MAX_PIXELS, BadImage, Decoded, decode_image
+from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
 from dataio import storage
 from dataio.errors import DataError
 from dataio.pipeline import batched
@@ -338,19 +339,6 @@ class JobSummary:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "images_per_second": self.images_per_second}
-
-
-def connect(address: str | None, num_cpus: int | None) -> None:
-    """Join the given cluster, or RAY_ADDRESS (set by `ray job submit`), or start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # Keeps every port of the local Ray on 127.0.0.1 (otherwise Ray picks the interface address).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def _reusable(unit: WorkUnit, fingerprint: str, dest: str, committed: dict,

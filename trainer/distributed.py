@@ -3,7 +3,8 @@
 Every launcher this project supports (plain ``python``, ``deepspeed``, ``deepspeed --hostfile``
 with ``--no_ssh``, ``torchrun``) exports ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; in one process without a launcher we set single-process
-defaults so that DeepSpeed does not go looking for MPI (mpi4py).
+defaults so that DeepSpeed does not go looking for MPI (mpi4py). Several processes meet through the
+launcher's rendezvous (``env://``); one process skips it and listens on loopback only.
 """
 from __future__ import annotations
 
@@ -81,10 +82,33 @@ def init_process_group(env: DistEnv) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if env.world == 1:
+        _init_single_process(backend)  # DeepSpeed adopts a group that is already initialised
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                rank=env.rank, world_size=env.world)
     log.info("rank %d/%d (local %d) joined the %s process group", env.rank, env.world,
              env.local_rank, backend)
+
+
+def _init_single_process(backend: str) -> None:
+    """The process group of a run without peers, opening no socket beyond loopback.
+
+    ``env://`` would start a TCPStore, whose server listens on every interface whatever
+    MASTER_ADDR says; one process needs no rendezvous, so an in-memory HashStore replaces it.
+    The backend still listens (gloo: one socket per group, on the address the host name resolves
+    to, often the LAN one; NCCL: its bootstrap, on the first non-loopback interface), so its
+    interface is pinned to loopback unless the user chose one.
+    """
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME",
+                              loopback)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name (Linux ``lo``, macOS ``lo0``), None if there is none."""
+    return next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
 
 
 def is_distributed() -> bool:
