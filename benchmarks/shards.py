@@ -45,7 +45,7 @@ def write_set(dest: str, n: int, shard_size: int) -> str:
 def read_rate(spec: str, workers: int, batch_size: int) -> tuple[float, int]:
     """(images/s, images) for one full epoch on one rank."""
     loader = caption_batches(spec, batch_size=batch_size, encode=Vocab(["a", "dog"]), seed=0, epoch=0,
-                             rank=0, world=1, num_workers=workers, caps_per_image=1, shuffle_buffer=256)
+                             rank=0, world=1, num_workers=workers, caps_per_image=1)
     t0 = time.perf_counter()
     n = sum(len(b) for b in loader)
     return n / (time.perf_counter() - t0), n

@@ -75,7 +75,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_runs(args.run_dir, args.shards, tag=args.tag, overrides=args.overrides,
                            out_dir=args.out, local_rank=args.local_rank)
     if int(os.environ.get("RANK", "0")) == 0:  # every rank has the result; one prints it
-        print(json.dumps({"protocol": result.protocol, **result.metrics}, indent=1))
+        print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics},
+                         indent=1))
     return 0
 
 
@@ -208,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     help_text, add_arguments, run = COMMANDS[name]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dataio.storage import StorageError
     from trainer.configfile import ConfigError
 
     try:
@@ -223,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as err:  # a non-finite training loss
         print(f"scan {name}: training stopped: {err}", file=sys.stderr)
         return 3
+    except StorageError as err:  # the storage failed after every retry: not the data's fault
+        print(f"scan {name}: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = 
     total = Partial.combine([positives, *rest])
     if sims_dir:
         store.write_sims_index(plan)
-    result = finish(plan, total, protocol)
+    result = finish(plan, total, protocol, precision_of(members))
     write_outputs(out, result, members[0].emb, actors=actors)
     for w in pool:
         ray.kill(w)
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              image_block=ev.image_block, topk=ev.topk,
                              memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
                              actors=actors, num_cpus=args.num_cpus, num_gpus=1 if gpus else 0)
-    print(json.dumps({"protocol": result.protocol, **result.metrics, "actors": actors,
+    print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
+                      "actors": actors,
                       "tiles_computed": result.tiles_computed, "tiles_loaded": result.tiles_loaded}))
     return 0
 

@@ -1,30 +1,30 @@
 """Reading shards for training (caption batches) and evaluation (image records).
 
-How an epoch is cut (the choice behind "every rank gets the same number of batches"):
+Training batches are drawn from a uniform shuffle of the epoch's captions, as the reference's
+caption-indexed ``PrecompDataset`` with a shuffling sampler draws them:
 
-1. The shard list (manifest order, or a brace pattern with per-shard records) is permuted with
-   ``seed + epoch`` when shuffling, identically on every rank.
-2. Every image expands into its captions; concatenating the shards gives one caption stream of
-   ``C`` positions (known from the records' ``caption_counts`` without reading any shard).
-3. Rank ``r`` takes positions ``[r * C // W, (r + 1) * C // W)``: every rank has exactly
-   ``C // W`` captions, so the same batch count and batch sizes, however few shards there are.
-   The ``C mod W`` (< W) last positions are left out of that epoch (different ones each epoch when
-   shuffling); every other caption is delivered exactly once per epoch over all ranks and workers.
-   With ``drop_last`` the rank also leaves out its last partial batch.
-4. Within a rank, batch ``i`` is produced by DataLoader worker role ``i % NW`` (the DataLoader's own
-   round-robin order); each role reads one contiguous span of the rank's positions, so it opens
-   only the shards it overlaps (at most one shard is read by two roles or ranks).
-5. Each role shuffles its captions with a buffer seeded by ``(seed, epoch, rank, role)``.
+1. Caption slots: every image of the data set (manifest order) expands into its captions (at most
+   ``caps_per_image``); slot ``s`` is (image, caption). The shard records give the counts, so
+   planning reads no shard.
+2. The epoch's order is a permutation of all ``C`` slots seeded by ``(seed, epoch)``
+   (``resampled``: ``C`` draws with replacement; ``shuffle=False``: manifest order).
+3. Rank ``r`` of ``W`` takes the contiguous part ``[r·P, (r+1)·P)`` of the order, ``P = C // W``
+   (the ``C mod W`` last slots sit this epoch out), so every rank has the same batches: runs of
+   ``batch_size`` consecutive slots, the last one shorter (or dropped with ``drop_last``).
+4. A batch reads each of its images once, by byte range (the shard record keeps each sample's
+   ``[start, end)`` in its tar): local files by seek, ``s3://`` by concurrent ranged GETs, retried
+   with backoff (:class:`dataio.storage.RetryPolicy`). DataLoader workers take batches round-robin.
 
-Resuming at ``start_sample`` (captions this rank already consumed this epoch, a multiple of the
-batch size) replays each role's stream and drops what was consumed, and rotates worker roles, so
-the remaining batches are the same, in the same order, as in the uninterrupted epoch.
+Resume and re-planning. Where an epoch stands is the list of its segments so far:
+``(world, captions consumed per rank)``. Replaying them on the order (each splits what remains
+into its world's parts, as in 3, and removes the first ``consumed`` slots of each part) leaves
+exactly the captions not yet delivered, so a run may continue with another world size, batch size
+or worker count and still deliver every caption of the epoch once. Continuing with the same world
+size gives the same batches, in the same order, as the uninterrupted epoch.
 
-``resampled=True`` draws whole shards with replacement (seeded the same way) until each role has
-the same number of captions as above: equal batches, no exactly-once guarantee.
-
-With ``on_error="skip"`` bad samples are left out and counted; a role that runs short goes over its
-span again (repeats) so batch counts stay equal.
+With ``on_error="skip"`` the captions of a bad image are replaced by repeats of the batch's valid
+ones (batch sizes stay equal on every rank); the image is counted once, where its first caption is
+met.
 """
 from __future__ import annotations
 
@@ -34,16 +34,17 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from dataio import storage
 from dataio.errors import SKIPS, DataError, OnError, SkipCounter, check_on_error, handle
-from dataio.shards import RECORD_SUFFIX, ImageSample, ShardRecord, iter_shard, raw_samples, read_manifest
+from dataio.shards import (RECORD_SUFFIX, ImageSample, ShardRecord, decode_range, iter_shard, raw_samples,
+                           read_manifest, sample_offsets)
 from dataio.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Shard:
     url: str
     caption_counts: tuple[int, ...]  # per image, in shard order
     feature_dim: int
+    offsets: tuple[int, ...] | None = None  # sample byte bounds in the tar (ShardRecord.offsets)
 
     @property
     def samples(self) -> int:
@@ -86,7 +88,8 @@ def resolve_shards(spec: str) -> list[Shard]:
         base = storage.dirname(spec) if spec.endswith(".json") else spec
         d = m["feature_shape"][1]
         recs = [ShardRecord.from_dict(r, spec) for r in m["shards"]]
-        return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d) for r in recs]
+        return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d, _tuple(r.offsets))
+                for r in recs]
     urls = list(braceexpand(spec))
     try:
         blobs = storage.read_many([u + RECORD_SUFFIX for u in urls])
@@ -97,10 +100,14 @@ def resolve_shards(spec: str) -> list[Shard]:
     shards = []
     for url in urls:
         rec = ShardRecord.from_dict(json.loads(blobs[url + RECORD_SUFFIX]), url)
-        shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1]))
+        shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1], _tuple(rec.offsets)))
     if len({s.feature_dim for s in shards}) > 1:
         raise DataError(spec, None, "shards disagree on the feature dimension", "bad_record")
     return shards
+
+
+def _tuple(values: list[int] | None) -> tuple[int, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def default_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -182,53 +189,98 @@ def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionB
 # the epoch plan
 
 
+Segment = tuple[int, int]  # (world size, captions consumed per rank) of a run within an epoch
+
+
+@dataclass(frozen=True)
+class CaptionSlots:
+    """Every (image, caption) of the data set in manifest order: ``C`` slots over ``G`` images."""
+
+    image: np.ndarray  # (C,) int64 global image index
+    caption: np.ndarray  # (C,) int64 caption index within its image
+    image_shard: np.ndarray  # (G,) int64 shard of each image
+    image_index: np.ndarray  # (G,) int64 position of each image in its shard
+
+    @classmethod
+    def of(cls, shards: list[Shard], caps_per_image: int | None) -> "CaptionSlots":
+        counts = np.array([_ncaps(c, caps_per_image) for sh in shards for c in sh.caption_counts],
+                          dtype=np.int64)
+        image = np.repeat(np.arange(len(counts)), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each image's first slot
+        caption = np.arange(len(image)) - np.repeat(first, counts)
+        image_shard = np.repeat(np.arange(len(shards)), [sh.samples for sh in shards])
+        image_index = np.concatenate([np.arange(sh.samples) for sh in shards]) if shards else image
+        return cls(image, caption, image_shard, image_index)
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+def epoch_order(n_slots: int, *, seed: int, epoch: int, shuffle: bool, resampled: bool) -> np.ndarray:
+    """(C,) slot ids of one epoch in delivery order, the same on every rank."""
+    if resampled:
+        return np.random.default_rng([seed, epoch, 1]).integers(n_slots, size=n_slots)
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(n_slots)
+    return np.arange(n_slots)
+
+
+def rank_parts(order: np.ndarray, world: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The ``world`` equal contiguous parts of ``order`` and the (< world) slots left over."""
+    per_rank = len(order) // world
+    return [order[r * per_rank:(r + 1) * per_rank] for r in range(world)], order[world * per_rank:]
+
+
+def remaining_order(order: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
+    """The slots of ``order`` not yet delivered after ``segments`` (see the module doc)."""
+    for world, consumed in segments:
+        if world < 1 or not 0 <= consumed <= len(order) // world:
+            raise ValueError(f"resume segment (world={world}, consumed={consumed}) does not fit an "
+                             f"epoch of {len(order)} remaining captions: the data set or "
+                             f"data.caps_per_image changed since the checkpoint")
+        parts, rest = rank_parts(order, world)
+        order = np.concatenate([p[consumed:] for p in parts] + [rest])
+    return order
+
+
 @dataclass(frozen=True)
 class EpochPlan:
-    """How this rank's part of one epoch is cut into batches and worker roles (see module doc)."""
+    """This rank's captions of one epoch (what remains of it) cut into batches."""
 
-    order: tuple[int, ...]  # shard indices in reading order
-    rank_start: int  # first global caption position of this rank
-    rank_captions: int  # captions this rank delivers (equal on every rank)
+    slots: np.ndarray  # (P,) slot ids in delivery order
     batch_size: int
-    num_roles: int
+    epoch: int
+    rank: int
+    world: int
+    epoch_captions: int  # C: slots in the whole epoch, all ranks
 
     @property
     def num_batches(self) -> int:
-        return math.ceil(self.rank_captions / self.batch_size)
+        return math.ceil(len(self.slots) / self.batch_size)
 
-    def role_batches(self, role: int) -> int:
-        return len(range(role, self.num_batches, self.num_roles))
+    @property
+    def rank_captions(self) -> int:
+        return len(self.slots)
 
-    def role_span(self, role: int) -> tuple[int, int]:
-        """[start, end) rank-relative caption positions read by ``role``."""
-        start = sum(self._captions_of_role(r) for r in range(role))
-        return start, start + self._captions_of_role(role)
-
-    def _captions_of_role(self, role: int) -> int:
-        # Only the role producing the last batch has a partial one.
-        nb = self.role_batches(role)
-        last = (self.num_batches - 1) % self.num_roles if self.num_batches else -1
-        if role == last:
-            return (nb - 1) * self.batch_size + (self.rank_captions - (self.num_batches - 1) * self.batch_size)
-        return nb * self.batch_size
+    def batch(self, i: int) -> np.ndarray:
+        return self.slots[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 def epoch_plan(shards: list[Shard], *, batch_size: int, seed: int, epoch: int, rank: int, world: int,
-               num_roles: int, shuffle: bool, drop_last: bool, caps_per_image: int | None) -> EpochPlan:
+               shuffle: bool = True, resampled: bool = False, drop_last: bool = False,
+               caps_per_image: int | None = None, segments: Sequence[Segment] = ()) -> EpochPlan:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = tuple(np.random.default_rng([seed, epoch]).permutation(len(shards))) if shuffle else tuple(range(len(shards)))
-    total = sum(_caption_total(shards[i], caps_per_image) for i in order)
-    per_rank = total // world
+    n_slots = len(CaptionSlots.of(shards, caps_per_image))
+    order = epoch_order(n_slots, seed=seed, epoch=epoch, shuffle=shuffle, resampled=resampled)
+    remaining = remaining_order(order, segments)
+    mine = rank_parts(remaining, world)[0][rank]
+    if not segments and len(mine) == 0:
+        raise ValueError(f"{n_slots} captions cannot make one batch of {batch_size} on each of "
+                         f"{world} ranks")
     if drop_last:
-        per_rank -= per_rank % batch_size
-    if per_rank == 0:
-        raise ValueError(f"{total} captions cannot make one batch of {batch_size} on each of {world} ranks")
-    return EpochPlan(tuple(int(i) for i in order), rank * (total // world), per_rank, batch_size, num_roles)
-
-
-def _caption_total(shard: Shard, caps_per_image: int | None) -> int:
-    return sum(_ncaps(c, caps_per_image) for c in shard.caption_counts)
+        mine = mine[:len(mine) - len(mine) % batch_size]
+    return EpochPlan(mine, batch_size, epoch, rank, world, n_slots)
 
 
 def _ncaps(count: int, caps_per_image: int | None) -> int:
@@ -236,26 +288,21 @@ def _ncaps(count: int, caps_per_image: int | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# the per-worker stream
+# making a batch
 
 
 @dataclass
 class _Source:
-    """What every worker needs to produce its batches (picklable: sent to spawned workers)."""
+    """What every worker needs to make any batch of the plan (picklable: sent to workers)."""
 
     shards: list[Shard]
     plan: EpochPlan
     encode: Encoder
     pad_id: int
-    seed: int
-    epoch: int
-    rank: int
-    shuffle_buffer: int
-    resampled: bool
-    start_batch: int
     on_error: OnError
     caps_per_image: int | None
     max_words: int
+    retry: storage.RetryPolicy
 
 
 def _encode(src: _Source, tokens: list[str], raw: str) -> list[int]:
@@ -264,140 +311,119 @@ def _encode(src: _Source, tokens: list[str], raw: str) -> list[int]:
     return list(ids[: src.max_words]) if src.max_words else list(ids)
 
 
-def _captions_in(src: _Source, shard: Shard, lo: int, hi: int, counter: SkipCounter
-                 ) -> Iterator[tuple[ImageSample, list[int]]]:
-    """(image, caption ids) for the shard-relative caption positions [lo, hi)."""
-    starts = np.concatenate([[0], np.cumsum([_ncaps(c, src.caps_per_image) for c in shard.caption_counts])])
-    first_img = int(np.searchsorted(starts, lo, side="right")) - 1
-    for idx, s in iter_shard(shard.url, on_error=src.on_error, expected=shard.samples,
-                             feature_dim=shard.feature_dim, start=first_img, counter=counter,
-                             # an image straddling lo is counted by the reader of its first caption
-                             count_from=first_img + int(starts[first_img] < lo)):
-        if starts[idx] >= hi:
-            return
-        n = _ncaps(shard.caption_counts[idx], src.caps_per_image)
-        if len(s.captions) < n:
-            handle(DataError(shard.url, s.key, f"{len(s.captions)} captions, the record says {n}",
-                             "bad_caption"), src.on_error, counter)
-            continue
-        for j in range(max(lo - starts[idx], 0), min(hi - starts[idx], n)):
-            ids = _encode(src, s.tokens[j], s.captions[j])
-            if not ids:  # a zero-length caption would give NaN features downstream
-                handle(DataError(shard.url, s.key, f"caption {s.captions[j]!r} encodes to no tokens",
-                                 "bad_caption"), src.on_error, counter)
-                continue
-            yield s, ids
+class _BatchDataset(Dataset):
+    """Batch ``i`` of the plan, from any worker: each of its images read once by byte range."""
 
-
-def _span_stream(src: _Source, a: int, b: int, counter: SkipCounter) -> Iterator[tuple[ImageSample, list[int]]]:
-    """The captions of global positions [a, b) of the epoch's shard order."""
-    pos = 0
-    for i in src.plan.order:
-        sh = src.shards[i]
-        n = _caption_total(sh, src.caps_per_image)
-        if pos + n > a and pos < b:
-            yield from _captions_in(src, sh, max(a - pos, 0), min(b - pos, n), counter)
-        pos += n
-        if pos >= b:
-            return
-
-
-def _role_stream(src: _Source, role: int, counter: SkipCounter) -> Iterator[tuple[ImageSample, list[int]]]:
-    """Exactly ``size`` captions for ``role``: its span (repeated if bad samples were skipped), or
-    shards drawn with replacement in resampled mode."""
-    lo, hi = src.plan.role_span(role)
-    size = hi - lo
-    if size == 0:
-        return
-    rng = np.random.default_rng([src.seed, src.epoch, src.rank, role, 1])
-    produced, passes, empty = 0, 0, 0  # empty: consecutive passes that gave nothing
-    while produced < size:
-        if src.resampled:
-            sh = src.shards[int(rng.integers(len(src.shards)))]
-            stream = _captions_in(src, sh, 0, _caption_total(sh, src.caps_per_image), counter)
-        else:
-            a = src.plan.rank_start + lo
-            # After the first pass, skipped samples are counted already: count into a scratch counter.
-            stream = _span_stream(src, a, a + size, counter if passes == 0 else SkipCounter())
-        got = 0
-        for item in stream:
-            yield item
-            got += 1
-            produced += 1
-            if produced == size:
-                return
-        passes += 1
-        empty = empty + 1 if got == 0 else 0
-        if empty and not src.resampled:
-            raise DataError(src.shards[src.plan.order[0]].url, None,
-                            f"rank {src.rank} worker role {role}: no valid samples in its span", "empty")
-        if empty > 100 * len(src.shards):
-            raise DataError(src.shards[0].url, None, "resampling drew only shards without valid samples",
-                            "empty")
-
-
-def _shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
-    if buffer <= 1:
-        yield from items
-        return
-    buf: list = []
-    for x in items:
-        if len(buf) < buffer:
-            buf.append(x)
-            continue
-        j = int(rng.integers(buffer))
-        yield buf[j]
-        buf[j] = x
-    for j in rng.permutation(len(buf)):
-        yield buf[j]
-
-
-class _CaptionDataset(IterableDataset):
     def __init__(self, src: _Source):
         self.src = src
+        self._slots: CaptionSlots | None = None  # built lazily in each worker
+        self._offsets: dict[int, Sequence[int]] = {}  # shard -> sample bounds (old records: read)
 
-    def __iter__(self) -> Iterator[CaptionBatch]:
-        src = self.src
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        if nw != src.plan.num_roles:
-            raise RuntimeError(f"plan made for {src.plan.num_roles} workers, running {nw}")
-        role = (wid + src.start_batch) % nw  # rotation keeps the batch order on resume
-        consumed = len(range(role, src.start_batch, nw))  # this role's batches already delivered
+    def __len__(self) -> int:
+        return self.src.plan.num_batches
+
+    def __getitem__(self, i: int) -> CaptionBatch:
         counter = SkipCounter()
-        rng = np.random.default_rng([src.seed, src.epoch, src.rank, role, 2])
-        stream = _shuffled(_role_stream(src, role, counter), src.shuffle_buffer, rng)
-        bs = src.plan.batch_size
-        batch: list = []
-        for n, item in enumerate(stream):
-            if n < consumed * bs:
-                continue
-            batch.append(item)
-            if len(batch) == bs:
-                yield self._batch(batch, counter)
-                batch = []
-        if batch:
-            yield self._batch(batch, counter)
-
-    def _batch(self, items: list, counter: SkipCounter) -> CaptionBatch:
+        items = self._items(i, counter)
+        n = len(self)
+        for j in range(1, n):  # every image of batch i was bad: repeat the next batch's captions
+            if items:
+                break
+            items = self._items((i + j) % n, SkipCounter())  # counted where they are delivered
+        if not items:
+            raise DataError(self.src.shards[0].url, None, f"rank {self.src.plan.rank}: no valid "
+                            f"samples in any batch of the epoch", "empty")
+        size = len(self.src.plan.batch(i))
+        for k in range(size - len(items)):  # skipped captions: repeats keep the batch size
+            items.append(items[k])
         b = collate(items, self.src.pad_id)
         b.skipped = counter.get()
-        counter.reset()
         return b
+
+    def _items(self, i: int, counter: SkipCounter) -> list[tuple[ImageSample, list[int]]]:
+        """(image, caption ids) of batch ``i``'s valid captions, in order."""
+        src = self.src
+        if self._slots is None:
+            self._slots = CaptionSlots.of(src.shards, src.caps_per_image)
+        slots = src.plan.batch(i)
+        images = self._slots.image[slots]
+        samples = self._read_images(sorted(set(images.tolist())), counter,
+                                    first_captions=set(images[self._slots.caption[slots] == 0].tolist()))
+        items = []
+        for slot, g in zip(slots.tolist(), images.tolist()):
+            s = samples.get(g)
+            if s is None:
+                continue  # a bad image, counted where its first caption is met
+            j = int(self._slots.caption[slot])
+            ids = _encode(src, s.tokens[j], s.captions[j]) if j < len(s.captions) else None
+            if not ids:
+                url = src.shards[int(self._slots.image_shard[g])].url
+                problem = (f"caption {s.captions[j]!r} encodes to no tokens" if ids is not None else
+                           f"{len(s.captions)} captions, the record says at least {j + 1}")
+                handle(DataError(url, s.key, problem, "bad_caption"), src.on_error, counter)
+                continue
+            items.append((s, ids))
+        return items
+
+    def _read_images(self, images: list[int], counter: SkipCounter, first_captions: set[int]
+                     ) -> dict[int, ImageSample]:
+        """Global image index -> decoded sample; bad images are left out (or raise)."""
+        src, slots = self.src, self._slots
+        assert slots is not None
+        by_shard: dict[int, list[int]] = {}
+        for g in images:
+            by_shard.setdefault(int(slots.image_shard[g]), []).append(g)
+        out = {}
+        for shard_idx, members in by_shard.items():
+            shard = src.shards[shard_idx]
+            try:
+                bounds = self._bounds(shard_idx)
+                idx = [int(slots.image_index[g]) for g in members]
+                blobs = storage.read_ranges(shard.url, [(bounds[j], bounds[j + 1]) for j in idx],
+                                            src.retry)
+            except FileNotFoundError as e:
+                blobs, failure = None, DataError(shard.url, None, "shard does not exist", "missing_shard")
+                failure.__cause__ = e
+            except DataError as e:
+                blobs, failure = None, e
+            for n, g in enumerate(members):
+                try:
+                    if blobs is None:
+                        raise failure
+                    j = idx[n]
+                    out[g] = decode_range(blobs[n], shard.url, j, bounds[j + 1] - bounds[j],
+                                          shard.feature_dim)
+                except DataError as e:
+                    handle(e, src.on_error, counter if g in first_captions else SkipCounter())
+        return out
+
+    def _bounds(self, shard_idx: int) -> Sequence[int]:
+        shard = self.src.shards[shard_idx]
+        if shard.offsets is not None:
+            return shard.offsets
+        if shard_idx not in self._offsets:  # records written before offsets were kept
+            bounds = sample_offsets(shard.url)
+            if len(bounds) != shard.samples + 1:
+                raise DataError(shard.url, None, f"truncated: {len(bounds) - 1} samples, the record "
+                                f"says {shard.samples}", "corrupt_tar")
+            self._offsets[shard_idx] = bounds
+        return self._offsets[shard_idx]
 
 
 class CaptionLoader:
-    """Iterable of :class:`CaptionBatch` for one epoch of one rank; ``len()`` is its batch count
-    (equal on every rank). Skip counts from workers are added to :data:`dataio.errors.SKIPS`."""
+    """Iterable of :class:`CaptionBatch` for what remains of one epoch on one rank; ``len()`` is its
+    batch count (equal on every rank). Skip counts from workers are added to
+    :data:`dataio.errors.SKIPS`."""
 
     def __init__(self, src: _Source, num_workers: int, pin_memory: bool):
         self.plan = src.plan
         self._src = src
-        self._loader = DataLoader(_CaptionDataset(src), batch_size=None, num_workers=num_workers,
-                                  pin_memory=pin_memory, persistent_workers=False)
+        self._loader = DataLoader(_BatchDataset(src), batch_size=None, shuffle=False,
+                                  num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=False)
 
     def __len__(self) -> int:
-        return self.plan.num_batches - self._src.start_batch
+        return self.plan.num_batches
 
     def __iter__(self) -> Iterator[CaptionBatch]:
         skipped = SkipCounter()  # this epoch's, for the summary line
@@ -408,35 +434,32 @@ class CaptionLoader:
             yield b
         if skipped.total():
             log.warning("rank %d epoch %d: skipped %d bad samples %s (replaced by repeats)",
-                        self._src.rank, self._src.epoch, skipped.total(), skipped.get())
+                        self.plan.rank, self.plan.epoch, skipped.total(), skipped.get())
 
 
 def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, epoch: int,
                     rank: int | None = None, world: int | None = None, num_workers: int = 2,
-                    shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
-                    start_sample: int = 0, on_error: OnError = "raise", drop_last: bool = False,
-                    caps_per_image: int | None = None, max_words: int = 0,
-                    pad_id: int | None = None, pin_memory: bool = False) -> CaptionLoader:
-    """Caption-level training batches of one epoch for this rank (see the module doc for the split).
+                    shuffle: bool = True, resampled: bool = False,
+                    segments: Sequence[Segment] = (), on_error: OnError = "raise",
+                    drop_last: bool = False, caps_per_image: int | None = None, max_words: int = 0,
+                    pad_id: int | None = None, pin_memory: bool = False,
+                    retry: storage.RetryPolicy = storage.DEFAULT_RETRY) -> CaptionLoader:
+    """Caption-level training batches of one epoch for this rank (see the module doc).
 
     ``encode``: a :class:`dataio.text.Vocab` / ``HFTokenizer`` (anything with ``encode(tokens, raw)``
-    and ``pad_id``) or a function ``(tokens, raw) -> ids``. ``start_sample``: captions this rank has
-    already consumed in this epoch (a multiple of ``batch_size``) to resume from.
+    and ``pad_id``) or a function ``(tokens, raw) -> ids``. ``segments``: the epoch's runs so far,
+    ``[(world, captions consumed per rank), ...]``, to resume after (any world size).
     """
     check_on_error(on_error)
     rank, world = default_rank_world(rank, world)
     shards = resolve_shards(spec)
-    roles = max(num_workers, 1)
     plan = epoch_plan(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world=world,
-                      num_roles=roles, shuffle=shuffle, drop_last=drop_last, caps_per_image=caps_per_image)
-    if start_sample % batch_size or not 0 <= start_sample <= plan.rank_captions:
-        raise ValueError(f"start_sample={start_sample} must be a multiple of batch_size={batch_size} "
-                         f"within this rank's {plan.rank_captions} captions")
+                      shuffle=shuffle, resampled=resampled, drop_last=drop_last,
+                      caps_per_image=caps_per_image, segments=segments)
     if pad_id is None:
         pad_id = getattr(encode, "pad_id", 0)
-    src = _Source(shards, plan, encode, pad_id, seed, epoch, rank, shuffle_buffer, resampled,
-                  start_sample // batch_size, on_error, caps_per_image, max_words)
-    return CaptionLoader(src, num_workers, pin_memory)
+    src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words, retry)
+    return CaptionLoader(src, max(num_workers, 0), pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,13 +467,15 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
 
 
 def image_records(spec: str, *, rank: int | None = None, world: int | None = None,
-                  on_error: OnError = "raise") -> Iterator[ImageSample]:
+                  on_error: OnError = "raise", limit: int = 0) -> Iterator[ImageSample]:
     """Images in manifest order; rank ``r`` of ``W`` gets the contiguous block
-    ``[r * N // W, (r + 1) * N // W)`` of the ``N`` images (for sharded evaluation)."""
+    ``[r * N // W, (r + 1) * N // W)`` of the ``N`` images (for sharded evaluation), where ``N`` is
+    the split's size or, when smaller, ``limit`` > 0 (its first images: validation subsets)."""
     check_on_error(on_error)
     rank, world = default_rank_world(rank, world)
     shards = resolve_shards(spec)
     n = sum(s.samples for s in shards)
+    n = min(n, limit) if limit > 0 else n
     a, b = rank * n // world, (rank + 1) * n // world
     pos = 0
     for sh in shards:

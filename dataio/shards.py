@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import re
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Iterable, Iterator
@@ -58,14 +59,23 @@ class ShardRecord:
     captions: int
     caption_counts: list[int]
     created: float = 0.0
+    # Byte boundaries of the samples in the tar: sample i is [offsets[i], offsets[i + 1]) (its
+    # members' headers and padded data), so training can read any image by range. None in records
+    # written before offsets were kept: :func:`sample_offsets` then reads them from the tar.
+    offsets: list[int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "ShardRecord":
+        optional = {"created": 0.0, "offsets": None}
         try:
-            kw = {k: d[k] for k in cls.__dataclass_fields__ if k != "created"}
-            return cls(**kw, created=d.get("created", 0.0))
+            kw = {k: d[k] for k in cls.__dataclass_fields__ if k not in optional}
+            rec = cls(**kw, **{k: d.get(k, v) for k, v in optional.items()})
         except (KeyError, TypeError) as e:
             raise DataError(source, None, f"invalid shard record: {e!r}", "bad_record") from e
+        if rec.offsets is not None and len(rec.offsets) != rec.samples + 1:
+            raise DataError(source, None, f"invalid shard record: {len(rec.offsets)} offsets for "
+                            f"{rec.samples} samples (expected samples + 1)", "bad_record")
+        return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +229,14 @@ class _OpenShard:
         self.hw = _HashingWriter(self.f)
         self.tw = wds.TarWriter(self.hw, encoder=False, mtime=0)  # mtime 0: reproducible bytes
         self.counts: list[int] = []
+        self.offsets: list[int] = [0]
         self.keys: set[str] = set()
         self.k_max, self.dim = 0, None
-        self.size = 0  # tar bytes so far (the tar stream buffers, so self.hw.n lags behind)
+
+    @property
+    def size(self) -> int:
+        """Tar bytes so far: tarfile's own logical offset (the stream buffers, so self.hw.n lags)."""
+        return self.tw.tarstream.offset
 
     def write(self, s: ImageSample) -> None:
         check_sample(s, self.fname, self.dim)
@@ -231,10 +246,8 @@ class _OpenShard:
         self.dim = s.regions.shape[1]
         self.k_max = max(self.k_max, s.regions.shape[0])
         self.counts.append(len(s.captions))
-        enc = encode_sample(s)
-        self.tw.write(enc)
-        # each member: a 512-byte header plus its data padded to 512-byte blocks
-        self.size += sum(512 + -(-len(v) // 512) * 512 for k, v in enc.items() if k != "__key__")
+        self.tw.write(encode_sample(s))
+        self.offsets.append(self.size)
 
     def finish(self) -> ShardRecord:
         """Close, rename into place, then write the record (which marks the shard committed)."""
@@ -244,7 +257,8 @@ class _OpenShard:
         self.f.close()
         storage.commit(self.tmp, self.url)
         rec = ShardRecord(self.fname, len(self.counts), self.hw.n, self.hw.sha.hexdigest(),
-                          [self.k_max, self.dim], sum(self.counts), self.counts, time.time())
+                          [self.k_max, self.dim], sum(self.counts), self.counts, time.time(),
+                          self.offsets)
         storage.write_bytes_atomic(self.url + RECORD_SUFFIX, json.dumps(asdict(rec)).encode())
         log.debug("wrote %s: %d samples, %d bytes", self.url, rec.samples, rec.bytes)
         return rec
@@ -429,7 +443,7 @@ def raw_samples(url: str) -> Iterator[dict]:
     """
     last_key = None
     try:
-        with storage.open_url(url, "rb") as f:
+        with storage.RetryingReader(url) as f:
             pending = None  # the last sample is held back until the end of the tar is checked
             for raw in _group(wds.tariterators.tar_file_iterator(f), url):
                 if pending is not None:
@@ -440,7 +454,7 @@ def raw_samples(url: str) -> Iterator[dict]:
                     raise ValueError("data after the end of the archive (damaged member header)")
             if pending is not None:
                 yield pending
-    except DataError:
+    except (DataError, storage.StorageError):
         raise
     except FileNotFoundError as e:
         raise DataError(url, None, "shard does not exist", "missing_shard") from e
@@ -487,3 +501,55 @@ def iter_shard(url: str, *, on_error: OnError = "raise", expected: int | None = 
 def read_shard(url: str, **kw: Any) -> Iterator[ImageSample]:
     """The valid samples of one shard (see :func:`iter_shard` for the keyword arguments)."""
     return (s for _, s in iter_shard(url, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading one sample by byte range
+
+
+def sample_offsets(url: str) -> list[int]:
+    """Sample boundaries of a shard whose record predates ``offsets``, from its members' headers.
+
+    Members of one sample are consecutive (``_group``'s rule): sample i spans from its first
+    member's header (``TarInfo.offset`` includes any long-name header) to the end of its last
+    member's padded data.
+    """
+    bounds: list[int] = []
+    key, fields, end = None, set(), 0
+    try:
+        with storage.RetryingReader(url) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                k, ext = wds.tariterators.base_plus_ext(m.name)
+                if k != key or ext in fields:
+                    bounds.append(m.offset)
+                    key, fields = k, set()
+                fields.add(ext)
+                end = m.offset_data + -(-m.size // 512) * 512
+    except storage.StorageError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(url, None, "shard does not exist", "missing_shard") from e
+    except Exception as e:  # tarfile.ReadError, EOFError
+        raise DataError(url, key, f"corrupt or truncated tar while indexing it: {e!r}",
+                        "corrupt_tar") from e
+    return bounds + [end] if bounds else [0]
+
+
+def decode_range(data: bytes, url: str, index: int, expected_bytes: int,
+                 feature_dim: int | None = None) -> ImageSample:
+    """The validated sample ``index`` of shard ``url`` from its byte range ``data``."""
+    if len(data) != expected_bytes:
+        raise DataError(url, None, f"truncated: sample #{index} needs {expected_bytes} bytes, the "
+                        f"shard holds {len(data)} there", "corrupt_tar")
+    try:
+        raws = list(_group(wds.tariterators.tar_file_iterator(io.BytesIO(data)), url))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(url, None, f"sample #{index}: corrupt tar members: {e!r}", "corrupt_tar") from e
+    if len(raws) != 1:
+        keys = [r["__key__"] for r in raws]
+        raise DataError(url, keys[0] if keys else None, f"sample #{index}: its byte range holds "
+                        f"{len(raws)} samples {keys[:3]}, expected 1 (record offsets do not match "
+                        f"the tar)", "bad_record")
+    return decode_sample(raws[0], url, feature_dim)

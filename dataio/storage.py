@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 import uuid
-from typing import IO
+from dataclasses import dataclass
+from typing import IO, Callable, Sequence, TypeVar
 
 import fsspec
 
@@ -23,6 +25,50 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_
            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
            "AWS_SHARED_CREDENTIALS_FILE")
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A read that still failed after every retry: the storage, not the data, is at fault.
+
+    Not a :class:`dataio.errors.DataError`, so ``on_error="skip"`` never hides it."""
+
+    def __init__(self, url: str, attempts: int, cause: BaseException):
+        self.url, self.attempts, self.cause = url, attempts, cause
+        super().__init__(f"storage error reading {url}: {type(cause).__name__}: {cause} "
+                         f"(failed {attempts} time(s); check the endpoint and the network)")
+
+
+# Errors that retrying cannot mend: the object or file is not there, or the request is wrong.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+              TypeError, KeyError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Transient errors (connection refused or reset, timeouts, 5xx) are retried ``retries`` times,
+    waiting ``backoff_s`` × 2^attempt in between (s3fs retries each request a few times itself)."""
+
+    retries: int = 4
+    backoff_s: float = 1.0
+
+    def run(self, url: str, read: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return read()
+            except _PERMANENT:
+                raise
+            except Exception as err:  # botocore/aiohttp errors are not all OSErrors
+                if attempt == self.retries:
+                    raise StorageError(url, attempt + 1, err) from err
+                wait = self.backoff_s * 2 ** attempt
+                log.warning("reading %s failed (%s: %s); retrying in %.1f s", url,
+                            type(err).__name__, err, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 def is_s3(url: str) -> bool:
@@ -90,6 +136,73 @@ def remove(url: str) -> None:
 def read_bytes(url: str) -> bytes:
     with open_url(url, "rb") as f:
         return f.read()
+
+
+def read_ranges(url: str, ranges: Sequence[tuple[int, int]],
+                retry: RetryPolicy = DEFAULT_RETRY) -> list[bytes]:
+    """The bytes [start, end) of ``url`` for each range (concurrent ranged GETs on S3). A range
+    past the end of the file comes back short; the caller checks lengths."""
+    if not ranges:
+        return []
+    if not is_s3(url):
+        def read_local() -> list[bytes]:
+            with open(url, "rb") as f:
+                out = []
+                for start, end in ranges:
+                    f.seek(start)
+                    out.append(f.read(end - start))
+                return out
+        return retry.run(url, read_local)
+    fs = filesystem(url)
+
+    def read_s3() -> list[bytes]:
+        got = fs.cat_ranges([url] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges],
+                            on_error="return")
+        for item in got:
+            if isinstance(item, BaseException):
+                raise item
+        return got
+    return retry.run(url, read_s3)
+
+
+class RetryingReader:
+    """A sequential binary reader of ``url`` that survives transient errors: a failed read is
+    retried by reopening at the current position (what a shard scan needs on S3)."""
+
+    def __init__(self, url: str, retry: RetryPolicy = DEFAULT_RETRY):
+        self.url, self.retry, self.pos = url, retry, 0
+        self._f: IO[bytes] | None = retry.run(url, lambda: open_url(url, "rb"))
+
+    def read(self, n: int = -1) -> bytes:
+        def read_once() -> bytes:
+            if self._f is None:
+                self._f = open_url(self.url, "rb")
+                self._f.seek(self.pos)
+            try:
+                return self._f.read(n)
+            except Exception:
+                self._close()  # the next attempt reopens at self.pos
+                raise
+        data = self.retry.run(self.url, read_once)
+        self.pos += len(data)
+        return data
+
+    def _close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # a broken connection may fail to close; it is dropped either way
+                pass
+            self._f = None
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_many(urls: list[str]) -> dict[str, bytes]:

@@ -102,7 +102,7 @@ def grads(out: Path, stages: list[int]) -> None:
     for stage in stages:
         cfg = tiny_config(stage, hi - lo)
         seed_everything(0)
-        engine = build_engine(cfg, build_model(cfg.model, VOCAB), env, steps_per_epoch=1)
+        engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
         model = engine.ds.module
         img = model.encode_images(b["regions"], b["img_lens"])
         cap = model.encode_captions(b["tokens"], b["cap_lens"])
@@ -125,8 +125,117 @@ def grads(out: Path, stages: list[int]) -> None:
     torch.save(result, out / f"world{env.world}_rank{env.rank}.pt")
 
 
+
+
+# --------------------------------------------------------------------------------------------- accum
+ACCUM_STAGES, ACCUM_STEPS = (0, 1, 2), (1, 2, 4)
+MICRO_BATCH = 6
+
+
+def micro_batches(n: int, seed: int) -> list:
+    """``n`` caption batches of random features, with exact-zero cells (as real grid features
+    have) and pairs of the same image inside a batch."""
+    from dataio.pipeline import CaptionBatch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        regions = torch.randn(MICRO_BATCH, 6, 16, generator=g)
+        regions[:, 0] = 0  # a zero cell in every image
+        img_lens = torch.randint(3, 7, (MICRO_BATCH,), generator=g)
+        cap_lens = torch.randint(4, 10, (MICRO_BATCH,), generator=g)
+        tokens = torch.randint(4, VOCAB, (MICRO_BATCH, int(cap_lens.max())), generator=g)
+        ids = torch.arange(MICRO_BATCH) + 100 * i
+        regions[1], img_lens[1], ids[1] = regions[0], img_lens[0], ids[0]  # two captions, one image
+        out.append(CaptionBatch(regions, img_lens, tokens, cap_lens, ids, [f"k{int(j)}" for j in ids]))
+    return out
+
+
+def reference_grads(cfg: ExperimentConfig, trainable: dict, batches: list,
+                    dtype: torch.dtype = torch.float32) -> dict:
+    """Gradients of one step on ``batches`` (the mean of their losses' gradients, summed in fp32)
+    in plain torch, from the fp32 weights ``trainable``, computing in ``dtype`` (fp32: the true
+    step; bf16: what a bf16 engine computes, rounding and all, with exact bookkeeping)."""
+    from trainer.model import build_trained
+
+    model = build_trained(cfg.model, VOCAB, trainable).train().to(dtype)
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    for b in batches:
+        model.zero_grad()
+        img, cap = model(b.regions.to(dtype), b.img_lens, b.tokens, b.cap_lens)
+        loss, _ = batch_loss(img, b.img_lens, cap, b.cap_lens, b.image_ids, cfg.loss, cfg.xattn)
+        loss.backward()
+        for n, p in model.named_parameters():
+            total[n] += p.grad.float() / len(batches)
+    return total
+
+
+def max_rel_err(got: dict, want: dict) -> float:
+    """The largest relative error over the parameters (each judged against its own norm)."""
+    return max(float((got[n] - w).norm()) / max(float(w.norm()), 1e-12) for n, w in want.items())
+
+
+def rel_err(got: dict, want: dict) -> float:
+    """Relative error of all gradients together."""
+    diff = sum(float((got[n] - w).norm()) ** 2 for n, w in want.items()) ** 0.5
+    return diff / max(sum(float(w.norm()) ** 2 for w in want.values()) ** 0.5, 1e-12)
+
+
+def _bypassing_forward_backward(engine, b, cfg, device, dtype) -> None:
+    """The loop as it was before issue 10: encoders called on ``ds.module``, not through the
+    engine's forward (a negative control: its bf16 accumulation must fail the check)."""
+    ds = engine.ds
+    img = ds.module.encode_images(b.regions.to(dtype), b.img_lens)
+    cap = ds.module.encode_captions(b.tokens, b.cap_lens)
+    loss, _ = batch_loss(img, b.img_lens, cap, b.cap_lens, b.image_ids, cfg.loss, cfg.xattn)
+    ds.backward(loss)
+
+
+def accum(out: Path, precisions: list[str]) -> None:
+    """Every precision x ZeRO stage x accumulation: the engine's accumulated gradients of two
+    consecutive windows against :func:`reference_grads` in fp32 and in the engine's own dtype;
+    plus the negative control (bf16, ZeRO 1, accumulation 2, the bypassing loop)."""
+    from trainer.engine import fp32_trainable_state
+    from trainer.train import forward_backward_step
+
+    env = read_env()
+    init_process_group(env)
+    rows = []
+    cases = [(p, st, g, False) for p in precisions for st in ACCUM_STAGES for g in ACCUM_STEPS]
+    for precision, stage, gas, bypass in cases + [("bf16", 1, 2, True)]:
+        step_fn = _bypassing_forward_backward if bypass else forward_backward_step
+        cfg = tiny_config(stage, MICRO_BATCH)
+        cfg.train.precision, cfg.train.grad_accum = precision, gas
+        seed_everything(0)
+        engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
+        ds = engine.ds
+        dtype = next(ds.module.parameters()).dtype
+        for window in range(2):
+            batches = micro_batches(gas, seed=10 * window + gas)
+            weights = fp32_trainable_state(ds)
+            steps = ds.global_steps
+            for i, b in enumerate(batches):  # as the training loop: backward, then step
+                step_fn(engine, b, cfg, env.device, dtype)
+                if i < gas - 1:
+                    ds.step()  # inside the window: DeepSpeed only counts the micro-batch
+            got = {n: safe_get_full_grad(p).detach().float().cpu().clone()
+                   for n, p in ds.module.named_parameters() if p.requires_grad}
+            ds.step()  # the window's end: the optimizer step
+            fp32 = reference_grads(cfg, weights, batches)
+            same = reference_grads(cfg, weights, batches, dtype)
+            rows.append({"precision": precision, "stage": stage, "gas": gas, "window": window,
+                         "bypass": bypass,
+                         "effective_stage": engine.ds_config["zero_optimization"]["stage"],
+                         "vs_fp32": rel_err(got, fp32), "vs_same": max_rel_err(got, same),
+                         "stepped": ds.global_steps - steps})
+    torch.save(rows, out / "accum.pt")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    if command != "grads":
+    if command == "grads":
+        grads(Path(args[0]), [int(s) for s in args[1].split(",")])
+    elif command == "accum":
+        accum(Path(args[0]), args[1].split(","))
+    else:
         raise SystemExit(f"unknown command {command!r}")
-    grads(Path(args[0]), [int(s) for s in args[1].split(",")])

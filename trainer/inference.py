@@ -1,8 +1,9 @@
 """Trained runs at inference: load one, evaluate one or an ensemble, build a retrieval gallery.
 
 A run folder holds ``checkpoints/<tag>/mp_rank_00_model_states.pt`` (DeepSpeed's model states, with
-the experiment config and vocabulary in its client state). Nothing is unpickled: the file is read
-with ``torch.load(weights_only=True)``.
+the experiment config and vocabulary in its client state) and ``model_fp32.pt`` (the trained
+weights in fp32: the optimizer's master weights, which bf16 training keeps apart from the rounded
+bf16 module). Nothing is unpickled: files are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from trainer import checkpoint, configfile
 from trainer.config import ExperimentConfig
 from trainer.distributed import init_process_group, read_env
 from trainer.encode import encode_split
-from trainer.model import SCANModel, build_model
+from trainer.model import SCANModel, build_model, build_trained
 from trainer.retrieve import Gallery, build_gallery
 from trainer.sharded_eval import EvalResult, Member, run_eval
 
@@ -53,7 +54,7 @@ def checkpoint_path(run_dir: str | Path, tag: str = "latest") -> Path:
 def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuilds the model of a training run from its checkpoint, ready to encode."""
     path = checkpoint_path(run_dir, tag)
-    states = torch.load(path, map_location="cpu", weights_only=True)
+    states = checkpoint.safe_load(path)
     for key in ("module", "scan_config", "scan_vocab"):
         if key not in states:
             raise ValueError(f"{path}: not a SCAN training checkpoint (no '{key}')")
@@ -64,11 +65,16 @@ def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.devic
     else:
         text = Vocab(states["scan_vocab"]["itos"][4:])  # itos starts with the 4 specials
         vocab_size = len(text)
-    model = build_model(cfg.model, vocab_size)
-    model.load_state_dict({k: v.float() for k, v in states["module"].items()})
+    fp32 = path.with_name(checkpoint.FP32_WEIGHTS)
+    if fp32.is_file():
+        model = build_trained(cfg.model, vocab_size, checkpoint.safe_load(fp32))
+    else:  # a checkpoint of an earlier version: the module's own (possibly bf16-rounded) weights
+        log.warning("%s has no %s: using the module states, upcast to fp32", path.parent, fp32.name)
+        model = build_model(cfg.model, vocab_size)
+        model.load_state_dict({k: v.float() for k, v in states["module"].items()})
     model.to(device).eval()
-    log.info("loaded %s (%s %s, %d-word text encoder)", path, cfg.xattn.direction, cfg.xattn.agg,
-             vocab_size)
+    log.info("loaded %s (%s %s, %d-word text encoder)", path.parent, cfg.xattn.direction,
+             cfg.xattn.agg, vocab_size)
     return TrainedRun(cfg, model, text, path)
 
 

@@ -197,6 +197,16 @@ class SCANModel(nn.Module):
             raise ValueError(f"config key 'model.text_encoder': {cfg.text_encoder!r} is not allowed; "
                              "expected one of 'gru', 'hf'")
 
+    def forward(self, regions: torch.Tensor, img_lens: torch.Tensor, tokens: torch.Tensor,
+                cap_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region (B, k, embed) and word (B, n, embed) embeddings of a batch.
+
+        Training calls this through the DeepSpeed engine (``engine(...)``), never the encoders
+        directly: the engine's forward hooks the backward that its bf16/fp16/ZeRO optimizers need
+        (e.g. BF16_Optimizer clears the low-precision grads of the previous micro-batch there).
+        """
+        return self.encode_images(regions, img_lens), self.encode_captions(tokens, cap_lens)
+
     def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
         """(B, k, img_dim) → (B, k, embed_size); regions beyond ``img_lens`` are zero."""
         return self.img_enc(regions, img_lens)
@@ -215,3 +225,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | No
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     return model
+
+
+def build_trained(cfg: ModelConfig, vocab_size: int, trainable: dict[str, torch.Tensor]) -> SCANModel:
+    """A float32 model in eval mode holding the trained parameters ``trainable`` (by name); frozen
+    ones come from their source (e.g. the pretrained ``model.hf_path``), as training started."""
+    model = build_model(cfg, vocab_size)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in trainable.items()},
+                                                strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or not set(missing) <= frozen:
+        raise ValueError(f"trained weights do not fit the model of this config: missing "
+                         f"{sorted(set(missing) - frozen)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model.eval()

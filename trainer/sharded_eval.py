@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -449,9 +449,18 @@ class EvalResult:
     tiles_computed: int  # over all ranks, this run
     tiles_loaded: int  # from resume records
     topk: dict = field(default_factory=dict)  # {"i2t": (scores (N,K), idx), "t2i": ...} when topk > 0
+    precision: str = "fp32"  # of the embeddings and scores behind the figures (see precision_of)
 
 
-def finish(plan: TilePlan, total: Partial, protocol: str) -> EvalResult:
+def precision_of(members: Sequence[Member]) -> str:
+    """The precision the figures were computed in: the lowest of the members' embeddings (the
+    scores of a tile are computed in its embeddings' dtype)."""
+    names = {torch.float32: "fp32", torch.float64: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    found = {names.get(m.emb.images.dtype, str(m.emb.images.dtype)) for m in members}
+    return next((p for p in ("fp16", "bf16") if p in found), found.pop() if found else "fp32")
+
+
+def finish(plan: TilePlan, total: Partial, protocol: str, precision: str = "fp32") -> EvalResult:
     """Metrics of a fully combined partial."""
     cpi = plan.caps_per_image
     full = metrics_from_ranks(total.i2t, total.t2i)
@@ -460,7 +469,7 @@ def finish(plan: TilePlan, total: Partial, protocol: str) -> EvalResult:
     metrics = mean_metrics(folds) if protocol == "coco1k" else full
     top = {"i2t": total.top_i2t, "t2i": total.top_t2i} if total.top_i2t[0].shape[1] else {}
     return EvalResult(protocol, metrics, full, folds, total.i2t, total.t2i, total.computed,
-                      total.loaded, top)
+                      total.loaded, top, precision)
 
 
 def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
@@ -509,9 +518,9 @@ def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", i
         torch_barrier()
         if rank == 0:
             store.write_sims_index(plan)
-    result = finish(plan, total, protocol)
-    log.info("eval %s: %d tiles computed, %d resumed; rsum %.2f", protocol, result.tiles_computed,
-             result.tiles_loaded, result.metrics["rsum"])
+    result = finish(plan, total, protocol, precision_of(members))
+    log.info("eval %s (%s): %d tiles computed, %d resumed; rsum %.2f", protocol, result.precision,
+             result.tiles_computed, result.tiles_loaded, result.metrics["rsum"])
     return result
 
 
@@ -561,18 +570,21 @@ def write_outputs(out_dir: str | os.PathLike, result: EvalResult, emb: Embedding
     out.mkdir(parents=True, exist_ok=True)
     if result.topk:
         write_topk(out / "topk.jsonl", result, emb)
-    summary = {"protocol": result.protocol, "metrics": result.metrics, "full": result.full,
+    summary = {"protocol": result.protocol, "precision": result.precision,
+               "metrics": result.metrics, "full": result.full,
                "folds": result.folds, "tiles_computed": result.tiles_computed,
                "tiles_loaded": result.tiles_loaded, **extra}
     _atomic_write(out / "metrics.json", json.dumps(summary, indent=1).encode())
 
 
 def evaluate_split(model: torch.nn.Module, cfg: ExperimentConfig, spec: str, *, encode_text: EncodeText,
-                   out_dir: str | os.PathLike | None = None) -> EvalResult:
+                   out_dir: str | os.PathLike | None = None, max_images: int = 0,
+                   protocol: str | None = None) -> EvalResult:
     """The end-of-epoch evaluation: every rank calls it (inside or outside the process group).
 
-    Each rank encodes its contiguous block of the split once, the embeddings are all-gathered and
-    the tiles scored on the model's device; every rank returns the same result.
+    Each rank encodes its contiguous block of the split (of its first ``max_images`` images when
+    > 0) once, the embeddings are all-gathered and the tiles scored on the model's device; every
+    rank returns the same result. ``protocol`` overrides ``cfg.eval.protocol``.
     """
     import torch.distributed as dist
 
@@ -581,9 +593,9 @@ def evaluate_split(model: torch.nn.Module, cfg: ExperimentConfig, spec: str, *, 
     device = next(model.parameters()).device
     emb = encode_split(model, spec, encode_text=encode_text, caps_per_image=cfg.eval.caps_per_image,
                        precision=cfg.eval.precision, batch_size=cfg.data.batch_size, device=device,
-                       rank=rank, world=world, on_error=cfg.data.on_error)
-    return run_eval([Member(emb.to(device), cfg.xattn)], cfg.eval, rank=rank, world=world,
-                    out_dir=out_dir)
+                       rank=rank, world=world, on_error=cfg.data.on_error, max_images=max_images)
+    ev = cfg.eval if protocol is None else replace(cfg.eval, protocol=protocol)
+    return run_eval([Member(emb.to(device), cfg.xattn)], ev, rank=rank, world=world, out_dir=out_dir)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -628,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                for cfg, path in zip(cfgs, args.embeddings)]
     result = run_eval(members, cfgs[0].eval, rank=env.rank, world=env.world, out_dir=args.out)
     if env.rank == 0:
-        print(json.dumps({"protocol": result.protocol, **result.metrics,
+        print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
                           "tiles_computed": result.tiles_computed,
                           "tiles_loaded": result.tiles_loaded}))
     return 0

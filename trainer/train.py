@@ -10,33 +10,43 @@ images × its local captions, and mines the hardest negatives over the global mi
 gradient accumulation mining stays within each global micro-batch (never across accumulated
 micro-batches). The per-rank loss is multiplied by the world size because DeepSpeed averages
 gradients over ranks: the update then equals one process's on the concatenated global batch.
+
+Batch size: ``data.global_batch_size`` (the paper's 128) fixes the captions mined together on any
+number of ranks (each rank takes global / world); without it ``data.batch_size`` is per rank.
+
+Where training stands (:class:`Position`) is saved in every checkpoint: the epoch, the optimizer
+step and the epoch's segments (world size, captions consumed per rank), from which
+``dataio.pipeline`` re-plans exactly the captions not yet seen, on any world size.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dataio import storage
 from dataio.errors import SKIPS
-from dataio.pipeline import CaptionLoader, caption_batches, iter_tokens
+from dataio.pipeline import CaptionBatch, CaptionLoader, caption_batches, iter_tokens, resolve_shards
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer
 from trainer import checkpoint
 from trainer.config import ExperimentConfig, LossConfig
 from trainer.configfile import ConfigError, to_dict
 from trainer.distributed import (DistEnv, all_gather_ints, all_reduce_sum, gather_padded,
                                  init_process_group, is_distributed, read_env)
-from trainer.engine import Engine, build_engine
+from trainer.engine import Engine, build_engine, fp32_trainable_state
 from trainer.loss import directional_hinge
-from trainer.model import build_model
+from trainer.model import build_model, build_trained
 from trainer.telemetry import JsonlRunLog, Telemetry
 from trainer.xattn import XAttnConfig, xattn_scores
 
@@ -114,15 +124,36 @@ def text_encoder(cfg: ExperimentConfig, env: DistEnv, run_dir: Path) -> tuple[Te
     return vocab, len(vocab)
 
 
+def per_rank_batch(cfg: ExperimentConfig, world: int) -> int:
+    """Captions per rank per micro-batch: ``data.global_batch_size / world`` when that is set."""
+    g = cfg.data.global_batch_size
+    if not g:
+        return cfg.data.batch_size
+    if g % world:
+        raise ConfigError(f"config key 'data.global_batch_size': {g} captions do not divide over "
+                          f"{world} ranks; choose a multiple of {world} or another number of ranks")
+    return g // world
+
+
 def epoch_batches(cfg: ExperimentConfig, enc: TextEncoder, env: DistEnv, epoch: int,
-                  start_sample: int = 0) -> CaptionLoader:
-    """This rank's caption batches of ``epoch`` (the same count on every rank)."""
+                  segments: list[tuple[int, int]] = ()) -> CaptionLoader:
+    """This rank's caption batches of what remains of ``epoch`` (the same count on every rank)."""
     d = cfg.data
     return caption_batches(d.train_shards, batch_size=d.batch_size, encode=enc, seed=cfg.train.seed,
                            epoch=epoch, rank=env.rank, world=env.world, num_workers=d.num_workers,
-                           shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-                           start_sample=start_sample, on_error=d.on_error,
-                           caps_per_image=d.caps_per_image, max_words=d.max_words)
+                           resampled=d.resampled, segments=segments, on_error=d.on_error,
+                           caps_per_image=d.caps_per_image, max_words=d.max_words,
+                           retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s))
+
+
+def data_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What decides an epoch's caption order: a checkpoint taken mid-epoch can continue it only
+    while these are unchanged (world size, batch size and workers may change)."""
+    shards = resolve_shards(cfg.data.train_shards)
+    digest = hashlib.blake2b(json.dumps([[storage.basename(s.url), list(s.caption_counts)]
+                                          for s in shards]).encode(), digest_size=12).hexdigest()
+    return {"data.train_shards": digest, "data.caps_per_image": cfg.data.caps_per_image,
+            "data.resampled": cfg.data.resampled, "train.seed": cfg.train.seed}
 
 
 def seed_everything(seed: int) -> None:
@@ -151,14 +182,47 @@ class Position:
     """Where training stands; saved in every checkpoint."""
 
     epoch: int = 0
-    samples: int = 0  # captions this rank consumed in `epoch`
+    samples: int = 0  # captions this rank consumed in `epoch` since `segments`, at world `world`
     step: int = 0  # optimizer steps done
+    world: int = 1
+    segments: list[list[int]] = field(default_factory=list)  # earlier runs of `epoch`: [world, captions per rank]
+
+    def epoch_segments(self) -> list[tuple[int, int]]:
+        """Every run of the current epoch so far, this one included (for the data plan)."""
+        done = [(int(w), int(n)) for w, n in self.segments]
+        return done + [(self.world, self.samples)] if self.samples else done
+
+    def continued(self, world: int) -> "Position":
+        """The position a run on ``world`` ranks continues from (its own segment starts empty)."""
+        return Position(self.epoch, 0, self.step, world, [list(s) for s in self.epoch_segments()])
 
 
-def _client_state(cfg: ExperimentConfig, pos: Position, vocab_path: str, enc: TextEncoder) -> dict[str, Any]:
+def _client_state(cfg: ExperimentConfig, pos: Position, vocab_path: str, enc: TextEncoder,
+                  data: dict[str, Any]) -> dict[str, Any]:
     itos = enc.itos if isinstance(enc, Vocab) else None
-    return {"scan_position": vars(pos).copy(), "scan_config": to_dict(cfg),
+    return {"scan_position": {**vars(pos), "segments": [list(s) for s in pos.segments]},
+            "scan_config": to_dict(cfg), "scan_data": data,
             "scan_vocab": {"path": vocab_path, "itos": itos}}
+
+
+def resumed_position(state: dict[str, Any], data: dict[str, Any], env: DistEnv) -> Position:
+    """The checkpoint's position, continued on this run's world size; refuses a mid-epoch
+    checkpoint whose epoch order this run's config would change (naming the keys)."""
+    pos = Position(**state["scan_position"])
+    if pos.epoch_segments():  # inside an epoch
+        saved = state.get("scan_data", {})
+        changed = {k: (saved.get(k), v) for k, v in data.items() if saved.get(k) != v}
+        if changed:
+            listed = "; ".join(f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(
+                f"--resume: the checkpoint is inside epoch {pos.epoch}, and this run would order "
+                f"that epoch differently ({listed}). Set those keys back to the checkpoint's values, "
+                f"or resume from a checkpoint taken at an epoch end (one is saved after every epoch)")
+        if pos.world != env.world:
+            log.info("resuming inside epoch %d on %d ranks (the checkpoint ran %d): the rest of the "
+                     "epoch is re-planned over %d ranks, every caption still seen once", pos.epoch,
+                     env.world, pos.world, env.world)
+    return pos.continued(env.world)
 
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Telemetry | None = None,
@@ -171,6 +235,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: name the training manifest or shards")
     env = read_env(local_rank)
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=per_rank_batch(cfg, env.world)))
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
@@ -178,109 +243,211 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
         init_process_group(env)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _log_batch(cfg, env.world)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         enc, vocab_size = text_encoder(cfg, env, run_dir)
         vocab_path = cfg.data.vocab or str(run_dir / "vocab.json")
         embeddings = (torch.from_numpy(load_glove(enc, cfg.model.glove, cfg.train.seed))
                       if cfg.model.glove and isinstance(enc, Vocab) else None)
         model = build_model(cfg.model, vocab_size, embeddings)
-        steps = max(1, len(epoch_batches(cfg, enc, env, 0)) // cfg.train.grad_accum)
-        engine = build_engine(cfg, model, env, steps)
+        engine = build_engine(cfg, model, env)
         seed_everything(cfg.train.seed + env.rank)  # per-rank streams from here on
-        pos = Position()
+        data = data_identity(cfg)
+        pos = Position(world=env.world)
         if resume:
             state = checkpoint.load(engine.ds, ckpt_dir, resume, env)
-            pos = Position(**state["scan_position"])
+            pos = resumed_position(state, data, env)
             saved_itos = state["scan_vocab"]["itos"]
             if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
                 raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
-        pos = _loop(cfg, env, engine, enc, pos, telemetry, ckpt_dir, vocab_path)
+        run = _Run(cfg, env, engine, enc, vocab_size, telemetry, ckpt_dir, vocab_path, data)
+        pos = run.loop(pos)
     finally:
         telemetry.close()
     return {"steps": pos.step, "epoch": pos.epoch, "optimizer": engine.optimizer_name,
             "checkpoint": checkpoint.latest_tag(ckpt_dir), "world": env.world}
 
 
-def _loop(cfg: ExperimentConfig, env: DistEnv, engine: Engine, enc: TextEncoder, pos: Position,
-          telemetry: Telemetry, ckpt_dir: Path, vocab_path: str) -> Position:
+def _log_batch(cfg: ExperimentConfig, world: int) -> None:
+    d, gas = cfg.data, cfg.train.grad_accum
+    if d.global_batch_size:
+        log.info("batch: global %d captions = %d rank(s) x %d (data.global_batch_size); hardest "
+                 "negatives mined over all %d", d.global_batch_size, world, d.batch_size,
+                 d.global_batch_size)
+    else:
+        log.info("batch: %d captions per rank (data.batch_size) x %d rank(s) = global %d; hardest "
+                 "negatives mined over all %d (set data.global_batch_size to fix it on any number "
+                 "of ranks)", d.batch_size, world, d.batch_size * world, d.batch_size * world)
+    if gas > 1:
+        log.info("accumulation: %d micro-batches per optimizer step (negatives mined within each)", gas)
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, loss: float, keys: list[str]):
+        self.loss, self.keys = loss, keys
+        super().__init__(f"non-finite training loss {loss}")
+
+
+@dataclass
+class StepResult:
+    loss: float  # summed over ranks: the loss of the global micro-batch
+    stepped: bool  # an optimizer step was taken (the end of an accumulation window)
+    grad_norm: float | None
+    lr: float  # the lr this micro-batch's step applies
+
+
+def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig,
+                          device: torch.device, dtype: torch.dtype) -> float:
+    """Forward through the engine, the cross-device hardest-negative loss, backward (gradients
+    accumulate in the engine); returns the loss summed over ranks."""
     ds = engine.ds
-    dtype = next(ds.module.parameters()).dtype
-    gas = cfg.train.grad_accum
+    b = batch.to(device)
+    img_emb, cap_emb = ds(b.regions.to(dtype), b.img_lens, b.tokens, b.cap_lens)
+    loss, total = batch_loss(img_emb, b.img_lens, cap_emb, b.cap_lens, b.image_ids, cfg.loss, cfg.xattn)
+    total_f = float(total)
+    if not math.isfinite(total_f):  # the all-reduced value: every rank stops together
+        raise NonFiniteLoss(total_f, batch.keys)
+    ds.backward(loss)
+    return total_f
 
-    def save() -> None:
-        checkpoint.save(ds, ckpt_dir, pos.step, _client_state(cfg, pos, vocab_path, enc), env,
-                        cfg.train.keep_checkpoints)
 
-    while pos.epoch < cfg.train.epochs:
-        batches = epoch_batches(cfg, enc, env, pos.epoch, pos.samples)
-        step_start, data_wait, loss_sum, samples = time.perf_counter(), 0.0, 0.0, 0
+def train_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig, device: torch.device,
+               dtype: torch.dtype) -> StepResult:
+    """One micro-batch: :func:`forward_backward_step`, then the optimizer step at the end of an
+    accumulation window (DeepSpeed counts the micro-batches)."""
+    ds = engine.ds
+    total_f = forward_backward_step(engine, batch, cfg, device, dtype)
+    grad_norm = _grad_norm(engine) if ds.is_gradient_accumulation_boundary() else None
+    before, lr = ds.global_steps, float(ds.get_lr()[0])
+    ds.step()
+    stepped = ds.global_steps != before
+    if stepped and grad_norm is None:
+        grad_norm = _float(ds.get_global_grad_norm())
+    return StepResult(total_f, stepped, grad_norm, lr)
+
+
+@dataclass
+class _Run:
+    """A training run's fixed parts; :meth:`loop` runs the epochs."""
+
+    cfg: ExperimentConfig
+    env: DistEnv
+    engine: Engine
+    enc: TextEncoder
+    vocab_size: int
+    telemetry: Telemetry
+    ckpt_dir: Path
+    vocab_path: str
+    data: dict[str, Any]
+
+    def save(self, pos: Position) -> None:
+        checkpoint.save(self.engine.ds, self.ckpt_dir, pos.step,
+                        _client_state(self.cfg, pos, self.vocab_path, self.enc, self.data), self.env,
+                        self.cfg.train.keep_checkpoints, lambda: fp32_trainable_state(self.engine.ds))
+
+    def loop(self, pos: Position) -> Position:
+        cfg, ds = self.cfg, self.engine.ds
+        dtype = next(ds.module.parameters()).dtype
+        window = _Window()
+        save_at_boundary = False  # an epoch ended inside an accumulation window
+        while pos.epoch < cfg.train.epochs:
+            self.engine.scheduler.set_epoch(pos.epoch)
+            batches = epoch_batches(cfg, self.enc, self.env, pos.epoch, pos.epoch_segments())
+            pos.segments, pos.samples = [list(s) for s in pos.epoch_segments()], 0
+            for batch in window.timed(batches):
+                try:
+                    result = train_step(self.engine, batch, cfg, self.env.device, dtype)
+                except NonFiniteLoss as err:
+                    raise FloatingPointError(
+                        f"non-finite training loss {err.loss} at epoch {pos.epoch}, step {pos.step + 1} "
+                        f"(batch keys {err.keys[:4]}...); check the features and lower optim.lr") from None
+                window.add(result.loss, len(batch))
+                pos.samples += len(batch)
+                if not result.stepped:
+                    continue  # accumulating: no optimizer step yet
+                pos.step = ds.global_steps
+                self._observe(pos, window, result)
+                saved = bool(cfg.train.ckpt_every_steps) and pos.step % cfg.train.ckpt_every_steps == 0
+                if saved or save_at_boundary:
+                    self.save(pos)
+                    saved, save_at_boundary = True, False
+                if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
+                    if not saved:
+                        self.save(pos)
+                    return pos
+                window.reset()
+            pos.epoch, pos.samples, pos.segments = pos.epoch + 1, 0, []
+            if window.samples:  # the window's gradients carry over into the next epoch's first step
+                log.info("epoch %d ended inside an accumulation window: its checkpoint follows the "
+                         "next optimizer step", pos.epoch - 1)
+                save_at_boundary = True
+            else:
+                self.save(pos)
+            if cfg.data.val_shards and pos.epoch % max(cfg.train.eval_every_epochs, 1) == 0:
+                evaluate(cfg, self.engine, self.vocab_size, self.enc, pos.epoch - 1, self.telemetry,
+                         self.ckpt_dir.parent)
+        if save_at_boundary:  # the last epoch ended inside a window: no step will complete it
+            log.warning("the last %d captions of the final epoch did not reach an optimizer step "
+                        "(train.grad_accum=%d); saving the final weights without them",
+                        window.samples, cfg.train.grad_accum)
+            self.save(pos)
+        return pos
+
+    def _observe(self, pos: Position, window: "_Window", result: StepResult) -> None:
+        step_time = window.elapsed()
+        loss = window.loss_sum / self.cfg.train.grad_accum
+        self.telemetry.observe_step(
+            step=pos.step, epoch=pos.epoch, loss=loss, samples_per_s=window.samples / step_time,
+            step_time_s=step_time, data_wait_s=window.data_wait, lr=result.lr,
+            grad_norm=result.grad_norm, loss_scale=_loss_scale(self.engine.ds),
+            skipped_samples=SKIPS.total(), memory_bytes=peak_memory_bytes(self.env.device))
+        if self.env.is_main and pos.step % max(self.cfg.train.log_every, 1) == 0:
+            log.info("epoch %d step %d loss %.4f lr %.3g %.1f samples/s", pos.epoch, pos.step, loss,
+                     result.lr, window.samples / step_time)
+
+
+class _Window:
+    """Time, data wait, loss and captions of the current optimizer step's micro-batches."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.data_wait, self.loss_sum, self.samples = time.perf_counter(), 0.0, 0.0, 0
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.samples += samples
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def timed(self, batches: CaptionLoader) -> Iterator[CaptionBatch]:
+        """The batches, with the time spent waiting for each added to ``data_wait``."""
         it = iter(batches)
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
-            data_wait += time.perf_counter() - t0
+            self.data_wait += time.perf_counter() - t0
             if batch is None:
-                break
-            regions = batch.regions.to(env.device, dtype)
-            img_lens, cap_lens = batch.img_lens.to(env.device), batch.cap_lens.to(env.device)
-            img_emb = ds.module.encode_images(regions, img_lens)
-            cap_emb = ds.module.encode_captions(batch.tokens.to(env.device), cap_lens)
-            loss, total = batch_loss(img_emb, img_lens, cap_emb, cap_lens,
-                                     batch.image_ids.to(env.device), cfg.loss, cfg.xattn)
-            if not math.isfinite(float(total)):  # the all-reduced value: every rank stops together
-                raise FloatingPointError(
-                    f"non-finite training loss {float(total)} at epoch {pos.epoch}, step {pos.step + 1} "
-                    f"(batch keys {batch.keys[:4]}...); check the features and lower optim.lr")
-            ds.backward(loss)
-            grad_norm = _grad_norm(engine) if ds.is_gradient_accumulation_boundary() else None
-            before, lr = ds.global_steps, float(ds.get_lr()[0])  # the lr this step applies
-            ds.step()
-            loss_sum += float(total)
-            samples += len(batch.keys)
-            pos.samples += len(batch.keys)
-            if ds.global_steps == before:
-                continue  # accumulating: no optimizer step yet
-            pos.step = ds.global_steps
-            step_time = time.perf_counter() - step_start
-            telemetry.observe_step(
-                step=pos.step, epoch=pos.epoch, loss=loss_sum / gas, samples_per_s=samples / step_time,
-                step_time_s=step_time, data_wait_s=data_wait, lr=lr,
-                grad_norm=grad_norm if grad_norm is not None else _float(ds.get_global_grad_norm()),
-                loss_scale=_loss_scale(ds),
-                skipped_samples=SKIPS.total(), memory_bytes=peak_memory_bytes(env.device))
-            if env.is_main and pos.step % max(cfg.train.log_every, 1) == 0:
-                log.info("epoch %d step %d loss %.4f lr %.3g %.1f samples/s", pos.epoch, pos.step,
-                         loss_sum / gas, lr, samples / step_time)
-            saved = bool(cfg.train.ckpt_every_steps) and pos.step % cfg.train.ckpt_every_steps == 0
-            if saved:
-                save()
-            if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
-                if not saved:
-                    save()
-                return pos
-            step_start, data_wait, loss_sum, samples = time.perf_counter(), 0.0, 0.0, 0
-        pos.epoch, pos.samples = pos.epoch + 1, 0
-        if samples:  # the epoch ended inside an accumulation window; its gradients carry over
-            log.warning("epoch %d ended between optimizer steps; no epoch-end checkpoint", pos.epoch - 1)
-        else:  # (replaces a periodic checkpoint of the same step: this one has the new epoch)
-            save()
-        if cfg.data.val_shards and pos.epoch % max(cfg.train.eval_every_epochs, 1) == 0:
-            evaluate(cfg, ds.module, enc, pos.epoch - 1, telemetry, ckpt_dir.parent)
-    return pos
+                return
+            yield batch
 
 
-def evaluate(cfg: ExperimentConfig, model: torch.nn.Module, enc: TextEncoder, epoch: int,
+def evaluate(cfg: ExperimentConfig, engine: Engine, vocab_size: int, enc: TextEncoder, epoch: int,
              telemetry: Telemetry, run_dir: Path) -> None:
-    """Sharded evaluation of ``data.val_shards`` on every rank; recalls go to the telemetry."""
+    """Validation on every rank: the first ``eval.val_images`` images of ``data.val_shards``
+    (the reference's 1,000 images / 5,000 captions), encoded by an fp32 model holding the
+    trained (master) weights; recalls go to the telemetry."""
     from trainer.sharded_eval import evaluate_split
 
-    weights = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype)
-    if weights is not None:  # low-precision weights cannot run an fp32 evaluation
-        cfg = replace(cfg, eval=replace(cfg.eval, precision=weights))
+    model = build_trained(cfg.model, vocab_size, fp32_trainable_state(engine.ds)).to(engine.ds.device)
     result = evaluate_split(model, cfg, cfg.data.val_shards, encode_text=enc.encode,
-                            out_dir=run_dir / "eval" / f"epoch{epoch:03d}")
+                            out_dir=run_dir / "eval" / f"epoch{epoch:03d}",
+                            max_images=cfg.eval.val_images, protocol="split")
     telemetry.observe_eval(epoch=epoch, metrics=result.metrics)
-    log.info("epoch %d evaluation: rsum %.2f", epoch, result.metrics["rsum"])
+    log.info("epoch %d validation (%s, first %d images of %s): rsum %.2f", epoch, cfg.eval.precision,
+             len(result.i2t_ranks), cfg.data.val_shards, result.metrics["rsum"])
 
 
 def _float(x: Any) -> float | None:
