@@ -51,7 +51,8 @@ def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = 
                     num_gpus: float = 0) -> EvalResult:
     """Runs both passes on ``actors`` actors of the connected Ray; writes ``out_dir`` outputs."""
     out = Path(out_dir)
-    plan = plan_members(members, protocol=protocol, image_block=image_block, world=actors)
+    plan = plan_members(members, protocol=protocol, image_block=image_block, world=actors,
+                        save_sims=save_sims)
     work_dir, sims_dir = str(out / "tiles"), str(out / "sims") if save_sims else None
     store = TileStore(work_dir, sims_dir)
     store.check_plan(lambda: fingerprint(members, plan, topk), 0, lambda: None)

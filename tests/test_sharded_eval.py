@@ -88,7 +88,7 @@ def test_two_gloo_ranks_equal_recall_metrics_exactly_with_ties(tmp_path: Path) -
     assert single.tiles_computed == 25
 
 
-def test_coco_1k_and_5k_from_one_set_of_tiles() -> None:
+def test_coco_1k_scores_the_folds_and_5k_everything() -> None:
     emb = tied_embeddings(blocks=5, block=8, seed=1)  # five 8-image folds stand in for 1,000
     members = [Member(emb, T2I_AVG)]
     res_1k = evaluate_embeddings(members, protocol="coco1k", fold_images=8, image_block=5)
@@ -101,8 +101,10 @@ def test_coco_1k_and_5k_from_one_set_of_tiles() -> None:
     assert res_1k.metrics == ref["mean"]
     assert res_1k.metrics["rsum"] == pytest.approx(
         sum(res_1k.metrics[d][r] for d in ("i2t", "t2i") for r in ("r1", "r5", "r10")))
-    assert res_5k.metrics == res_1k.full == recall_metrics(sims, 5)
-    assert res_1k.tiles_computed == len(plan.blocks) ** 2
+    assert res_5k.metrics == res_5k.full == recall_metrics(sims, 5)
+    assert res_1k.full is None  # 1K scores only the tiles inside a fold: a fifth of the work
+    per_fold = sum(1 for b in plan.blocks if b[0] < 8)
+    assert res_1k.tiles_computed == 5 * per_fold ** 2 and res_5k.tiles_computed == len(plan.blocks) ** 2
 
 
 def test_ensemble_averages_member_tiles() -> None:

@@ -57,11 +57,15 @@ class Member:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Image blocks [i0, i1) (never crossing a fold) and the folds [f0, f1) they partition."""
+    """Image blocks [i0, i1) (never crossing a fold) and the folds [f0, f1) they partition.
+
+    ``within_folds`` (COCO 1K): only the tiles inside a fold are scored, a fifth of the 5K matrix.
+    """
 
     blocks: tuple[tuple[int, int], ...]
     folds: tuple[tuple[int, int], ...]
     caps_per_image: int
+    within_folds: bool = False
 
     @property
     def n_images(self) -> int:
@@ -87,12 +91,14 @@ class TilePlan:
         return [(a, a) for a in range(rank, len(self.blocks), world)]
 
     def offdiagonal_tiles(self, rank: int, world: int) -> list[tuple[int, int]]:
-        """Pass 2 of ``rank``: the rest of its rows."""
+        """Pass 2 of ``rank``: the rest of its rows (of its folds, when ``within_folds``)."""
         return [(a, b) for a in range(rank, len(self.blocks), world)
-                for b in range(len(self.blocks)) if b != a]
+                for b in range(len(self.blocks))
+                if b != a and (not self.within_folds or self.fold_of(a) == self.fold_of(b))]
 
     def describe(self) -> dict:
         return {"blocks": [list(b) for b in self.blocks], "folds": [list(f) for f in self.folds],
+                "within_folds": self.within_folds,
                 "caps_per_image": self.caps_per_image}
 
 
@@ -118,7 +124,7 @@ def protocol_folds(protocol: str, n_images: int, fold_images: int = COCO_FOLD) -
 
 
 def make_plan(n_images: int, caps_per_image: int, *, folds: Sequence[tuple[int, int]],
-              image_block: int = 0, world: int = 1) -> TilePlan:
+              image_block: int = 0, world: int = 1, within_folds: bool = False) -> TilePlan:
     """Blocks of ``image_block`` images per fold.
 
     0: about four tile rows per rank (load balance, resume granularity), but at least 32 images
@@ -128,7 +134,7 @@ def make_plan(n_images: int, caps_per_image: int, *, folds: Sequence[tuple[int, 
         raise ValueError(f"eval.image_block must be >= 0, got {image_block}")
     block = image_block or max(32, math.ceil(n_images / (4 * world)))
     blocks = tuple((i, min(i + block, f1)) for f0, f1 in folds for i in range(f0, f1, block))
-    return TilePlan(blocks, tuple(tuple(f) for f in folds), caps_per_image)
+    return TilePlan(blocks, tuple(tuple(f) for f in folds), caps_per_image, within_folds)
 
 
 def score_tile(members: Sequence[Member], rows: slice, cols: slice, *,
@@ -442,7 +448,7 @@ def run_tiles(members: Sequence[Member], plan: TilePlan, tiles: Sequence[tuple[i
 class EvalResult:
     protocol: str
     metrics: Metrics  # the protocol's figures (COCO 1K: mean of the folds)
-    full: Metrics  # the whole split (COCO 5K for the COCO protocols)
+    full: Metrics | None  # the whole split (COCO 5K: protocol coco5k; coco1k scores folds only)
     folds: list[Metrics]  # per fold (one fold = the whole split)
     i2t_ranks: np.ndarray  # (N,) 0-based, over the whole split
     t2i_ranks: np.ndarray  # (M,)
@@ -461,9 +467,9 @@ def precision_of(members: Sequence[Member]) -> str:
 
 
 def finish(plan: TilePlan, total: Partial, protocol: str, precision: str = "fp32") -> EvalResult:
-    """Metrics of a fully combined partial."""
+    """Metrics of a fully combined partial (``full`` is None when only fold tiles were scored)."""
     cpi = plan.caps_per_image
-    full = metrics_from_ranks(total.i2t, total.t2i)
+    full = None if plan.within_folds else metrics_from_ranks(total.i2t, total.t2i)
     folds = [metrics_from_ranks(total.i2t_fold[f0:f1], total.t2i_fold[f0 * cpi:f1 * cpi])
              for f0, f1 in plan.folds]
     metrics = mean_metrics(folds) if protocol == "coco1k" else full
@@ -478,8 +484,11 @@ def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
 
 
 def plan_members(members: Sequence[Member], *, protocol: str, image_block: int = 0,
-                 fold_images: int = COCO_FOLD, world: int = 1) -> TilePlan:
-    """The tile plan of an ensemble's split, after checking the members describe the same split."""
+                 fold_images: int = COCO_FOLD, world: int = 1, save_sims: bool = False) -> TilePlan:
+    """The tile plan of an ensemble's split, after checking the members describe the same split.
+
+    COCO 1K scores the five folds' tiles only (coco5k scores all and reports the folds too),
+    unless ``save_sims`` asks for the whole matrix."""
     if not members:
         raise ValueError("evaluate_embeddings: no ensemble members")
     first = members[0].emb
@@ -489,7 +498,8 @@ def plan_members(members: Sequence[Member], *, protocol: str, image_block: int =
                              f"or caps_per_image differ from member 0)")
     return make_plan(first.num_images, first.caps_per_image,
                      folds=protocol_folds(protocol, first.num_images, fold_images),
-                     image_block=image_block, world=world)
+                     image_block=image_block, world=world,
+                     within_folds=protocol == "coco1k" and not save_sims)
 
 
 def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", image_block: int = 0,
@@ -503,7 +513,7 @@ def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", i
     or stay with each rank); ``sims_dir`` saves every tile (``load_sims``).
     """
     plan = plan_members(members, protocol=protocol, image_block=image_block, fold_images=fold_images,
-                        world=world)
+                        world=world, save_sims=sims_dir is not None)
     store = TileStore(work_dir, sims_dir)
     store.check_plan(lambda: fingerprint(members, plan, topk), rank, torch_barrier)
     show = rank == 0
