@@ -5,6 +5,10 @@ its rows of one fixed global batch (unequal row counts and lengths on purpose), 
 ``trainer.train.batch_loss`` and ``engine.backward`` under each ZeRO stage in STAGES (e.g. "0,2"),
 and writes the summed loss and the full gradients to ``OUT/world<W>_rank<R>.pt``. With one process
 it also writes the reference loss: ``hardest_negative_loss`` over the whole batch's scores.
+
+``accum OUT PRECISIONS`` (one process): the accumulation matrix of tests/test_accumulation.py.
+``paper OUT`` (any world size): one step of a paper recipe with its global batch of 128 split
+over the ranks (tests/test_distributed_grads.py).
 """
 from __future__ import annotations
 
@@ -231,11 +235,57 @@ def accum(out: Path, precisions: list[str]) -> None:
     torch.save(rows, out / "accum.pt")
 
 
+# --------------------------------------------------------------------------------------------- paper
+PAPER_CONFIG = REPO / "configs" / "f30k_t2i_avg.yaml"
+PAPER_OVERRIDES = ("model.embed_size=32", "model.word_dim=16", "train.precision=fp32",
+                   "train.deepspeed_config=")  # its JSON enables bf16: exact sums need fp32
+
+
+def paper_batch() -> dict[str, torch.Tensor]:
+    """The paper's global batch of 128 captions with BUTD-shaped regions (36 x 2048)."""
+    g = torch.Generator().manual_seed(7)
+    n = 128
+    # Post-ReLU like BUTD's pooled features (none of which is an exact-zero vector: at one, the
+    # zero-bias projection's l2norm gradient is ~1/eps and its float sums differ across ranks).
+    regions = torch.randn(n, 36, 2048, generator=g).clamp(min=0)
+    cap_lens = torch.randint(8, 21, (n,), generator=g)
+    tokens = torch.randint(4, VOCAB, (n, 20), generator=g)
+    ids = torch.arange(n) // 2  # pairs of captions of one image, as a caption-level batch has
+    regions[1::2] = regions[::2]
+    return {"regions": regions, "img_lens": torch.full((n,), 36), "tokens": tokens,
+            "cap_lens": cap_lens, "image_ids": ids}
+
+
+def paper(out: Path) -> None:
+    """One step of the F30K t2i AVG recipe (tiny embedding, fp32) with data.global_batch_size 128
+    split over however many ranks run this: loss and full gradients to OUT/paper_world<W>_rank<R>.pt."""
+    from dataio.pipeline import CaptionBatch
+    from trainer.config import load_experiment
+    from trainer.train import forward_backward_step, per_rank_batch
+
+    env = read_env()
+    init_process_group(env)
+    cfg = load_experiment(PAPER_CONFIG, PAPER_OVERRIDES)
+    per_rank = per_rank_batch(cfg, env.world)
+    cfg.data.batch_size = per_rank
+    rows = local_rows(paper_batch(), env.rank * per_rank, (env.rank + 1) * per_rank)
+    b = CaptionBatch(rows["regions"], rows["img_lens"], rows["tokens"], rows["cap_lens"],
+                     rows["image_ids"], [str(int(i)) for i in rows["image_ids"]])
+    seed_everything(0)
+    engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
+    loss = forward_backward_step(engine, b, cfg, env.device, torch.float32)
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.ds.module.named_parameters()}
+    torch.save({"loss": loss, "per_rank": per_rank, "stage": engine.ds_config["zero_optimization"]["stage"],
+                "grads": grads}, out / f"paper_world{env.world}_rank{env.rank}.pt")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "grads":
         grads(Path(args[0]), [int(s) for s in args[1].split(",")])
     elif command == "accum":
         accum(Path(args[0]), args[1].split(","))
+    elif command == "paper":
+        paper(Path(args[0]))
     else:
         raise SystemExit(f"unknown command {command!r}")

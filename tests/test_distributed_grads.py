@@ -1,5 +1,6 @@
 """Cross-device hardest negatives: 2 gloo ranks give the loss and gradients of 1 process on the
-concatenated global batch (fp32, ZeRO 0 and 2), with same-image pairs masked across ranks."""
+concatenated global batch (fp32, ZeRO 0 and 2), with same-image pairs masked across ranks; and a
+paper recipe's data.global_batch_size of 128 gives the one-process gradients on 1, 2 and 8 ranks."""
 from __future__ import annotations
 
 import subprocess
@@ -15,15 +16,15 @@ HELPER = Path(__file__).with_name("helpers_dist.py")
 STAGES = (0, 2)
 
 
-def _launch(out: Path, world: int) -> list[subprocess.Popen]:
+def _launch(out: Path, world: int, *command: str) -> list[subprocess.Popen]:
+    command = command or ("grads", str(out), ",".join(map(str, STAGES)))
     port = free_port()
     procs = []
     for rank in range(world):
         env = cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HELPER), "grads", str(out), ",".join(map(str, STAGES))], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(HELPER), *command], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
@@ -66,3 +67,37 @@ def test_same_image_pairs_are_not_negatives(results):
     """The fixed batch has duplicate images; unmasked, they would be (hard) negatives."""
     one = results["world1_rank0"][0]
     assert one["reference_unmasked"] > one["reference"] + 1e-4
+
+
+PAPER_WORLDS = (1, 2, 8)
+
+
+def test_paper_global_batch_gives_one_process_gradients_on_any_world(tmp_path):
+    """configs/f30k_t2i_avg.yaml states data.global_batch_size 128: every world size mines over the
+    same 128 captions and takes the same step (issue 10: batch_size per rank made 8 GPUs mine over
+    1,024 at the paper's lr)."""
+    procs = [p for w in PAPER_WORLDS for p in _launch(tmp_path, w, "paper", str(tmp_path))]
+    for p in procs:
+        log, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, log[-4000:]
+    one = torch.load(tmp_path / "paper_world1_rank0.pt")
+    assert one["per_rank"] == 128 and one["stage"] == 1  # the recipe's ZeRO stage
+    for world in PAPER_WORLDS[1:]:
+        for rank in range(world):
+            r = torch.load(tmp_path / f"paper_world{world}_rank{rank}.pt")
+            assert r["per_rank"] == 128 // world
+            assert r["loss"] == pytest.approx(one["loss"], rel=1e-5)
+            for name, g in one["grads"].items():
+                assert float(g.norm()) > 0, name
+                assert _close(r["grads"][name], g), (world, rank, name)
+
+
+def test_a_global_batch_that_does_not_divide_over_the_ranks_is_refused():
+    from trainer.config import load_experiment
+    from trainer.configfile import ConfigError
+    from trainer.train import per_rank_batch
+
+    cfg = load_experiment(Path(__file__).parents[1] / "configs" / "f30k_t2i_avg.yaml")
+    assert per_rank_batch(cfg, 8) == 16
+    with pytest.raises(ConfigError, match=r"'data.global_batch_size': 128 captions do not divide over 3 ranks"):
+        per_rank_batch(cfg, 3)
