@@ -153,12 +153,16 @@ def _add_import_precomp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, help="train, dev, test, testall ...")
     p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix of the shards")
     p.add_argument("--images-per-shard", type=int, default=1000, help="images per shard")
+    p.add_argument("--karpathy", default=None,
+                   help="Karpathy split file (dataset_coco.json): take each image's captions from it "
+                        "(all 5-7 of a COCO image), matched by {split}_ids.txt")
 
 
 def _run_import_precomp(args: argparse.Namespace) -> int:
     from dataio.sources.precomp import import_precomp
 
-    print(import_precomp(args.data_dir, args.split, args.out, max_samples=args.images_per_shard))
+    print(import_precomp(args.data_dir, args.split, args.out, max_samples=args.images_per_shard,
+                         karpathy_json=args.karpathy))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real moto S3 server over HTTP on 127.0.0.1, and a generated shard set."""
+"""Shared fixtures: a real moto S3 server over HTTP on 127.0.0.1, a generated shard set, and the
+real Flickr8k photos of ../shared/data/flickr8k (found beside the repository, as in CI)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
 # Dummy credentials for the local server only; every S3 client in the session resolves them (and
 # the endpoint) from the standard AWS environment variables, as in production.
@@ -72,6 +75,18 @@ def generated_shards(tmp_path_factory) -> str:
 
     dest = Path(tmp_path_factory.mktemp("generated_shards")) / "train"
     return write_synthetic(str(dest), 120, seed=0, split="train", dim=64, shard_size=30)
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    """The Flickr8k folder (dataset_flickr8k.json: train 6,000, val 1,000; images/). Missing, the
+    tests that need it skip with this reason, and fail under CI, where it must be present."""
+    if not (FLICKR8K / "dataset_flickr8k.json").is_file():
+        reason = f"Flickr8k not found at {FLICKR8K} (../shared/data/flickr8k beside the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return FLICKR8K
 
 
 @pytest.fixture(scope="session")

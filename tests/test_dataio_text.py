@@ -9,14 +9,10 @@ import pytest
 
 from dataio.text import Vocab, build_vocab, load_glove, load_hf_tokenizer, tokenize
 
-FLICKR_JSON = "/work/shared/data/flickr8k-1k/dataset_flickr8k_1k.json"
-
-
-@pytest.mark.skipif(not os.path.exists(FLICKR_JSON), reason="Flickr8k-1k not present")
-def test_tokenize_matches_karpathy_tokens():
-    images = json.load(open(FLICKR_JSON))["images"]
+def test_tokenize_matches_karpathy_tokens(flickr8k):
+    images = json.loads((flickr8k / "dataset_flickr8k.json").read_text())["images"]
     sents = [s for im in images for s in im["sentences"]]
-    assert len(sents) == 3810
+    assert len(sents) == 35000
     assert all(tokenize(s["raw"]) == s["tokens"] for s in sents)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from typing import Iterable, Iterator
 
 from dataio import storage
@@ -25,6 +26,19 @@ def load_karpathy(json_path: str) -> dict:
     if not isinstance(d, dict) or not isinstance(d.get("images"), list):
         raise ValueError(f"{json_path}: key 'images' (a list) is missing: not a Karpathy split file")
     return d
+
+
+def _image_path(image_root: str, filepath: str, filename: str, where: str) -> str:
+    """``image_root/[filepath/]filename``, refusing any that would point outside ``image_root``
+    (an absolute path, or ``..`` components): a split file must not make the job read elsewhere."""
+    if not isinstance(filepath, str) or not isinstance(filename, str):
+        raise ValueError(f"{where}: filepath and filename must be strings")
+    rel = posixpath.normpath(posixpath.join(filepath, filename).replace("\\", "/"))
+    if rel.startswith("/") or rel == ".." or rel.startswith("../") or os.path.isabs(filepath):
+        raise ValueError(f"{where}: image path {posixpath.join(filepath, filename)!r} (filepath "
+                         f"{filepath!r}, filename {filename!r}) points outside the images folder "
+                         f"{image_root}")
+    return storage.join(image_root, rel)  # also fine for s3:// roots
 
 
 def karpathy_items(json_path: str, image_root: str, splits: str | Iterable[str] | None = None,
@@ -47,7 +61,7 @@ def karpathy_items(json_path: str, image_root: str, splits: str | Iterable[str] 
         key = os.path.splitext(filename)[0]
         if not _SAFE_KEY.match(key):
             raise ValueError(f"{json_path}: images[{i}] filename {filename!r} does not give a safe key")
-        path = os.path.join(image_root, im.get("filepath", ""), filename)  # also fine for s3:// roots
+        path = _image_path(image_root, im.get("filepath", ""), filename, f"{json_path}: images[{i}]")
         if check_files and not storage.is_s3(path) and not os.path.isfile(path):  # one HEAD per image on S3: skipped
             raise FileNotFoundError(f"{json_path}: images[{i}] ({filename!r}): no image at {path}")
         raws = [s["raw"] for s in sentences]
