@@ -443,7 +443,7 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
                     segments: Sequence[Segment] = (), on_error: OnError = "raise",
                     drop_last: bool = False, caps_per_image: int | None = None, max_words: int = 0,
                     pad_id: int | None = None, pin_memory: bool = False,
-                    retry: storage.RetryPolicy = storage.DEFAULT_RETRY) -> CaptionLoader:
+                    retry: storage.RetryPolicy | None = None) -> CaptionLoader:
     """Caption-level training batches of one epoch for this rank (see the module doc).
 
     ``encode``: a :class:`dataio.text.Vocab` / ``HFTokenizer`` (anything with ``encode(tokens, raw)``
@@ -458,7 +458,8 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
                       caps_per_image=caps_per_image, segments=segments)
     if pad_id is None:
         pad_id = getattr(encode, "pad_id", 0)
-    src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words, retry)
+    src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words,
+                  retry or storage.DEFAULT_RETRY)
     return CaptionLoader(src, max(num_workers, 0), pin_memory)
 
 

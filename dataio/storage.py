@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # filesystem is reused only while they are unchanged (kept in memory as a cache key, never logged).
 _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
-           "AWS_SHARED_CREDENTIALS_FILE")
+           "AWS_SHARED_CREDENTIALS_FILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 T = TypeVar("T")
 
@@ -68,7 +68,7 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
 
-DEFAULT_RETRY = RetryPolicy()
+DEFAULT_RETRY = RetryPolicy()  # for reads not given a policy (looked up at each call)
 
 
 def is_s3(url: str) -> bool:
@@ -133,17 +133,20 @@ def remove(url: str) -> None:
         fs.rm(url)
 
 
-def read_bytes(url: str) -> bytes:
-    with open_url(url, "rb") as f:
-        return f.read()
+def read_bytes(url: str, retry: RetryPolicy | None = None) -> bytes:
+    def read() -> bytes:
+        with open_url(url, "rb") as f:
+            return f.read()
+    return (retry or DEFAULT_RETRY).run(url, read)
 
 
 def read_ranges(url: str, ranges: Sequence[tuple[int, int]],
-                retry: RetryPolicy = DEFAULT_RETRY) -> list[bytes]:
+                retry: RetryPolicy | None = None) -> list[bytes]:
     """The bytes [start, end) of ``url`` for each range (concurrent ranged GETs on S3). A range
     past the end of the file comes back short; the caller checks lengths."""
     if not ranges:
         return []
+    retry = retry or DEFAULT_RETRY
     if not is_s3(url):
         def read_local() -> list[bytes]:
             with open(url, "rb") as f:
@@ -169,9 +172,9 @@ class RetryingReader:
     """A sequential binary reader of ``url`` that survives transient errors: a failed read is
     retried by reopening at the current position (what a shard scan needs on S3)."""
 
-    def __init__(self, url: str, retry: RetryPolicy = DEFAULT_RETRY):
-        self.url, self.retry, self.pos = url, retry, 0
-        self._f: IO[bytes] | None = retry.run(url, lambda: open_url(url, "rb"))
+    def __init__(self, url: str, retry: RetryPolicy | None = None):
+        self.url, self.retry, self.pos = url, retry or DEFAULT_RETRY, 0
+        self._f: IO[bytes] | None = self.retry.run(url, lambda: open_url(url, "rb"))
 
     def read(self, n: int = -1) -> bytes:
         def read_once() -> bytes:
@@ -210,7 +213,7 @@ def read_many(urls: list[str]) -> dict[str, bytes]:
     if not urls:
         return {}
     fs = filesystem(urls[0])
-    got = fs.cat(urls, on_error="raise")
+    got = DEFAULT_RETRY.run(urls[0], lambda: fs.cat(urls, on_error="raise"))
     # s3fs keys the result by "bucket/key" (no protocol), the local filesystem by the path given
     return {u: got[u] if u in got else got[fs._strip_protocol(u)] for u in urls}
 

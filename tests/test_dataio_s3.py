@@ -95,3 +95,90 @@ def test_karpathy_items_from_s3(s3_server):
     (got,) = karpathy_items(f"{bucket}/dataset_tiny.json", f"{bucket}/imgs", "val")
     assert got.key == "pic1" and got.captions == item.captions
     assert got.load().tobytes() == item.load().tobytes()
+
+
+class _Outage:
+    """A moto S3 server of its own on a fixed port, which a test stops and starts again."""
+
+    def __init__(self, monkeypatch):
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._server_cls = ThreadedMotoServer
+        self.server = None
+        self.start()
+        endpoint = f"http://127.0.0.1:{self.port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        # botocore's own connection retries (and s3fs's, ~8 s in all) would hide an outage of a few
+        # seconds from dataio's retries, which this test is about: one botocore attempt each.
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+
+    def start(self) -> None:
+        self.server = self._server_cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()  # moto keeps its buckets in this process: a restart finds them again
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def outage(monkeypatch):
+    o = _Outage(monkeypatch)
+    yield o
+    o.stop()
+
+
+def test_reads_survive_an_outage_mid_epoch(outage, caplog):
+    """Issue 10: transient errors are retried with backoff; the epoch completes exactly once."""
+    import threading
+
+    spec = write_synthetic("s3://outage/train", 30, seed=5, dim=16, shard_size=10)
+    vocab = build_vocab(iter_tokens(spec))
+    retry = storage.RetryPolicy(retries=4, backoff_s=0.5)
+    loader = caption_batches(spec, batch_size=10, encode=vocab, seed=0, epoch=0, rank=0, world=1,
+                             num_workers=0, retry=retry)
+    got = Counter()
+    with caplog.at_level(logging.WARNING, logger="dataio"):
+        for i, b in enumerate(loader):
+            got.update((k, tuple(t)) for k, t in zip(b.keys, b.tokens.tolist()))
+            if i == 3:  # the server goes away for ~3 s, mid-epoch
+                outage.stop()
+                threading.Timer(3.0, outage.start).start()
+        assert i == len(loader) - 1 == 14
+    assert sum(got.values()) == 150 and max(got.values()) == 1
+    assert "retrying in" in caplog.text  # it did fail, and was retried
+    # sequential reads (evaluation, vocabulary) reopen where they stopped
+    outage.stop()
+    threading.Timer(3.0, outage.start).start()
+    assert len(list(image_records(spec, rank=0, world=1))) == 30
+
+
+def test_a_read_that_fails_after_retries_is_a_storage_error(outage, monkeypatch):
+    from dataio.errors import DataError
+
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(retries=1, backoff_s=0.1))
+
+    spec = write_synthetic("s3://outage/train", 10, seed=5, dim=16, shard_size=10)
+    vocab = build_vocab(iter_tokens(spec))
+    loader = caption_batches(spec, batch_size=10, encode=vocab, seed=0, epoch=0, rank=0, world=1,
+                             num_workers=0, retry=storage.RetryPolicy(retries=1, backoff_s=0.1))
+    outage.stop()
+    with pytest.raises(storage.StorageError, match=r"storage error reading s3://outage/train/shard-000000.tar: "
+                                                   r".*failed 2 time\(s\)") as err:
+        next(iter(loader))
+    assert not isinstance(err.value, DataError)  # not 'corrupt_tar': on_error="skip" cannot hide it
+    with pytest.raises(storage.StorageError, match="storage error reading s3://outage/train/"):
+        list(image_records(spec, rank=0, world=1))
+    from dataio.shards import raw_samples  # the sequential shard reader reported 'corrupt_tar'
+
+    with pytest.raises(storage.StorageError, match="shard-000000.tar.*failed 2 time"):
+        list(raw_samples("s3://outage/train/shard-000000.tar"))
+    outage.start()
