@@ -103,7 +103,7 @@ def import_precomp(data_dir: str, split: str, dest: str, *, max_samples: int = 1
                 raw = [s["raw"] for s in found]
                 tokens = [s.get("tokens") or tokenize(s["raw"]) for s in found]
             key = f"{split}-{ids[i]}" if ids is not None else f"{split}-{i:06d}"
-            regions = np.asarray(ims[i * row_step], dtype=np.float32)  # copies this image only
+            regions = np.array(ims[i * row_step])  # copies this image only (float16 stays float16)
             w.write(ImageSample(key, regions, raw, tokens,
                                 meta={"source": f"precomp:{os.path.basename(os.path.normpath(data_dir))}",
                                       "split": split, "row": i * row_step}))
