@@ -127,13 +127,13 @@ def _engine_step(cfg, model, env):
     from trainer.engine import build_engine
     from trainer.train import batch_loss
 
-    engine = build_engine(cfg, model, env, steps_per_epoch=1000)
+    engine = build_engine(cfg, model, env)
     ds = engine.ds
     dtype = next(ds.module.parameters()).dtype
 
     def step(b: dict[str, torch.Tensor]) -> None:
-        img = ds.module.encode_images(b["regions"].to(dtype), b["img_lens"])
-        cap = ds.module.encode_captions(b["tokens"], b["cap_lens"])
+        # through the engine's forward, as trainer.train.train_step does
+        img, cap = ds(b["regions"].to(dtype), b["img_lens"], b["tokens"], b["cap_lens"])
         loss, _ = batch_loss(img, b["img_lens"], cap, b["cap_lens"], b["image_ids"], cfg.loss, cfg.xattn)
         ds.backward(loss)
         ds.step()

@@ -23,8 +23,8 @@ from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray
 from trainer.config import load_experiment
 from trainer.encode import load_embeddings
 from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, add_member_arguments,
-                                  finish, fingerprint, parse_members, plan_members, run_tiles,
-                                  write_outputs)
+                                  finish, fingerprint, parse_members, plan_members, precision_of,
+                                  run_tiles, write_outputs)
 
 log = logging.getLogger(__name__)
 

@@ -209,3 +209,20 @@ def test_shipped_deepspeed_json_must_agree_with_the_experiment(name, stage, prec
     with pytest.raises(ConfigError, match=rf"{name}.json.*train.precision"):
         deepspeed_config(load_experiment(None, [f"train.deepspeed_config={path}", f"train.zero_stage={stage}",
                                                 "train.precision=fp32"]), 2, cuda)
+
+
+def test_a_resumed_position_keeps_the_epochs_segments_for_any_world():
+    from trainer.configfile import ConfigError
+    from trainer.train import Position, resumed_position
+
+    data = {"data.train_shards": "abc", "data.caps_per_image": 5, "data.resampled": False, "train.seed": 0}
+    saved = {"scan_position": vars(Position(epoch=2, samples=96, step=40, world=2, segments=[[4, 32]])),
+             "scan_data": data}
+    env = lambda w: DistEnv(rank=0, world=w, local_rank=0, device=CPU)  # noqa: E731
+    pos = resumed_position(saved, data, env(3))  # 2 ranks -> 3: the epoch is re-planned
+    assert (pos.epoch, pos.step, pos.samples, pos.world) == (2, 40, 0, 3)
+    assert pos.epoch_segments() == [(4, 32), (2, 96)]
+    with pytest.raises(ConfigError, match=r"inside epoch 2.*train.seed was 0, now 1"):
+        resumed_position(saved, {**data, "train.seed": 1}, env(2))
+    at_epoch_start = {"scan_position": vars(Position(epoch=3, step=41, world=2)), "scan_data": data}
+    assert resumed_position(at_epoch_start, {**data, "train.seed": 1}, env(8)).epoch_segments() == []

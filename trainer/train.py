@@ -270,14 +270,15 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
 
 def _log_batch(cfg: ExperimentConfig, world: int) -> None:
     d, gas = cfg.data, cfg.train.grad_accum
+    total = d.batch_size * world
+    mined = total if cfg.loss.cross_device else d.batch_size
     if d.global_batch_size:
         log.info("batch: global %d captions = %d rank(s) x %d (data.global_batch_size); hardest "
-                 "negatives mined over all %d", d.global_batch_size, world, d.batch_size,
-                 d.global_batch_size)
+                 "negatives mined among %d", total, world, d.batch_size, mined)
     else:
         log.info("batch: %d captions per rank (data.batch_size) x %d rank(s) = global %d; hardest "
-                 "negatives mined over all %d (set data.global_batch_size to fix it on any number "
-                 "of ranks)", d.batch_size, world, d.batch_size * world, d.batch_size * world)
+                 "negatives mined among %d (data.global_batch_size fixes the global batch on any "
+                 "number of ranks)", d.batch_size, world, total, mined)
     if gas > 1:
         log.info("accumulation: %d micro-batches per optimizer step (negatives mined within each)", gas)
 
