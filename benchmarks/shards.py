@@ -1,8 +1,10 @@
 """Shard read throughput: local disk vs. a local S3 server (moto, own process), 1 and 2 workers.
 
 Samples are images with 36 x 2048 float16 regions (SCAN's bottom-up features, ~147 KB each) and
-five captions; the pipeline runs as in training (``caption_batches``: shard split, decode,
-shuffle buffer, collate to float32) with one caption per image, so samples/s = images/s.
+five captions; the pipeline runs as in training (``caption_batches``: a uniform shuffle, each image
+read by byte range, decode, collate to float32) with one caption per image, so samples/s =
+images/s. S3 is read by ranged GETs (one request per image) and, with ``data.cache_dir``, from local
+copies of the shards fetched on first use.
 
     .venv/bin/python benchmarks/shards.py [--images 1200] [--shard-size 100] [--batch-size 64]
 """
@@ -42,10 +44,10 @@ def write_set(dest: str, n: int, shard_size: int) -> str:
     return dest
 
 
-def read_rate(spec: str, workers: int, batch_size: int) -> tuple[float, int]:
+def read_rate(spec: str, workers: int, batch_size: int, cache_dir: str = "") -> tuple[float, int]:
     """(images/s, images) for one full epoch on one rank."""
     loader = caption_batches(spec, batch_size=batch_size, encode=Vocab(["a", "dog"]), seed=0, epoch=0,
-                             rank=0, world=1, num_workers=workers, caps_per_image=1)
+                             rank=0, world=1, num_workers=workers, caps_per_image=1, cache_dir=cache_dir)
     t0 = time.perf_counter()
     n = sum(len(b) for b in loader)
     return n / (time.perf_counter() - t0), n
@@ -93,7 +95,7 @@ def main() -> None:
         size_mb = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local) if f.endswith(".tar")) / 1e6
         print(f"{args.images} images, 36 x 2048 float16 regions, {size_mb:.0f} MB in "
               f"{-(-args.images // args.shard_size)} shards; batch {args.batch_size}; one epoch each")
-        print(f"{'storage':<10} {'workers':>7} {'images/s':>10} {'MB/s':>8}")
+        print(f"{'storage':<24} {'workers':>7} {'images/s':>10} {'MB/s':>8}")
         rates = {}
         for name, spec in (("local", local), ("s3 (moto)", s3)):
             for workers in (1, 2):
@@ -101,9 +103,19 @@ def main() -> None:
                 rate, n = read_rate(spec, workers, args.batch_size)
                 assert n == args.images, (n, args.images)
                 rates[name, workers] = rate
-                print(f"{name:<10} {workers:>7} {rate:>10.0f} {rate * size_mb / args.images:>8.0f}")
+                print(f"{name:<24} {workers:>7} {rate:>10.0f} {rate * size_mb / args.images:>8.0f}")
+        # data.cache_dir: the first epoch fetches each shard once, later ones read the local copies
+        for workers in (1, 2):
+            cache = os.path.join(tmp, f"cache{workers}")
+            for epoch in ("1st", "2nd"):
+                rate, n = read_rate(s3, workers, args.batch_size, cache_dir=cache)
+                assert n == args.images, (n, args.images)
+                rates[f"s3 cached {epoch}", workers] = rate
+                print(f"{'s3 cached, ' + epoch + ' epoch':<24} {workers:>7} {rate:>10.0f} "
+                      f"{rate * size_mb / args.images:>8.0f}")
         for w in (1, 2):
-            print(f"s3/local, {w} worker(s): {rates['s3 (moto)', w] / rates['local', w]:.2f}")
+            print(f"s3/local, {w} worker(s): {rates['s3 (moto)', w] / rates['local', w]:.2f}; "
+                  f"cached, 2nd epoch: {rates['s3 cached 2nd', w] / rates['local', w]:.2f}")
     finally:
         proc.terminate()
         proc.wait()

@@ -12,8 +12,9 @@ caption-indexed ``PrecompDataset`` with a shuffling sampler draws them:
    (the ``C mod W`` last slots sit this epoch out), so every rank has the same batches: runs of
    ``batch_size`` consecutive slots, the last one shorter (or dropped with ``drop_last``).
 4. A batch reads each of its images once, by byte range (the shard record keeps each sample's
-   ``[start, end)`` in its tar): local files by seek, ``s3://`` by concurrent ranged GETs, retried
-   with backoff (:class:`dataio.storage.RetryPolicy`). DataLoader workers take batches round-robin.
+   ``[start, end)`` in its tar): local files by seek, ``s3://`` by concurrent ranged GETs (or, with
+   ``cache_dir``, from a local copy of each shard fetched once), retried with backoff
+   (:class:`dataio.storage.RetryPolicy`). DataLoader workers take batches round-robin.
 
 Resume and re-planning. Where an epoch stands is the list of its segments so far:
 ``(world, captions consumed per rank)``. Replaying them on the order (each splits what remains
@@ -74,6 +75,7 @@ class Shard:
     caption_counts: tuple[int, ...]  # per image, in shard order
     feature_dim: int
     offsets: tuple[int, ...] | None = None  # sample byte bounds in the tar (ShardRecord.offsets)
+    bytes: int = 0  # the tar's size (ShardRecord.bytes)
 
     @property
     def samples(self) -> int:
@@ -88,8 +90,8 @@ def resolve_shards(spec: str) -> list[Shard]:
         base = storage.dirname(spec) if spec.endswith(".json") else spec
         d = m["feature_shape"][1]
         recs = [ShardRecord.from_dict(r, spec) for r in m["shards"]]
-        return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d, _tuple(r.offsets))
-                for r in recs]
+        return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d, _tuple(r.offsets),
+                      r.bytes) for r in recs]
     urls = list(braceexpand(spec))
     try:
         blobs = storage.read_many([u + RECORD_SUFFIX for u in urls])
@@ -100,7 +102,8 @@ def resolve_shards(spec: str) -> list[Shard]:
     shards = []
     for url in urls:
         rec = ShardRecord.from_dict(json.loads(blobs[url + RECORD_SUFFIX]), url)
-        shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1], _tuple(rec.offsets)))
+        shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1], _tuple(rec.offsets),
+                            rec.bytes))
     if len({s.feature_dim for s in shards}) > 1:
         raise DataError(spec, None, "shards disagree on the feature dimension", "bad_record")
     return shards
@@ -303,6 +306,7 @@ class _Source:
     caps_per_image: int | None
     max_words: int
     retry: storage.RetryPolicy
+    cache_dir: str  # local copies of remote shards ("" : ranged reads from the store)
 
 
 def _encode(src: _Source, tokens: list[str], raw: str) -> list[int]:
@@ -379,8 +383,8 @@ class _BatchDataset(Dataset):
             try:
                 bounds = self._bounds(shard_idx)
                 idx = [int(slots.image_index[g]) for g in members]
-                blobs = storage.read_ranges(shard.url, [(bounds[j], bounds[j + 1]) for j in idx],
-                                            src.retry)
+                blobs = storage.read_ranges(self._location(shard),
+                                            [(bounds[j], bounds[j + 1]) for j in idx], src.retry)
             except FileNotFoundError as e:
                 blobs, failure = None, DataError(shard.url, None, "shard does not exist", "missing_shard")
                 failure.__cause__ = e
@@ -396,6 +400,13 @@ class _BatchDataset(Dataset):
                 except DataError as e:
                     handle(e, src.on_error, counter if g in first_captions else SkipCounter())
         return out
+
+    def _location(self, shard: Shard) -> str:
+        """Where to read ``shard`` by range: its URL, or a local copy of a remote one."""
+        cache = self.src.cache_dir
+        if not cache or not storage.is_s3(shard.url) or not shard.bytes:
+            return shard.url
+        return storage.cached_copy(shard.url, cache, shard.bytes, self.src.retry)
 
     def _bounds(self, shard_idx: int) -> Sequence[int]:
         shard = self.src.shards[shard_idx]
@@ -443,12 +454,14 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
                     segments: Sequence[Segment] = (), on_error: OnError = "raise",
                     drop_last: bool = False, caps_per_image: int | None = None, max_words: int = 0,
                     pad_id: int | None = None, pin_memory: bool = False,
-                    retry: storage.RetryPolicy | None = None) -> CaptionLoader:
+                    retry: storage.RetryPolicy | None = None, cache_dir: str = "") -> CaptionLoader:
     """Caption-level training batches of one epoch for this rank (see the module doc).
 
     ``encode``: a :class:`dataio.text.Vocab` / ``HFTokenizer`` (anything with ``encode(tokens, raw)``
     and ``pad_id``) or a function ``(tokens, raw) -> ids``. ``segments``: the epoch's runs so far,
     ``[(world, captions consumed per rank), ...]``, to resume after (any world size).
+    ``cache_dir``: keep local copies of ``s3://`` shards there (one request per shard instead of
+    one per image).
     """
     check_on_error(on_error)
     rank, world = default_rank_world(rank, world)
@@ -458,8 +471,11 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
                       caps_per_image=caps_per_image, segments=segments)
     if pad_id is None:
         pad_id = getattr(encode, "pad_id", 0)
+    if not cache_dir and rank == 0 and epoch == 0 and storage.is_s3(shards[0].url):
+        log.info("reading s3:// shards by range, one request per image; data.cache_dir keeps a local "
+                 "copy of each shard instead (measured: ~6x the images/s on a local S3 server)")
     src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words,
-                  retry or storage.DEFAULT_RETRY)
+                  retry or storage.DEFAULT_RETRY, cache_dir)
     return CaptionLoader(src, max(num_workers, 0), pin_memory)
 
 

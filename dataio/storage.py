@@ -168,6 +168,41 @@ def read_ranges(url: str, ranges: Sequence[tuple[int, int]],
     return retry.run(url, read_s3)
 
 
+def cached_copy(url: str, cache_dir: str, size: int, retry: RetryPolicy | None = None) -> str:
+    """A local copy of the remote file ``url`` under ``cache_dir`` (downloaded on first use), so
+    that many small ranged reads hit the local disk instead of one request each.
+
+    Processes sharing ``cache_dir`` (a node's ranks and workers) download each file once: the first
+    takes an exclusive lock on ``<copy>.lock``, the others wait for it. A copy appears under its name
+    only when complete (temporary name, then rename); one whose size is not ``size`` (the shard
+    record's) is fetched again.
+    """
+    import fcntl
+    import hashlib
+
+    name = hashlib.blake2b(url.encode(), digest_size=10).hexdigest() + "-" + basename(url)
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path) and os.path.getsize(path) == size:
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        if os.path.isfile(path) and os.path.getsize(path) == size:
+            return path  # another process fetched it while we waited
+        tmp = temp_name(path)
+        try:
+            (retry or DEFAULT_RETRY).run(url, lambda: filesystem(url).get_file(url, tmp))
+            got = os.path.getsize(tmp)
+            if got != size:
+                raise StorageError(url, 1, ValueError(f"downloaded {got} bytes, the record says {size}"))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    log.info("cached %s at %s", url, path)
+    return path
+
+
 class RetryingReader:
     """A sequential binary reader of ``url`` that survives transient errors: a failed read is
     retried by reopening at the current position (what a shard scan needs on S3)."""

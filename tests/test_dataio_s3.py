@@ -182,3 +182,21 @@ def test_a_read_that_fails_after_retries_is_a_storage_error(outage, monkeypatch)
     with pytest.raises(storage.StorageError, match="shard-000000.tar.*failed 2 time"):
         list(raw_samples("s3://outage/train/shard-000000.tar"))
     outage.start()
+
+
+def test_a_local_shard_cache_gives_the_same_batches(s3_server, tmp_path):
+    """data.cache_dir: each s3:// shard is fetched once (two workers share the folder), then read
+    by range locally; the batches are those of direct ranged reads."""
+    bucket = s3_server.make_bucket()
+    spec = write_synthetic(f"{bucket}/train", 40, seed=4, dim=16, shard_size=15)
+    vocab = build_vocab(iter_tokens(spec))
+    kw = dict(batch_size=10, encode=vocab, seed=2, epoch=1, rank=0, world=1, num_workers=2)
+    direct = [(b.keys, b.tokens.tolist()) for b in caption_batches(spec, **kw)]
+    cache = tmp_path / "cache"
+    cached = [(b.keys, b.tokens.tolist()) for b in caption_batches(spec, cache_dir=str(cache), **kw)]
+    assert cached == direct
+    sizes = {r["name"]: r["bytes"] for r in read_manifest(spec)["shards"]}
+    copies = sorted(p for p in cache.iterdir() if p.suffix == ".tar")
+    assert sorted(p.name.split("-", 1)[1] for p in copies) == sorted(sizes)  # one copy per shard
+    assert all(p.stat().st_size == sizes[p.name.split("-", 1)[1]] for p in copies)
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]

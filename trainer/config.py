@@ -27,6 +27,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     caps_per_image: int = 5  # training uses at most this many captions of an image (0: all)
     max_words: int = 0  # 0: no truncation
+    # Local folder for copies of s3:// training shards, fetched once per node (one request per shard
+    # instead of one per image; needs the data set's size on disk). "": ranged reads from S3.
+    cache_dir: str = ""
     read_retries: int = 4  # a failed shard read (e.g. S3 unreachable) is retried this often...
     read_backoff_s: float = 1.0  # ...waiting this, doubled each time, before a storage error
 

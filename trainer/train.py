@@ -143,7 +143,8 @@ def epoch_batches(cfg: ExperimentConfig, enc: TextEncoder, env: DistEnv, epoch: 
                            epoch=epoch, rank=env.rank, world=env.world, num_workers=d.num_workers,
                            resampled=d.resampled, segments=segments, on_error=d.on_error,
                            caps_per_image=d.caps_per_image, max_words=d.max_words,
-                           retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s))
+                           retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s),
+                           cache_dir=d.cache_dir)
 
 
 def data_identity(cfg: ExperimentConfig) -> dict[str, Any]:
