@@ -175,3 +175,14 @@ def test_encode_refuses_wrong_caption_count() -> None:
     with pytest.raises(ValueError, match="image 'b' has 4 captions .* eval.caps_per_image is 5"):
         encode_records(_Identity(), records, encode_text=lambda t, r: [1, 2], caps_per_image=5,
                        precision="fp32")
+
+
+def test_results_say_their_precision() -> None:
+    """Reported figures are fp32 unless asked (issue 10: bf16 moved 6.5% of image queries)."""
+    emb = tied_embeddings(blocks=2, block=5, seed=4)
+    assert evaluate_embeddings([Member(emb, T2I_AVG)]).precision == "fp32"
+    low = evaluate_embeddings([Member(emb.to("cpu", torch.bfloat16), T2I_AVG)])
+    assert low.precision == "bf16"
+    from trainer.config import EvalConfig
+
+    assert EvalConfig().precision == "fp32"
