@@ -254,8 +254,6 @@ class EpochPlan:
     batch_size: int
     epoch: int
     rank: int
-    world: int
-    epoch_captions: int  # C: slots in the whole epoch, all ranks
 
     @property
     def num_batches(self) -> int:
@@ -283,7 +281,7 @@ def epoch_plan(shards: list[Shard], *, batch_size: int, seed: int, epoch: int, r
                          f"{world} ranks")
     if drop_last:
         mine = mine[:len(mine) - len(mine) % batch_size]
-    return EpochPlan(mine, batch_size, epoch, rank, world, n_slots)
+    return EpochPlan(mine, batch_size, epoch, rank)
 
 
 def _ncaps(count: int, caps_per_image: int | None) -> int:

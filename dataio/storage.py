@@ -219,22 +219,19 @@ class RetryingReader:
             try:
                 return self._f.read(n)
             except Exception:
-                self._close()  # the next attempt reopens at self.pos
+                self.close()  # the next attempt reopens at self.pos
                 raise
         data = self.retry.run(self.url, read_once)
         self.pos += len(data)
         return data
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._f is not None:
             try:
                 self._f.close()
             except Exception:  # a broken connection may fail to close; it is dropped either way
                 pass
             self._f = None
-
-    def close(self) -> None:
-        self._close()
 
     def __enter__(self) -> "RetryingReader":
         return self

@@ -354,8 +354,8 @@ class _Run:
         save_at_boundary = False  # an epoch ended inside an accumulation window
         while pos.epoch < cfg.train.epochs:
             self.engine.scheduler.set_epoch(pos.epoch)
+            # pos.samples is 0 here: a new epoch, or a resumed position (Position.continued)
             batches = epoch_batches(cfg, self.enc, self.env, pos.epoch, pos.epoch_segments())
-            pos.segments, pos.samples = [list(s) for s in pos.epoch_segments()], 0
             for batch in window.timed(batches):
                 try:
                     result = train_step(self.engine, batch, cfg, self.env.device, dtype)
