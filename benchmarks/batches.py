@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataio.pipeline import caption_batches  # noqa: E402
-from dataio.shards import ImageSample, ShardWriter, write_manifest  # noqa: E402
+from dataio.shard_writer import ShardWriter, write_manifest  # noqa: E402
+from dataio.shards import ImageSample  # noqa: E402
 from dataio.text import Vocab  # noqa: E402
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run standalone f
 
 from benchmarks.reference_loop import reference_loop_scores  # noqa: E402
 from benchmarks.xattn import DIM, K_REGIONS, N_WORDS, make_inputs  # noqa: E402
-from trainer.encode import Embeddings  # noqa: E402
-from trainer.sharded_eval import Member, evaluate_embeddings  # noqa: E402
-from trainer.xattn import XAttnConfig  # noqa: E402
+from scan.eval.encode import Embeddings  # noqa: E402
+from scan.eval.sharded import evaluate_embeddings  # noqa: E402
+from scan.eval.tiles import Member  # noqa: E402
+from scan.xattn import XAttnConfig  # noqa: E402
+from trainer.distributed import free_loopback_port  # noqa: E402
 
 CFG = XAttnConfig()  # t2i, clipped_l2norm, λ1 = 9, mean: the reference default
 CPI = 5
@@ -77,9 +78,7 @@ def _rank_worker(rank: int, world: int, port: int, n_img: int, out: str) -> None
 
 def time_ranks(n_img: int, world: int) -> tuple[float, dict]:
     """Wall time of the evaluation (after set-up) over ``world`` real gloo processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()
     out = f"/tmp/bench_eval_{os.getpid()}_{world}.pt"
     mp.spawn(_rank_worker, args=(world, port, n_img, out), nprocs=world, join=True)
     result = torch.load(out)

@@ -1,7 +1,7 @@
 """Images/s of feature extraction: a plain single-process loop vs the Ray job at 1 and 2 workers.
 
 All modes run the same work on the same images: decode + preprocess, extract, write the same
-shards (`cluster.extract.extract_unit`), so the difference is the job's orchestration (Ray, actors,
+shards (`cluster.extract_unit.extract_unit`), so the difference is the job's orchestration (Ray, actors,
 per-unit scheduling, stats). Torch threads are shared fairly: the plain loop and a 1-worker job
 use every core; with W workers each actor gets cores / W.
 
@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from cluster.backbones import identify, load_backbone
+from scan.features.backbones import identify, load_backbone
 from cluster.local_ray import ray  # before any other ray import: the local Ray stays on loopback
-from cluster.extract import JobConfig, extract_unit, plan_units, run_job
+from cluster.extract import run_job
+from cluster.extract_config import JobConfig
+from cluster.extract_unit import extract_unit, plan_units
 from dataio.sources.karpathy import karpathy_items
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k")
@@ -50,7 +52,7 @@ def plain_loop(items, backbone: str, image_size: int | None, dest: str, args) ->
 def ray_job(items, backbone: str, image_size: int | None, dest: str, workers: int, args) -> dict:
     cores = os.cpu_count() or 1
     cfg = JobConfig(dest=dest, backbone=backbone, image_size=image_size,
-                    images_per_unit=args.images_per_shard, batch_size=args.batch_size,
+                    images_per_shard=args.images_per_shard, batch_size=args.batch_size,
                     workers=workers, cpus_per_worker=max(1, cores // workers),
                     decode_threads=args.decode_threads, progress=False)
     summary = run_job(items, cfg)

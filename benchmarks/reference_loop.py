@@ -2,7 +2,7 @@
 
 For each caption it repeats the caption over all images, runs batched attention with bmm,
 materialises the attended vectors (N, queryL, d) and takes their cosine with the queries.
-Benchmarks time it against ``trainer.xattn.xattn_scores`` on the same inputs. Images are
+Benchmarks time it against ``scan.xattn.xattn_scores`` on the same inputs. Images are
 unpadded, as in the reference.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.xattn import XAttnConfig
+from scan.xattn import XAttnConfig
 
 _EPS = 1e-8
 

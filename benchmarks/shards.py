@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataio.pipeline import caption_batches  # noqa: E402
-from dataio.shards import ImageSample, ShardWriter, write_manifest  # noqa: E402
+from dataio.shard_writer import ShardWriter, write_manifest  # noqa: E402
+from dataio.shards import ImageSample  # noqa: E402
 from dataio.text import Vocab  # noqa: E402
 
 
@@ -53,14 +54,10 @@ def read_rate(spec: str, workers: int, batch_size: int, cache_dir: str = "") -> 
     return n / (time.perf_counter() - t0), n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    from trainer.distributed import free_loopback_port
+
+    port = free_loopback_port()
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

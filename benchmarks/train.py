@@ -3,7 +3,7 @@
 Model and batch as the paper's recipe: batch 128 captions per rank, k = 36 regions of D = 2048,
 embed 1024, word dim 300, BiGRU, captions of 8-20 words (+ <start>/<end>), t2i λ1 = 9 AVG.
 Every case runs the real engine (``trainer.engine.build_engine``) and loss
-(``trainer.train.batch_loss``) on fixed random tensors (no data loading), with W processes over
+(``scan.loss.batch_loss``) on fixed random tensors (no data loading), with W processes over
 gloo (CPU) or nccl (GPU) for the multi-rank cases. ``reference`` is a straightforward
 single-process re-implementation of the reference training step: its per-caption loop scorer
 (``benchmarks/reference_loop.py``), fp32, torch Adam, no DeepSpeed.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,7 +70,7 @@ def make_batch(batch: int, seed: int, device: torch.device) -> dict[str, torch.T
 
 
 def experiment(case: Case):
-    from trainer.config import ExperimentConfig
+    from scan.config import ExperimentConfig
 
     cfg = ExperimentConfig()
     cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 2048, 1024, 300
@@ -89,7 +88,7 @@ def _sync(device: torch.device) -> None:
 def run_worker(name: str, steps: int, warmup: int) -> None:
     """One rank of one case (rank/world from the environment); rank 0 prints a RESULT line."""
     from trainer.distributed import init_process_group, read_env
-    from trainer.model import build_model
+    from scan.model import build_model
     from trainer.train import peak_memory_bytes, seed_everything
 
     case = CASES[name]
@@ -125,14 +124,14 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
 
 def _engine_step(cfg, model, env):
     from trainer.engine import build_engine
-    from trainer.train import batch_loss
+    from scan.loss import batch_loss
 
     engine = build_engine(cfg, model, env)
     ds = engine.ds
     dtype = next(ds.module.parameters()).dtype
 
     def step(b: dict[str, torch.Tensor]) -> None:
-        # through the engine's forward, as trainer.train.train_step does
+        # through the engine's forward, as trainer.step.train_step does
         img, cap = ds(b["regions"].to(dtype), b["img_lens"], b["tokens"], b["cap_lens"])
         loss, _ = batch_loss(img, b["img_lens"], cap, b["cap_lens"], b["image_ids"], cfg.loss, cfg.xattn)
         ds.backward(loss)
@@ -145,7 +144,7 @@ def _reference_step(cfg, model, device):
     """The reference's step: loop scorer, VSE++ max-violation loss (no masking), Adam, clip 2."""
     from reference_loop import reference_loop_scores
 
-    from trainer.loss import hardest_negative_loss
+    from scan.loss import hardest_negative_loss
 
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
@@ -163,17 +162,13 @@ def _reference_step(cfg, model, device):
     return step, "torch.optim.Adam"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(name: str, steps: int, warmup: int) -> dict | None:
     """Runs one case in CASES[name].world fresh processes; returns rank 0's result."""
+    from trainer.distributed import free_loopback_port
+
     world = CASES[name].world
     cores = os.cpu_count() or 1
-    port = str(_free_port())
+    port = str(free_loopback_port())
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}

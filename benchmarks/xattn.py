@@ -28,7 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run standalone from a checkout
 
 from benchmarks.reference_loop import reference_loop_scores  # noqa: E402
-from trainer.xattn import XAttnConfig, xattn_scores  # noqa: E402
+from scan.xattn import XAttnConfig, xattn_scores  # noqa: E402
 
 K_REGIONS, N_WORDS, DIM = 36, 20, 1024
 

@@ -1,1 +1,2 @@
-"""Orchestration: the Ray feature-extraction job, launch helpers and metrics export."""
+"""Orchestration only: the Ray feature-extraction and evaluation jobs, the local Ray, the Prometheus
+exporter."""

@@ -1,30 +1,27 @@
 """The sharded evaluation as a Ray job: one actor per GPU (or per ``--num-cpus`` CPUs) scores
 tile rows; the driver combines the O(N + M) positives between the passes and the counts at the end.
 
-Same tiles, records and outputs as ``python -m trainer.sharded_eval`` (see trainer/sharded_eval.py):
+Same tiles, records and outputs as ``scan evaluate-embeddings`` (``scan.eval.sharded``):
 actor r owns the tile rows a ≡ r (mod actors), scores its diagonal tiles in pass 1 and the rest of
 its rows in pass 2. Submit with
-``ray job submit --address http://HEAD:8265 -- python -m cluster.eval_job --config c.yaml
+``ray job submit --address http://HEAD:8265 -- python -m app.cli evaluate-ray --config c.yaml
 --embeddings e.pt --out DIR``; the output directory (and the embeddings files) must be reachable
 from every node (a shared file system), as for resuming under torchrun.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
-from trainer.config import load_experiment
-from trainer.encode import load_embeddings
-from trainer.sharded_eval import (EvalResult, Member, Partial, TilePlan, TileStore, add_member_arguments,
-                                  finish, fingerprint, parse_members, plan_members, precision_of,
-                                  run_tiles, write_outputs)
+from scan.config import EvalConfig
+from scan.eval.sharded import run_tiles
+from scan.eval.store import TileStore, write_outputs
+from scan.eval.tiles import (EvalResult, Member, Partial, TilePlan, finish, fingerprint, plan_members,
+                             precision_of)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +42,24 @@ class TileWorker:
                          memory_budget_mb=self.budget, positives=positives)
 
 
-def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = "split",
-                    image_block: int = 0, topk: int = 0, memory_budget_mb: int = 1024,
-                    save_sims: bool = False, actors: int = 1, num_cpus: float = 1,
-                    num_gpus: float = 0) -> EvalResult:
+def evaluate_on_ray(members: Sequence[Member], ev: EvalConfig, *, out_dir: str, actors: int = 0,
+                    num_cpus: float = 1, address: str | None = None) -> tuple[EvalResult, int]:
+    """``scan evaluate-ray``: connects to Ray (``address``, else RAY_ADDRESS, else a local Ray) and
+    evaluates on ``actors`` actors (0: one per GPU of the cluster, else one per ``num_cpus`` CPUs)
+    with the settings of ``ev``; returns the result and the number of actors."""
+    connect(address, None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
+    result = run_on_actors(members, out_dir=out_dir, protocol=ev.protocol, image_block=ev.image_block,
+                           topk=ev.topk, memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
+                           actors=actors, num_cpus=num_cpus, num_gpus=1 if gpus else 0)
+    return result, actors
+
+
+def run_on_actors(members: Sequence[Member], *, out_dir: str, protocol: str = "split",
+                  image_block: int = 0, topk: int = 0, memory_budget_mb: int = 1024,
+                  save_sims: bool = False, actors: int = 1, num_cpus: float = 1,
+                  num_gpus: float = 0) -> EvalResult:
     """Runs both passes on ``actors`` actors of the connected Ray; writes ``out_dir`` outputs."""
     out = Path(out_dir)
     plan = plan_members(members, protocol=protocol, image_block=image_block, world=actors,
@@ -73,37 +84,3 @@ def evaluate_on_ray(members: Sequence[Member], *, out_dir: str, protocol: str = 
     for w in pool:
         ray.kill(w)
     return result
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.eval_job", description=__doc__.split("\n")[0])
-    add_member_arguments(p)
-    p.add_argument("--out", required=True, help="output directory shared by the nodes")
-    p.add_argument("--actors", type=int, default=0,
-                   help="tile actors (0: one per GPU of the cluster, else one per --num-cpus CPUs)")
-    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor when there is no GPU")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    return parse_members(p, argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfgs = [load_experiment(path, args.overrides) for path in args.config]
-    members = [Member(load_embeddings(path), cfg.xattn) for cfg, path in zip(cfgs, args.embeddings)]
-    connect(args.address, None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = args.actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1) // args.num_cpus))
-    ev = cfgs[0].eval
-    result = evaluate_on_ray(members, out_dir=args.out, protocol=ev.protocol,
-                             image_block=ev.image_block, topk=ev.topk,
-                             memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
-                             actors=actors, num_cpus=args.num_cpus, num_gpus=1 if gpus else 0)
-    print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
-                      "actors": actors,
-                      "tiles_computed": result.tiles_computed, "tiles_loaded": result.tiles_loaded}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from dataio.errors import SKIPS, SkipCounter
-from trainer.config import ExperimentConfig
+from scan.config import ExperimentConfig
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics
 
 log = logging.getLogger(__name__)

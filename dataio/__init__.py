@@ -1,1 +1,2 @@
-"""Shard formats, data sources, vocabularies and streaming (local disk or s3://). Knows no models."""
+"""Shard formats, data sources, image decoding, vocabularies and streaming (local disk or s3://).
+Knows no models."""

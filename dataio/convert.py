@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataio.shards import ImageSample, ShardRecord, ShardWriter, write_manifest
+from dataio.shard_writer import ShardWriter, write_manifest
+from dataio.shards import ImageSample, ShardRecord
 from dataio.sources import ImageItem
 
 log = logging.getLogger(__name__)

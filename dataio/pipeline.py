@@ -1,27 +1,13 @@
 """Reading shards for training (caption batches) and evaluation (image records).
 
 Training batches are drawn from a uniform shuffle of the epoch's captions, as the reference's
-caption-indexed ``PrecompDataset`` with a shuffling sampler draws them:
+caption-indexed ``PrecompDataset`` with a shuffling sampler draws them; which captions each rank
+takes, in which order, and what remains after a resume is ``dataio.epoch_plan``.
 
-1. Caption slots: every image of the data set (manifest order) expands into its captions (at most
-   ``caps_per_image``); slot ``s`` is (image, caption). The shard records give the counts, so
-   planning reads no shard.
-2. The epoch's order is a permutation of all ``C`` slots seeded by ``(seed, epoch)``
-   (``resampled``: ``C`` draws with replacement; ``shuffle=False``: manifest order).
-3. Rank ``r`` of ``W`` takes the contiguous part ``[r·P, (r+1)·P)`` of the order, ``P = C // W``
-   (the ``C mod W`` last slots sit this epoch out), so every rank has the same batches: runs of
-   ``batch_size`` consecutive slots, the last one shorter (or dropped with ``drop_last``).
-4. A batch reads each of its images once, by byte range (the shard record keeps each sample's
-   ``[start, end)`` in its tar): local files by seek, ``s3://`` by concurrent ranged GETs (or, with
-   ``cache_dir``, from a local copy of each shard fetched once), retried with backoff
-   (:class:`dataio.storage.RetryPolicy`). DataLoader workers take batches round-robin.
-
-Resume and re-planning. Where an epoch stands is the list of its segments so far:
-``(world, captions consumed per rank)``. Replaying them on the order (each splits what remains
-into its world's parts, as in 3, and removes the first ``consumed`` slots of each part) leaves
-exactly the captions not yet delivered, so a run may continue with another world size, batch size
-or worker count and still deliver every caption of the epoch once. Continuing with the same world
-size gives the same batches, in the same order, as the uninterrupted epoch.
+A batch reads each of its images once, by byte range (the shard record keeps each sample's
+``[start, end)`` in its tar): local files by seek, ``s3://`` by concurrent ranged GETs (or, with
+``cache_dir``, from a local copy of each shard fetched once), retried with backoff
+(:class:`dataio.storage.RetryPolicy`). DataLoader workers take batches round-robin.
 
 With ``on_error="skip"`` the captions of a bad image are replaced by repeats of the batch's valid
 ones (batch sizes stay equal on every rank); the image is counted once, where its first caption is
@@ -32,20 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
-import numpy as np
 import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset
 
 from dataio import storage
+from dataio.epoch_plan import CaptionSlots, EpochPlan, Segment, epoch_plan
 from dataio.errors import SKIPS, DataError, OnError, SkipCounter, check_on_error, handle
-from dataio.shards import (RECORD_SUFFIX, ImageSample, ShardRecord, decode_range, iter_shard, raw_samples,
-                           read_manifest, sample_offsets)
+from dataio.shard_reader import decode_range, iter_shard, raw_samples, sample_offsets
+from dataio.shards import RECORD_SUFFIX, ImageSample, ShardRecord, read_manifest
 from dataio.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -114,14 +99,10 @@ def _tuple(values: list[int] | None) -> tuple[int, ...] | None:
 
 
 def default_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
-    """Explicit values, else the initialised process group, else RANK / WORLD_SIZE, else 0 / 1."""
-    if rank is None or world is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        rank = r if rank is None else rank
-        world = w if world is None else world
+    """Explicit values, else RANK / WORLD_SIZE (which every launcher, and ``trainer.distributed``
+    before it joins a group, sets), else 0 / 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, world={world})")
     return rank, world
@@ -161,10 +142,13 @@ class CaptionBatch:
         return CaptionBatch(self.regions.pin_memory(), self.img_lens.pin_memory(), self.tokens.pin_memory(),
                             self.cap_lens.pin_memory(), self.image_ids.pin_memory(), self.keys, self.skipped)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CaptionBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "CaptionBatch":
+        """The batch on ``device``, its region features in ``dtype`` (the model's) when given."""
         t = {n: getattr(self, n).to(device, non_blocking=non_blocking)
-             for n in ("regions", "img_lens", "tokens", "cap_lens", "image_ids")}
-        return CaptionBatch(**t, keys=self.keys, skipped=self.skipped)
+             for n in ("img_lens", "tokens", "cap_lens", "image_ids")}
+        regions = self.regions.to(device, dtype, non_blocking=non_blocking)
+        return CaptionBatch(regions=regions, **t, keys=self.keys, skipped=self.skipped)
 
 
 def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionBatch:
@@ -186,106 +170,6 @@ def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionB
         torch.tensor([image_id(s.key) for s, _ in items], dtype=torch.int64),
         [s.key for s, _ in items],
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# the epoch plan
-
-
-Segment = tuple[int, int]  # (world size, captions consumed per rank) of a run within an epoch
-
-
-@dataclass(frozen=True)
-class CaptionSlots:
-    """Every (image, caption) of the data set in manifest order: ``C`` slots over ``G`` images."""
-
-    image: np.ndarray  # (C,) int64 global image index
-    caption: np.ndarray  # (C,) int64 caption index within its image
-    image_shard: np.ndarray  # (G,) int64 shard of each image
-    image_index: np.ndarray  # (G,) int64 position of each image in its shard
-
-    @classmethod
-    def of(cls, shards: list[Shard], caps_per_image: int | None) -> "CaptionSlots":
-        counts = np.array([_ncaps(c, caps_per_image) for sh in shards for c in sh.caption_counts],
-                          dtype=np.int64)
-        image = np.repeat(np.arange(len(counts)), counts)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each image's first slot
-        caption = np.arange(len(image)) - np.repeat(first, counts)
-        image_shard = np.repeat(np.arange(len(shards)), [sh.samples for sh in shards])
-        image_index = np.concatenate([np.arange(sh.samples) for sh in shards]) if shards else image
-        return cls(image, caption, image_shard, image_index)
-
-    def __len__(self) -> int:
-        return len(self.image)
-
-
-def epoch_order(n_slots: int, *, seed: int, epoch: int, shuffle: bool, resampled: bool) -> np.ndarray:
-    """(C,) slot ids of one epoch in delivery order, the same on every rank."""
-    if resampled:
-        return np.random.default_rng([seed, epoch, 1]).integers(n_slots, size=n_slots)
-    if shuffle:
-        return np.random.default_rng([seed, epoch]).permutation(n_slots)
-    return np.arange(n_slots)
-
-
-def rank_parts(order: np.ndarray, world: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """The ``world`` equal contiguous parts of ``order`` and the (< world) slots left over."""
-    per_rank = len(order) // world
-    return [order[r * per_rank:(r + 1) * per_rank] for r in range(world)], order[world * per_rank:]
-
-
-def remaining_order(order: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
-    """The slots of ``order`` not yet delivered after ``segments`` (see the module doc)."""
-    for world, consumed in segments:
-        if world < 1 or not 0 <= consumed <= len(order) // world:
-            raise ValueError(f"resume segment (world={world}, consumed={consumed}) does not fit an "
-                             f"epoch of {len(order)} remaining captions: the data set or "
-                             f"data.caps_per_image changed since the checkpoint")
-        parts, rest = rank_parts(order, world)
-        order = np.concatenate([p[consumed:] for p in parts] + [rest])
-    return order
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """This rank's captions of one epoch (what remains of it) cut into batches."""
-
-    slots: np.ndarray  # (P,) slot ids in delivery order
-    batch_size: int
-    epoch: int
-    rank: int
-
-    @property
-    def num_batches(self) -> int:
-        return math.ceil(len(self.slots) / self.batch_size)
-
-    @property
-    def rank_captions(self) -> int:
-        return len(self.slots)
-
-    def batch(self, i: int) -> np.ndarray:
-        return self.slots[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-def epoch_plan(shards: list[Shard], *, batch_size: int, seed: int, epoch: int, rank: int, world: int,
-               shuffle: bool = True, resampled: bool = False, drop_last: bool = False,
-               caps_per_image: int | None = None, segments: Sequence[Segment] = ()) -> EpochPlan:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_slots = len(CaptionSlots.of(shards, caps_per_image))
-    order = epoch_order(n_slots, seed=seed, epoch=epoch, shuffle=shuffle, resampled=resampled)
-    remaining = remaining_order(order, segments)
-    mine = rank_parts(remaining, world)[0][rank]
-    if not segments and len(mine) == 0:
-        raise ValueError(f"{n_slots} captions cannot make one batch of {batch_size} on each of "
-                         f"{world} ranks")
-    if drop_last:
-        mine = mine[:len(mine) - len(mine) % batch_size]
-    return EpochPlan(mine, batch_size, epoch, rank)
-
-
-def _ncaps(count: int, caps_per_image: int | None) -> int:
-    return min(count, caps_per_image) if caps_per_image else count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ s3fs/aiobotocore) resolves by itself: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_U
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import time
 import uuid
 from dataclasses import dataclass
-from typing import IO, Callable, Sequence, TypeVar
+from typing import IO, Callable, Iterator, Sequence, TypeVar
 
 import fsspec
 
@@ -123,7 +124,7 @@ def listdir(url: str) -> list[str]:
 
 
 def makedirs(url: str) -> None:
-    if not is_s3(url):  # S3 has no directories
+    if url and not is_s3(url):  # S3 has no directories
         os.makedirs(url, exist_ok=True)
 
 
@@ -189,16 +190,11 @@ def cached_copy(url: str, cache_dir: str, size: int, retry: RetryPolicy | None =
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
         if os.path.isfile(path) and os.path.getsize(path) == size:
             return path  # another process fetched it while we waited
-        tmp = temp_name(path)
-        try:
+        with atomic_path(path) as tmp:
             (retry or DEFAULT_RETRY).run(url, lambda: filesystem(url).get_file(url, tmp))
             got = os.path.getsize(tmp)
             if got != size:
                 raise StorageError(url, 1, ValueError(f"downloaded {got} bytes, the record says {size}"))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     log.info("cached %s at %s", url, path)
     return path
 
@@ -250,9 +246,17 @@ def read_many(urls: list[str]) -> dict[str, bytes]:
     return {u: got[u] if u in got else got[fs._strip_protocol(u)] for u in urls}
 
 
+_TEMP_MARK = ".tmp-"
+
+
 def temp_name(url: str) -> str:
-    """A unique sibling name for writing ``url`` before it is made visible."""
-    return f"{url}.tmp-{uuid.uuid4().hex}"
+    """A unique sibling name for writing ``url`` before it is made visible (the one rule)."""
+    return f"{url}{_TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is a :func:`temp_name`: never data, a leftover of a killed writer."""
+    return _TEMP_MARK in name
 
 
 def commit(tmp_url: str, url: str) -> None:
@@ -269,16 +273,44 @@ def commit(tmp_url: str, url: str) -> None:
         os.replace(tmp_url, url)
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(url: str | os.PathLike, *, durable: bool = False,
+                replace: Callable[[str, str], None] | None = None) -> Iterator[str]:
+    """The one way this project writes a file so that a crash never leaves half of it under its
+    name: yields a temporary sibling (:func:`temp_name`) to write, then makes it ``url``
+    (:func:`commit`, or ``replace``); on an error the temporary file is removed.
+
+    ``durable`` flushes the written file to the disk before the rename (local files; a checkpoint's
+    ``latest`` pointer wants it, a cache or a report does not).
+    """
+    url = os.fspath(url)
     makedirs(dirname(url))
     tmp = temp_name(url)
     try:
-        with open_url(tmp, "wb") as f:
-            f.write(data)
-        commit(tmp, url)
+        yield tmp
+        if durable and not is_s3(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        (replace or commit)(tmp, url)
     except BaseException:
         discard(tmp)
         raise
+
+
+def atomic_write(url: str | os.PathLike, write: Callable[[IO[bytes]], object], **kwargs: object) -> None:
+    """``write(f)`` into a binary file that appears as ``url`` only once complete (see
+    :func:`atomic_path` for the keywords)."""
+    with atomic_path(url, **kwargs) as tmp:
+        with open_url(tmp, "wb") as f:
+            write(f)
+
+
+def write_bytes_atomic(url: str | os.PathLike, data: bytes, **kwargs: object) -> None:
+    atomic_write(url, lambda f: f.write(data), **kwargs)
+
+
+def write_text_atomic(url: str | os.PathLike, text: str, **kwargs: object) -> None:
+    atomic_write(url, lambda f: f.write(text.encode("utf-8")), **kwargs)
 
 
 def discard(url: str) -> None:

@@ -42,7 +42,7 @@ checkpoint._remove_tree = _counting("remove", checkpoint._remove_tree)
 checkpoint.save = _counting_save(checkpoint.save)
 
 if __name__ == "__main__":
-    from cluster.cli import main
+    from app.cli import main
 
     assert sys.argv[3] == "--"
     sys.exit(main(sys.argv[4:]))

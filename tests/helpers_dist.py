@@ -2,7 +2,7 @@
 
 ``python tests/helpers_dist.py grads OUT STAGES`` with RANK/WORLD_SIZE/MASTER_* set: every rank takes
 its rows of one fixed global batch (unequal row counts and lengths on purpose), runs the real model,
-``trainer.train.batch_loss`` and ``engine.backward`` under each ZeRO stage in STAGES (e.g. "0,2"),
+``scan.loss.batch_loss`` and ``engine.backward`` under each ZeRO stage in STAGES (e.g. "0,2"),
 and writes the summed loss and the full gradients to ``OUT/world<W>_rank<R>.pt``. With one process
 it also writes the reference loss: ``hardest_negative_loss`` over the whole batch's scores.
 
@@ -16,27 +16,37 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from trainer.config import ExperimentConfig
-from trainer.distributed import init_process_group, read_env
+from scan.config import ExperimentConfig
+from trainer.distributed import free_loopback_port, init_process_group, read_env
 from trainer.engine import build_engine
-from trainer.loss import hardest_negative_loss
-from trainer.model import build_model
-from trainer.train import batch_loss, seed_everything
-from trainer.xattn import xattn_scores
+from scan.loss import hardest_negative_loss
+from scan.model import build_model
+from scan.loss import batch_loss
+from trainer.train import seed_everything
+from scan.xattn import xattn_scores
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now: the product's helper, the one tests use."""
+    return free_loopback_port()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (all sockets held open while choosing)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
@@ -48,14 +58,14 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 
 def train_args(shards: str, out: Path, *overrides: str) -> list[str]:
-    """``--config`` and overrides of the tiny test run (after ``-m cluster.cli train`` or a launcher)."""
+    """``--config`` and overrides of the tiny test run (after ``-m app.cli train`` or a launcher)."""
     return ["--config", str(TINY_CONFIG), f"data.train_shards={shards}", f"train.output_dir={out}",
             *overrides]
 
 
 def run_train(shards: str, out: Path, *overrides: str, resume: str | None = None,
               timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cluster.cli", "train", *train_args(shards, out, *overrides)]
+    cmd = [sys.executable, "-m", "app.cli", "train", *train_args(shards, out, *overrides)]
     if resume:
         cmd += ["--resume", resume]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
@@ -160,7 +170,7 @@ def reference_grads(cfg: ExperimentConfig, trainable: dict, batches: list,
     """Gradients of one step on ``batches`` (the mean of their losses' gradients, summed in fp32)
     in plain torch, from the fp32 weights ``trainable``, computing in ``dtype`` (fp32: the true
     step; bf16: what a bf16 engine computes, rounding and all, with exact bookkeeping)."""
-    from trainer.model import build_trained
+    from scan.model import build_trained
 
     model = build_trained(cfg.model, VOCAB, trainable).train().to(dtype)
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
@@ -200,7 +210,7 @@ def accum(out: Path, precisions: list[str]) -> None:
     consecutive windows against :func:`reference_grads` in fp32 and in the engine's own dtype;
     plus the negative control (bf16, ZeRO 1, accumulation 2, the bypassing loop)."""
     from trainer.engine import fp32_trainable_state
-    from trainer.train import forward_backward_step
+    from trainer.step import forward_backward_step
 
     env = read_env()
     init_process_group(env)
@@ -260,8 +270,9 @@ def paper(out: Path) -> None:
     """One step of the F30K t2i AVG recipe (tiny embedding, fp32) with data.global_batch_size 128
     split over however many ranks run this: loss and full gradients to OUT/paper_world<W>_rank<R>.pt."""
     from dataio.pipeline import CaptionBatch
-    from trainer.config import load_experiment
-    from trainer.train import forward_backward_step, per_rank_batch
+    from scan.config import load_experiment
+    from trainer.step import forward_backward_step
+    from trainer.train import per_rank_batch
 
     env = read_env()
     init_process_group(env)

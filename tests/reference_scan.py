@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.xattn import XAttnConfig
+from scan.xattn import XAttnConfig
 
 EPS = 1e-8
 

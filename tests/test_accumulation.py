@@ -19,6 +19,8 @@ import torch
 
 from helpers_dist import ACCUM_STAGES, ACCUM_STEPS, cpu_env, free_port
 
+pytestmark = pytest.mark.integration
+
 HELPER = Path(__file__).with_name("helpers_dist.py")
 CUDA = torch.cuda.is_available()
 PRECISIONS = ["fp32", "bf16"] + (["fp16"] if CUDA else [])

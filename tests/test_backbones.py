@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.backbones import Preprocess, grid_boxes, load_backbone
+from scan.features.backbones import Preprocess, grid_boxes, load_backbone
 
 
 

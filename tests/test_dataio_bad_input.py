@@ -12,7 +12,9 @@ import webdataset as wds
 
 from dataio.errors import SKIPS, DataError, SkipCounter
 from dataio.pipeline import caption_batches
-from dataio.shards import ShardRecord, encode_sample, read_shard, write_manifest
+from dataio.shard_reader import read_shard
+from dataio.shard_writer import write_manifest
+from dataio.shards import ShardRecord, encode_sample
 from dataio.sources.synthetic import synthetic_samples
 from dataio.text import Vocab
 

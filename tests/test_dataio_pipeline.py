@@ -148,7 +148,8 @@ def test_resampled_gives_equal_batches_with_repeats(generated_shards, vocab):
 
 
 def test_collate_pads_and_masks(tmp_path, vocab):
-    from dataio.shards import ImageSample, write_manifest, write_shard
+    from dataio.shard_writer import write_manifest, write_shard
+    from dataio.shards import ImageSample
 
     rng = np.random.default_rng(0)
     samples = [ImageSample(f"k{i}", rng.normal(size=(2 + i, 8)).astype(np.float32),
@@ -228,7 +229,7 @@ def test_encoder_returning_no_ids_is_a_named_error(generated_shards):
 
 
 def test_brace_pattern_needs_committed_records(tmp_path):
-    from dataio.shards import write_shard
+    from dataio.shard_writer import write_shard
 
     write_shard(str(tmp_path), "a", synthetic_samples(2, dim=8))
     write_shard(str(tmp_path), "b", synthetic_samples(2, seed=1, dim=8))

@@ -8,9 +8,13 @@ import pytest
 
 from dataio import storage
 from dataio.pipeline import caption_batches, image_records, iter_tokens
-from dataio.shards import ShardWriter, committed_shards, read_manifest, write_manifest, write_shard
+from dataio.shard_writer import ShardWriter, committed_shards, write_manifest, write_shard
+from dataio.shards import read_manifest
 from dataio.sources.synthetic import synthetic_samples, write_synthetic
 from dataio.text import build_vocab
+from helpers_dist import free_port
+
+pytestmark = pytest.mark.integration
 
 
 def _keys(s3, bucket: str) -> list[str]:
@@ -101,14 +105,10 @@ class _Outage:
     """A moto S3 server of its own on a fixed port, which a test stops and starts again."""
 
     def __init__(self, monkeypatch):
-        import socket
-
         import boto3
         from moto.server import ThreadedMotoServer
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self._server_cls = ThreadedMotoServer
         self.server = None
         self.start()
@@ -177,7 +177,7 @@ def test_a_read_that_fails_after_retries_is_a_storage_error(outage, monkeypatch)
     assert not isinstance(err.value, DataError)  # not 'corrupt_tar': on_error="skip" cannot hide it
     with pytest.raises(storage.StorageError, match="storage error reading s3://outage/train/"):
         list(image_records(spec, rank=0, world=1))
-    from dataio.shards import raw_samples  # the sequential shard reader reported 'corrupt_tar'
+    from dataio.shard_reader import raw_samples  # the sequential shard reader reported 'corrupt_tar'
 
     with pytest.raises(storage.StorageError, match="shard-000000.tar.*failed 2 time"):
         list(raw_samples("s3://outage/train/shard-000000.tar"))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from dataio.errors import DataError
-from dataio.shards import (ImageSample, ShardWriter, committed_shards, read_manifest, read_shard,
-                           write_manifest, write_shard)
+from dataio.shard_reader import read_shard
+from dataio.shard_writer import ShardWriter, committed_shards, write_manifest, write_shard
+from dataio.shards import ImageSample, read_manifest
 from dataio.sources.synthetic import synthetic_samples
 
 

@@ -43,6 +43,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
 
 
 @pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.integration
 def test_two_ranks_equal_one_process(results, stage):
     one, r0, r1 = (results[n][stage] for n in ("world1_rank0", "world2_rank0", "world2_rank1"))
     # The single-process loss is the plain reference loss over the whole batch.
@@ -56,6 +57,7 @@ def test_two_ranks_equal_one_process(results, stage):
             assert _close(r["grads"][name], g), (name, float((r["grads"][name] - g).norm()), float(g.norm()))
 
 
+@pytest.mark.integration
 def test_local_mining_differs_from_global(results):
     """The equality above is not vacuous: mining on each rank's own rows gives another loss."""
     one, r0 = results["world1_rank0"][0], results["world2_rank0"][0]
@@ -63,6 +65,7 @@ def test_local_mining_differs_from_global(results):
     assert abs(r0["local_only"] - one["loss"]) > 1e-3 * one["loss"]
 
 
+@pytest.mark.integration
 def test_same_image_pairs_are_not_negatives(results):
     """The fixed batch has duplicate images; unmasked, they would be (hard) negatives."""
     one = results["world1_rank0"][0]
@@ -72,6 +75,7 @@ def test_same_image_pairs_are_not_negatives(results):
 PAPER_WORLDS = (1, 2, 8)
 
 
+@pytest.mark.integration
 def test_paper_global_batch_gives_one_process_gradients_on_any_world(tmp_path):
     """configs/f30k_t2i_avg.yaml states data.global_batch_size 128: every world size mines over the
     same 128 captions and takes the same step (issue 10: batch_size per rank made 8 GPUs mine over
@@ -93,8 +97,8 @@ def test_paper_global_batch_gives_one_process_gradients_on_any_world(tmp_path):
 
 
 def test_a_global_batch_that_does_not_divide_over_the_ranks_is_refused():
-    from trainer.config import load_experiment
-    from trainer.configfile import ConfigError
+    from scan.config import load_experiment
+    from scan.configfile import ConfigError
     from trainer.train import per_rank_batch
 
     cfg = load_experiment(Path(__file__).parents[1] / "configs" / "f30k_t2i_avg.yaml")

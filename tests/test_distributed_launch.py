@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers_dist import REPO, cpu_env, free_port, train_args
 from trainer.telemetry import read_run_log
+
+pytestmark = pytest.mark.integration
 
 STEPS = 3
 BIN = Path(sys.executable).parent
@@ -36,7 +40,7 @@ def _wait(procs: list[subprocess.Popen]) -> None:
 def test_deepspeed_two_processes(generated_shards, tmp_path):
     out = tmp_path / "ds"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "cluster.cli", "train", *train_args(generated_shards, out, f"train.max_steps={STEPS}",
+           "app.cli", "train", *train_args(generated_shards, out, f"train.max_steps={STEPS}",
                                         "train.precision=bf16", "train.zero_stage=1")]
     _wait([subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)])
@@ -51,7 +55,7 @@ def test_deepspeed_two_nodes_no_ssh(generated_shards, tmp_path):
     procs = []
     for node in (0, 1):
         cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "cluster.cli", "train",
+               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "app.cli", "train",
                *train_args(generated_shards, out, f"train.max_steps={STEPS}", "train.zero_stage=2",
                           "train.grad_accum=2")]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
@@ -68,7 +72,7 @@ def test_torchrun_two_processes_with_evaluation(tmp_path):
     val = write_synthetic(str(tmp_path / "val"), 8, seed=2, split="val", dim=64, shard_size=4)
     out = tmp_path / "torchrun"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "cluster.cli", "train",
+           "--master_port", str(free_port()), "-m", "app.cli", "train",
            *train_args(train, out, "loss.cross_device=false", "train.epochs=2", f"data.val_shards={val}",
                        "eval.precision=fp32")]
     _wait([subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,

@@ -10,10 +10,10 @@ from PIL import Image
 
 from dataio.sources.synthetic import _scene_and_captions, render, synthetic_samples
 from dataio.text import build_vocab, load_hf_tokenizer
-from trainer.config import ModelConfig
-from trainer.explain import explain_pair, figure_size, heat_map, layout_boxes, token_labels
-from trainer.model import SCANModel
-from trainer.xattn import XAttnConfig, xattn_scores
+from scan.config import ModelConfig
+from tools.explain import explain_pair, figure_size, heat_map, layout_boxes, token_labels
+from scan.model import SCANModel
+from scan.xattn import XAttnConfig, xattn_scores
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dataio.shards import committed_shards, read_manifest, read_shard
+from dataio.shard_reader import read_shard
+from dataio.shard_writer import committed_shards
+from dataio.shards import read_manifest
 from dataio.sources.synthetic import synthetic_items
+from helpers_dist import free_ports
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -35,14 +38,6 @@ class Head:
     gcs: str  # 127.0.0.1:port, for --address of drivers
     dashboard: str  # http://127.0.0.1:port, for `ray job submit`
     env: dict
-
-
-def _free_ports(n: int) -> list[int]:
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -79,7 +74,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def ray_head(tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="rayx", dir="/tmp")  # short: Ray's unix socket paths must fit
     log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
-    gcs, dash, client, nm, om, metrics, agent, agent_grpc, renv = _free_ports(9)
+    gcs, dash, client, nm, om, metrics, agent, agent_grpc, renv = free_ports(9)
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray port on 127.0.0.1; RAY_AUTH_MODE=disabled:
     # Ray 2.60 turns token authentication on when ~/.ray/auth_token exists (left by other local
     # clusters), and this private head and its clients go without. PATH: the job's `python` is
@@ -113,9 +108,9 @@ def test_ray_job_submit_runs_the_cli_unchanged(ray_head, tiny_vit, tmp_path):
     dest, summary = tmp_path / "out", tmp_path / "summary.json"
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,
            "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv/", ".git/"]}),
-           "--", "python", "-m", "cluster.extract", "--synthetic", "6", "--splits", "train,val",
-           "--dest", str(dest), "--backbone", f"hf:{tiny_vit}", "--images-per-shard", "4", "--no-progress",
-           "--summary-json", str(summary)]
+           "--", "python", "-m", "app.cli", "extract", "source.synthetic=6", "source.splits=[train,val]",
+           f"dest={dest}", f"backbone=hf:{tiny_vit}", "images_per_shard=4", "progress=false",
+           f"summary_json={summary}"]
     r = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     assert "succeeded" in r.stdout and "run " in r.stdout  # the job's own summary lines
@@ -130,9 +125,9 @@ def test_ray_job_submit_runs_the_cli_unchanged(ray_head, tiny_vit, tmp_path):
 
 def test_killed_driver_rerun_recomputes_only_unfinished_units(ray_head, tmp_path):
     dest, summary = tmp_path / "out", tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "cluster.extract", "--synthetic", "24", "--dest", str(dest),
-           "--backbone", "efficientnet-lite0", "--images-per-shard", "2", "--batch-size", "2",
-           "--workers", "2", "--address", ray_head.gcs, "--no-progress", "--summary-json", str(summary)]
+    cmd = [sys.executable, "-m", "app.cli", "extract", "source.synthetic=24", f"dest={dest}",
+           "backbone=efficientnet-lite0", "images_per_shard=2", "batch_size=2",
+           "workers=2", f"address={ray_head.gcs}", "progress=false", f"summary_json={summary}"]
     with open(tmp_path / "first.log", "w") as out:
         first = subprocess.Popen(cmd, cwd=REPO, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.images import BadImage, decode_image, to_rgb
+from dataio.images import BadImage, decode_image, to_rgb
 
 SIZE = 32
 

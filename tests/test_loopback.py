@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import psutil
+import pytest
 from PIL import Image
 
 from helpers_dist import REPO, cpu_env, train_args
+
+pytestmark = pytest.mark.integration
 
 # Variables that would pick the interfaces for the code under test: the defaults are what is tested.
 CHOSEN_BY_USER = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME",
@@ -191,9 +194,8 @@ def test_local_extraction_job_listens_on_loopback_only(tiny_vit, tmp_path):
         {"filename": name, "split": "train",
          "sentences": [{"raw": "a red square", "tokens": ["a", "red", "square"]}]}
         for name in ("open.png", "gate.png")]}))
-    cmd = [sys.executable, "-m", "cluster.extract", "--karpathy", str(karpathy), "--images", str(images),
-           "--dest", str(tmp_path / "out"), "--backbone", f"hf:{tiny_vit}", "--num-cpus", "1",
-           "--no-progress"]
+    cmd = [sys.executable, "-m", "app.cli", "extract", f"source.karpathy={karpathy}", f"source.images={images}",
+           f"dest={tmp_path / 'out'}", f"backbone=hf:{tiny_vit}", "num_cpus=1", "progress=false"]
     try:
         with watch(cmd, default_env(dict(os.environ)), tmp_path / "extract.log") as job:
             # The actor is blocked on the gate: driver, GCS, raylet, agents and worker are all up.
@@ -211,7 +213,7 @@ def test_local_extraction_job_listens_on_loopback_only(tiny_vit, tmp_path):
 
 
 def test_one_process_training_listens_on_loopback_only(generated_shards, tmp_path):
-    cmd = [sys.executable, "-m", "cluster.cli", "train",
+    cmd = [sys.executable, "-m", "app.cli", "train",
            *train_args(generated_shards, tmp_path / "run", "train.epochs=1")]
     with watch(cmd, default_env(cpu_env()), tmp_path / "train.log") as run:
         # The process group listens from its creation to the exit: once its socket is seen, every

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loss import directional_hinge, hardest_negative_loss
+from scan.loss import directional_hinge, hardest_negative_loss
 
 
 def loop_hinge(scores, positive_col, margin, max_violation, row_ids=None, col_ids=None):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import urllib.request
 
 import pytest
@@ -11,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.metrics import PrometheusExporter, build_telemetry
 from dataio.errors import SkipCounter
-from trainer.config import ExperimentConfig
+from helpers_dist import free_port
+from scan.config import ExperimentConfig
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics, read_run_log
 
 
@@ -29,12 +29,6 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
         text = response.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- run log -------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ModelConfig
-from trainer.model import (GRUTextEncoder, HFTextEncoder, ImageEncoder, SCANModel, build_model,
+from scan.config import ModelConfig
+from scan.model import (GRUTextEncoder, HFTextEncoder, ImageEncoder, SCANModel, build_model,
                            l2norm, length_mask)
 
 
@@ -327,7 +327,7 @@ def test_scan_model_hf_uses_lengths_as_mask(tiny_bert_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast path)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scan_model_cuda_autocast_step(dtype):
-    from trainer.loss import hardest_negative_loss
+    from scan.loss import hardest_negative_loss
 
     torch.manual_seed(8)
     model = build_model(ModelConfig(img_dim=64, embed_size=32, word_dim=16), vocab_size=50).cuda()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.plots import _latest_by, moving_average, plot_run
+from tools.plots import _latest_by, moving_average, plot_run
 from trainer.telemetry import JsonlRunLog, read_run_log
 
 

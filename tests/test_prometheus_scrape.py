@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,10 @@ from typing import Iterator
 import pytest
 
 from cluster.metrics import PrometheusExporter
+from helpers_dist import free_port
 from trainer.telemetry import read_run_log
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 POLL_S = 20.0  # the first sample shows after ~5 s on these machines
@@ -42,12 +44,6 @@ def prometheus_bin() -> str:
     found = shutil.which("prometheus")
     assert found, "scripts/ensure_prometheus.sh succeeded but `prometheus` is not on PATH"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def api(base: str, path: str, **params) -> dict:
@@ -170,7 +166,7 @@ import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from cluster.metrics import build_telemetry
 from dataio.sources.synthetic import write_synthetic
-from trainer.config import ExperimentConfig
+from scan.config import ExperimentConfig
 from trainer.train import train
 
 work, port, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

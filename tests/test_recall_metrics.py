@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.evaluate import (coco_1k_folds, mean_metrics, metrics_from_ranks, recall_metrics,
+from scan.metrics import (coco_1k_folds, mean_metrics, metrics_from_ranks, recall_metrics,
                               retrieval_ranks)
 
 

@@ -62,7 +62,7 @@ def _write_split(root: Path, split: str, n: int, first_id: int, rng: np.random.G
 
 
 def _import(args: list[str]) -> None:
-    from cluster.cli import main
+    from app.cli import main
 
     assert main(["import-precomp", *args]) == 0
 
@@ -91,6 +91,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.integration
 def test_imported_splits_have_the_real_sizes(shards):
     from dataio.shards import read_manifest
 
@@ -119,7 +120,7 @@ def _rehearse(recipe: str, shards: dict[str, Path], out: Path) -> dict:
     # 64 images = 320 captions (COCO: more) / 128: 3 steps per epoch. Saves: 1 = the end of epoch
     # 0 (step 3, then its validation), 2 = step 4, killed before its first file-system step.
     killed = _run([sys.executable, str(CRASH), "2", "1", "--", *train])
-    resumed = _run([sys.executable, "-m", "cluster.cli", *train, "--resume", "latest"])
+    resumed = _run([sys.executable, "-m", "app.cli", *train, "--resume", "latest"])
     return {"killed": killed, "resumed": resumed, "out": out}
 
 
@@ -132,7 +133,7 @@ EVALUATIONS = {"coco_t2i_lse": ("coco_t2i_lse",), "f30k_ensemble": ("f30k_t2i_ls
 def _evaluate(runs: tuple[str, ...], root: Path, shards: dict[str, Path]) -> subprocess.CompletedProcess:
     data = runs[0].split("_")[0]
     dirs = [a for r in runs for a in ("--run-dir", str(root / r))]
-    return _run([sys.executable, "-m", "cluster.cli", "evaluate", *dirs,
+    return _run([sys.executable, "-m", "app.cli", "evaluate", *dirs,
                  "--shards", str(shards[data] / TEST_SPLIT[data])])
 
 
@@ -165,6 +166,7 @@ def test_every_paper_recipe_is_rehearsed():
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.integration
 def test_recipe_validates_on_the_real_dev_split_and_resumes(rehearsals, recipe):
     from trainer.telemetry import read_run_log
 
@@ -183,8 +185,9 @@ def test_recipe_validates_on_the_real_dev_split_and_resumes(rehearsals, recipe):
 
 
 @pytest.mark.parametrize("name", EVALUATIONS)
+@pytest.mark.integration
 def test_recipe_evaluates_with_its_protocol(rehearsals, name):
-    from trainer.config import load_experiment
+    from scan.config import load_experiment
 
     done = rehearsals[f"eval:{name}"]["evaluated"]
     assert done.returncode == 0, done.stderr[-4000:]

@@ -11,13 +11,13 @@ from PIL import Image
 
 from dataio.sources.synthetic import synthetic_samples
 from dataio.text import build_vocab
-from trainer.config import ModelConfig
-from trainer.encode import Embeddings
-from trainer.model import SCANModel
-from trainer.retrieve import (Gallery, ImageQuery, TextQuery, build_gallery, format_results, retrieve,
+from scan.config import ModelConfig
+from scan.eval.encode import Embeddings
+from scan.model import SCANModel
+from tools.retrieve import (Gallery, ImageQuery, TextQuery, build_gallery, format_results, retrieve,
                               write_html)
-from trainer.sharded_eval import Member, score_tile
-from trainer.xattn import XAttnConfig
+from scan.eval.tiles import Member, score_tile
+from scan.xattn import XAttnConfig
 
 N, CPI, D = 5, 2, 8
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 import yaml
 
-from test_sharded_eval_helpers import stable_topk, tied_embeddings, tile_matrix
+from sharded_eval_fixtures import stable_topk, tied_embeddings, tile_matrix
 from helpers_dist import free_port
-from trainer.encode import Embeddings, encode_records, save_embeddings
-from trainer.evaluate import coco_1k_folds, recall_metrics, retrieval_ranks
-from trainer.sharded_eval import (Member, evaluate_embeddings, load_sims, make_plan, protocol_folds,
-                                  score_tile, write_topk)
-from trainer.xattn import XAttnConfig
+from scan.eval.encode import Embeddings, encode_records, save_embeddings
+from scan.metrics import coco_1k_folds, recall_metrics, retrieval_ranks
+from scan.eval.sharded import evaluate_embeddings
+from scan.eval.store import load_sims, write_topk
+from scan.eval.tiles import Member, make_plan, protocol_folds, score_tile
+from scan.xattn import XAttnConfig
 
 REPO = Path(__file__).resolve().parents[1]
 T2I_AVG = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
@@ -40,6 +41,7 @@ def _read_topk(path: Path) -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.integration
 def test_two_gloo_ranks_equal_recall_metrics_exactly_with_ties(tmp_path: Path) -> None:
     emb = tied_embeddings(blocks=4, block=6)
     save_embeddings(emb, str(tmp_path / "emb.pt"))
@@ -47,7 +49,7 @@ def test_two_gloo_ranks_equal_recall_metrics_exactly_with_ties(tmp_path: Path) -
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "trainer.sharded_eval", "--config", str(cfg),
+         "--master_port", str(free_port()), "-m", "app.cli", "evaluate-embeddings", "--config", str(cfg),
          "--embeddings", str(tmp_path / "emb.pt"), "--out", str(tmp_path / "out")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,6 +185,6 @@ def test_results_say_their_precision() -> None:
     assert evaluate_embeddings([Member(emb, T2I_AVG)]).precision == "fp32"
     low = evaluate_embeddings([Member(emb.to("cpu", torch.bfloat16), T2I_AVG)])
     assert low.precision == "bf16"
-    from trainer.config import EvalConfig
+    from scan.config import EvalConfig
 
     assert EvalConfig().precision == "fp32"

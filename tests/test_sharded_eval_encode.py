@@ -1,4 +1,4 @@
-"""Encode once from shards, split over 2 real gloo ranks, then evaluate_split on every rank.
+"""Encode once from shards, split over 2 real gloo ranks, then encode_and_evaluate on every rank.
 
 Run as a script (``torchrun ... tests/test_sharded_eval_encode.py OUT SPEC``) it is the worker:
 each rank encodes its contiguous block of the split, counting what its encoders see.
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,8 +21,8 @@ N_IMAGES = 24
 def _setup(spec: str):
     from dataio.pipeline import iter_tokens
     from dataio.text import build_vocab
-    from trainer.config import ExperimentConfig, ModelConfig
-    from trainer.model import build_model
+    from scan.config import ExperimentConfig, ModelConfig
+    from scan.model import build_model
 
     vocab = build_vocab(iter_tokens(spec), threshold=1)
     cfg = ExperimentConfig(model=ModelConfig(img_dim=16, embed_size=32, word_dim=16))
@@ -45,12 +45,12 @@ def _count_rows(model: torch.nn.Module) -> dict[str, int]:
 def _worker(out: str, spec: str) -> None:
     import torch.distributed as dist
 
-    from trainer.sharded_eval import evaluate_split
+    from scan.eval.sharded import encode_and_evaluate
 
     dist.init_process_group("gloo")
     cfg, model, vocab = _setup(spec)
     seen = _count_rows(model)
-    result = evaluate_split(model, cfg, spec, encode_text=vocab.encode, out_dir=out)
+    result = encode_and_evaluate(model, cfg, spec, encode_text=vocab.encode, out_dir=out)
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, dict(seen))
     if dist.get_rank() == 0:
@@ -60,25 +60,21 @@ def _worker(out: str, spec: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.integration
 def test_encode_once_over_two_ranks_then_evaluate(tmp_path: Path) -> None:
     from dataio.pipeline import image_records
     from dataio.sources.synthetic import write_synthetic
-    from trainer.encode import encode_records
-    from trainer.evaluate import recall_metrics, retrieval_ranks
-    from trainer.sharded_eval import Member, score_tile
+    from helpers_dist import free_port  # here, not at the top: the torchrun worker does not need it
+    from scan.eval.encode import encode_records
+    from scan.metrics import recall_metrics, retrieval_ranks
+    from scan.eval.tiles import Member, score_tile
 
     spec = write_synthetic(str(tmp_path / "test"), N_IMAGES, seed=3, split="test", dim=16,
                            shard_size=7)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), __file__, str(tmp_path / "out"), spec],
+         "--master_port", str(free_port()), __file__, str(tmp_path / "out"), spec],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "out/encoded.json").read_text())
@@ -101,15 +97,15 @@ def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
 
     from dataio.errors import DataError
     from dataio.sources.synthetic import write_synthetic
-    from trainer.sharded_eval import evaluate_split
+    from scan.eval.sharded import encode_and_evaluate
 
     spec = write_synthetic(str(tmp_path / "test"), 10, seed=0, split="test", dim=16, shard_size=4)
     cfg, model, vocab = _setup(spec)
     (tmp_path / "test/shard-000001.tar").unlink()
     with pytest.raises(DataError, match=r"shard-000001.tar.*does not exist"):
-        evaluate_split(model, cfg, spec, encode_text=vocab.encode)
+        encode_and_evaluate(model, cfg, spec, encode_text=vocab.encode)
     with pytest.raises(FileNotFoundError, match="no manifest at"):
-        evaluate_split(model, cfg, str(tmp_path / "absent"), encode_text=vocab.encode)
+        encode_and_evaluate(model, cfg, str(tmp_path / "absent"), encode_text=vocab.encode)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 import yaml
 
-from test_sharded_eval_helpers import tied_embeddings
+from sharded_eval_fixtures import tied_embeddings
 from helpers_dist import free_port
-from trainer.encode import save_embeddings
-from trainer.sharded_eval import Member, evaluate_embeddings, load_sims
-from trainer.xattn import XAttnConfig
+from scan.eval.encode import save_embeddings
+from scan.eval.sharded import evaluate_embeddings
+from scan.eval.store import load_sims
+from scan.eval.tiles import Member
+from scan.xattn import XAttnConfig
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv/bin"
@@ -83,7 +87,7 @@ def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path)
             {"xattn": dataclasses.asdict(xattn), "eval": {"image_block": 5, "save_sims": True,
                                                           "topk": 3}}))
     out = tmp_path / "out"
-    entry = (f"cd {REPO} && {BIN / 'python'} -m cluster.eval_job --actors 2 --num-cpus 1 "
+    entry = (f"cd {REPO} && {BIN / 'python'} -m app.cli evaluate-ray --actors 2 --num-cpus 1 "
              f"--config {tmp_path / 'a.yaml'} --embeddings {tmp_path / 'a.pt'} "
              f"--config {tmp_path / 'b.yaml'} --embeddings {tmp_path / 'b.pt'} --out {out}")
     for _ in range(15):  # the job agent can come up a little after the dashboard answers

@@ -8,17 +8,23 @@ import sys
 import time
 from pathlib import Path
 
-from test_sharded_eval_helpers import tied_embeddings
-from trainer.encode import save_embeddings
-from trainer.evaluate import recall_metrics
-from trainer.sharded_eval import Member, evaluate_embeddings, load_sims
-from trainer.xattn import XAttnConfig
+import pytest
+
+from sharded_eval_fixtures import tied_embeddings
+from scan.eval.encode import save_embeddings
+from scan.metrics import recall_metrics
+from scan.eval.sharded import evaluate_embeddings
+from scan.eval.store import load_sims
+from scan.eval.tiles import Member
+from scan.xattn import XAttnConfig
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(tmp_path: Path) -> list[str]:
-    return [sys.executable, "-m", "trainer.sharded_eval", "--config", str(tmp_path / "cfg.yaml"),
+    return [sys.executable, "-m", "app.cli", "evaluate-embeddings", "--config", str(tmp_path / "cfg.yaml"),
             "--embeddings", str(tmp_path / "emb.pt"), "--out", str(tmp_path / "out")]
 
 

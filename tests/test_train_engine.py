@@ -10,14 +10,14 @@ import torch
 
 from helpers_dist import run_train
 from trainer import checkpoint
-from trainer.config import ExperimentConfig
-from trainer.configfile import ConfigError
+from scan.config import ExperimentConfig
+from scan.configfile import ConfigError
 from trainer.distributed import DistEnv
 from trainer.engine import build_optimizer, deepspeed_config, lr_factor
-from trainer.loss import hardest_negative_loss
+from scan.loss import hardest_negative_loss
 from trainer.telemetry import read_run_log
-from trainer.train import batch_loss
-from trainer.xattn import xattn_scores
+from scan.loss import batch_loss
+from scan.xattn import xattn_scores
 
 CPU = torch.device("cpu")
 NO_GPU = not torch.cuda.is_available()
@@ -31,6 +31,7 @@ def test_fp16_refused_on_cpu():
 
 
 @pytest.mark.skipif(not NO_GPU, reason="fp16 is allowed where a GPU is")
+@pytest.mark.integration
 def test_fp16_run_on_cpu_stops_with_a_clear_message(generated_shards, tmp_path):
     done = run_train(generated_shards, tmp_path, "train.precision=fp16", "train.max_steps=1")
     assert done.returncode == 2
@@ -39,6 +40,7 @@ def test_fp16_run_on_cpu_stops_with_a_clear_message(generated_shards, tmp_path):
 
 
 @pytest.mark.skipif(NO_GPU, reason="fp16 (dynamic loss scaling) needs a CUDA GPU")
+@pytest.mark.integration
 def test_fp16_trains_on_gpu(generated_shards, tmp_path):
     done = run_train(generated_shards, tmp_path, "train.precision=fp16", "train.max_steps=3")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -46,6 +48,7 @@ def test_fp16_trains_on_gpu(generated_shards, tmp_path):
     assert len(steps) == 3 and all(r["loss_scale"] for r in steps)
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_the_run(generated_shards, tmp_path):
     done = run_train(generated_shards, tmp_path, "loss.margin=.inf", "train.max_steps=2")
     assert done.returncode == 3, done.stderr[-3000:]
@@ -125,6 +128,7 @@ def test_scheduler_decays_at_the_loops_epoch_and_keeps_it_in_its_state():
     assert again.epoch == 1 and again.last_epoch == 5
 
 
+@pytest.mark.integration
 def test_no_early_decay_when_batches_do_not_divide_by_accumulation(generated_shards, tmp_path):
     """Issue 10: 10 batches per epoch with accumulation 4 gave 2 'steps per epoch', so the third
     step (micro-batches 8-11, still mostly epoch 0) already ran at the decayed lr."""
@@ -194,7 +198,7 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name, stage, precision", [("zero1_bf16", 1, "bf16"), ("zero2_fp16", 2, "fp16")])
 def test_shipped_deepspeed_json_must_agree_with_the_experiment(name, stage, precision):
-    from trainer.config import load_experiment
+    from scan.config import load_experiment
     from trainer.engine import deepspeed_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{name}.json"
@@ -212,8 +216,8 @@ def test_shipped_deepspeed_json_must_agree_with_the_experiment(name, stage, prec
 
 
 def test_a_resumed_position_keeps_the_epochs_segments_for_any_world():
-    from trainer.configfile import ConfigError
-    from trainer.train import Position, resumed_position
+    from scan.configfile import ConfigError
+    from trainer.position import Position, resumed_position
 
     data = {"data.train_shards": "abc", "data.caps_per_image": 5, "data.resampled": False, "train.seed": 0}
     saved = {"scan_position": vars(Position(epoch=2, samples=96, step=40, world=2, segments=[[4, 32]])),

@@ -16,6 +16,8 @@ from helpers_dist import REPO, cpu_env, run_train, train_args
 from trainer import checkpoint
 from trainer.telemetry import read_run_log
 
+pytestmark = pytest.mark.integration
+
 STEPS = 14  # 60 captions / batch 6 = 10 steps per epoch: the runs cross an epoch boundary
 CKPT_EVERY = 3
 RUN = ("data.batch_size=6", "data.num_workers=2", f"train.max_steps={STEPS}",
@@ -36,7 +38,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _kill_after_first_checkpoint(shards: str, out: Path) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *train_args(shards, out, *RUN)],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", *train_args(shards, out, *RUN)],
                             cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_scan import reference_attention, reference_scores
-from trainer.xattn import Aggregation, Direction, RawFeatureNorm, XAttnConfig, xattn_scores
+from scan.xattn import Aggregation, Direction, RawFeatureNorm, XAttnConfig, xattn_scores
 
 NORMS = get_args(RawFeatureNorm)
 AGGS = get_args(Aggregation)

@@ -1,1 +1,2 @@
-"""SCAN models, losses, the DeepSpeed engine and the sharded evaluator."""
+"""The runtime: the training loop and step, the DeepSpeed engine, checkpoints, the distributed
+environment and telemetry."""

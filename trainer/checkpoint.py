@@ -42,7 +42,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import DistEnv, is_distributed
+from scan.collectives import barrier, is_distributed
+from trainer.distributed import DistEnv
+from dataio import storage
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +146,6 @@ def install_weights_only_loader(ds_engine: Any) -> None:
 # the directory
 
 
-def _barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -169,12 +166,9 @@ def _remove_tree(path: Path) -> None:
 
 def _write_latest(ckpt_dir: Path, name: str) -> None:
     path = ckpt_dir / LATEST
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _rename(tmp, path)
+    # durable: fsync the pointer before the rename (_rename fsyncs the directory after it)
+    storage.write_text_atomic(path, name + "\n", durable=True,
+                              replace=lambda tmp, dst: _rename(Path(tmp), Path(dst)))
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -214,8 +208,9 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any]
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob("*" + _PARTIAL):  # an earlier save that crashed
             _remove_tree(stale)
-        for stale in ckpt_dir.glob(LATEST + ".tmp-*"):
-            stale.unlink()
+        for stale in ckpt_dir.glob(LATEST + "*"):
+            if storage.is_temp_name(stale.name):
+                stale.unlink()
         name = _new_name(ckpt_dir, step)
     else:
         name = ""
@@ -224,20 +219,20 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any]
         dist.broadcast_object_list(names, src=0)
         name = names[0]
     partial = ckpt_dir / (name + _PARTIAL)
-    _barrier()
+    barrier()
     ds_engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state,
                               save_latest=False)
     torch.save(capture_rng(), partial / f"rng_rank{env.rank}.pt")
     weights = fp32_weights() if fp32_weights is not None else None
     if env.is_main and weights is not None:
         torch.save(weights, partial / FP32_WEIGHTS)
-    _barrier()  # every rank's files are in place before the directory becomes visible
+    barrier()  # every rank's files are in place before the directory becomes visible
     if env.is_main:
         _rename(partial, ckpt_dir / name)
         _write_latest(ckpt_dir, name)
         _prune(ckpt_dir, name, keep)
         log.info("checkpoint %s saved", ckpt_dir / name)
-    _barrier()
+    barrier()
     return name
 
 

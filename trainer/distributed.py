@@ -1,4 +1,5 @@
-"""Rank and world from the environment, the process group, and an autograd-aware padded gather.
+"""Rank and world from the environment, and joining the process group (the collectives over it
+are the library's: ``scan.collectives``).
 
 Every launcher this project supports (plain ``python``, ``deepspeed``, ``deepspeed --hostfile``
 with ``--no_ssh``, ``torchrun``) exports ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+
+from scan.collectives import group_running
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the one free-port helper; tests use it too)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -55,7 +58,7 @@ def read_env(local_rank: int | None = None) -> DistEnv:
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
     elif "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank or 0)
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
@@ -79,7 +82,7 @@ def init_process_group(env: DistEnv) -> None:
         # DeepSpeed's CPU shared-memory allreduce is JIT-compiled on first use (~50 s per fresh
         # environment); gloo is enough for the CPU path, which is for development and tests.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if dist.is_initialized():
+    if group_running():
         return
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     if env.world == 1:
@@ -109,55 +112,3 @@ def _init_single_process(backend: str) -> None:
 def _loopback_interface() -> str | None:
     """The loopback interface's name (Linux ``lo``, macOS ``lo0``), None if there is none."""
     return next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks without autograd (for logging and checks); a copy, input untouched."""
-    out = x.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out)
-    return out
-
-
-def all_gather_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    """(W, len(values)) int64: every rank's ``values``, in rank order."""
-    local = torch.tensor(values, dtype=torch.int64, device=device)
-    if not is_distributed():
-        return local[None]
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, local)
-    return torch.stack(out)
-
-
-def gather_padded(x: torch.Tensor, counts: list[int], length: int | None = None) -> torch.Tensor:
-    """Concatenates every rank's ``x`` in rank order, differentiably.
-
-    ``x`` is (B_r, L_r, ...) on rank r (or (B_r,) for lengths and ids); ``counts`` is [B_0, ...,
-    B_{W-1}] from ``all_gather_ints``. Rows are padded to max(counts) and the second axis to
-    ``length`` (the global maximum of L_r) with zeros, gathered with
-    ``torch.distributed.nn.functional.all_gather`` (its backward sums every rank's gradient for
-    this rank's slice), then the padding rows are dropped: result (sum B_r, length, ...).
-    """
-    if not is_distributed():
-        return x if length is None else _pad_axis(x, 1, length)
-    rows = max(counts)
-    padded = _pad_axis(x, 0, rows)
-    if length is not None:
-        padded = _pad_axis(padded, 1, length)
-    parts = dist_nn.all_gather(padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
-
-
-def _pad_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    missing = size - x.shape[axis]
-    if missing < 0:
-        raise ValueError(f"cannot pad axis {axis} of size {x.shape[axis]} down to {size}")
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[axis] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=axis)

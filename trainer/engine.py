@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from trainer.config import ExperimentConfig
-from trainer.configfile import ConfigError
+from scan.config import ExperimentConfig
+from scan.configfile import ConfigError
 from trainer.distributed import DistEnv
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ class Telemetry(Protocol):
       process started (the dataio skip counter as it stands now, not a per-step delta),
       memory_bytes: peak accelerator memory, or the process's resident memory on CPU.
 
-    ``observe_eval`` takes the metrics mapping from ``trainer.evaluate`` (R@K per direction, rsum,
+    ``observe_eval`` takes the metrics mapping from ``scan.metrics`` (R@K per direction, rsum,
     medr, meanr; nested mappings are allowed).
     """
 

@@ -18,7 +18,8 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from dataio.shards import ImageSample, ShardWriter, manifest_url, write_manifest
+from dataio.shard_writer import ShardWriter, write_manifest
+from dataio.shards import ImageSample, manifest_url
 from dataio.text import tokenize
 
 log = logging.getLogger(__name__)

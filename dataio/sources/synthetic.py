@@ -20,7 +20,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataio.shards import ImageSample, ShardWriter, manifest_url, write_manifest
+from dataio.shard_writer import ShardWriter, write_manifest
+from dataio.shards import ImageSample, manifest_url
 from dataio.sources import ImageItem
 from dataio.text import tokenize
 

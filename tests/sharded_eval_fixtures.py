@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.encode import Embeddings
-from trainer.sharded_eval import Member, TilePlan, score_tile
+from scan.eval.encode import Embeddings
+from scan.eval.tiles import Member, TilePlan, score_tile
 
 
 def tied_embeddings(blocks: int, block: int, *, cpi: int = 5, k: int = 5, n: int = 6, d: int = 8,

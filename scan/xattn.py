@@ -1,6 +1,6 @@
 """Stacked cross attention scores (SCAN), exact to the reference semantics, without per-pair loops.
 
-See ../shared/DESIGN.md §2 for the semantics and the fast formulation.
+See docs/DESIGN.md §2 for the semantics and the fast formulation.
 
 Both directions share one computation. The "context owners" (images for t2i, captions for i2t)
 give the context axis c, the "query owners" (captions for t2i, images for i2t) the query axis q.
@@ -32,7 +32,7 @@ RawFeatureNorm = Literal[
 ]
 
 _EPS = 1e-8  # the reference's eps in l1norm / l2norm / cosine_similarity
-_TINY = 1e-30  # floor inside square roots: sqrt(0) has an infinite gradient (DESIGN.md §2)
+_TINY = 1e-30  # floor inside square roots: sqrt(0) has an infinite gradient (docs/DESIGN.md §2)
 # First normalisations whose output lies in [-1, 1]: λ1·z ∈ [-λ1, λ1]. For λ1 ≤ _MAX_UNSHIFTED,
 # e = exp(λ1·z) lies in [e^-20, e^20] and the products e·e·G in α^T G α in [e^-40, e^40]·|G|, far
 # inside fp32's range (e^±87): the max subtraction is provably unnecessary there and its pass is

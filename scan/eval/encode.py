@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
@@ -19,6 +18,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from dataio.pipeline import batched
+from scan.collectives import all_gather_objects, gather_padded, is_distributed
+from dataio import storage
 
 Precision = Literal["fp32", "bf16", "fp16"]
 EncodeText = Callable[[list[str], str], list[int]]  # (tokens, raw caption) -> token ids
@@ -84,11 +85,10 @@ class Embeddings:
 
 def save_embeddings(emb: Embeddings, path: str) -> None:
     """Writes atomically (temporary name, then rename) so a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"images": emb.images.cpu(), "img_lens": emb.img_lens.cpu(),
-                "captions": emb.captions.cpu(), "cap_lens": emb.cap_lens.cpu(),
-                "image_keys": emb.image_keys, "caps_per_image": emb.caps_per_image}, tmp)
-    os.replace(tmp, path)
+    state = {"images": emb.images.cpu(), "img_lens": emb.img_lens.cpu(),
+             "captions": emb.captions.cpu(), "cap_lens": emb.cap_lens.cpu(),
+             "image_keys": emb.image_keys, "caps_per_image": emb.caps_per_image}
+    storage.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_embeddings(path: str) -> Embeddings:
@@ -169,40 +169,20 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
 def gather_embeddings(local: Embeddings) -> Embeddings:
     """All ranks' contiguous blocks concatenated in rank order; every rank gets the whole split.
 
-    Shapes differ per rank (images, k, n), so sizes travel first and tensors are padded to the
-    largest before ``all_gather``, then trimmed.
+    Shapes differ per rank (images, k, n): sizes travel first, then ``gather_padded`` pads each
+    tensor to the largest and trims it again.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return local
-    world = dist.get_world_size()
-    meta = [None] * world
-    dist.all_gather_object(meta, (tuple(local.images.shape), tuple(local.captions.shape),
-                                  local.image_keys, str(local.images.dtype)))
-    d = max(m[0][2] for m in meta)
-    k = max(m[0][1] for m in meta)
-    n = max(m[1][1] for m in meta)
-    n_img = max(m[0][0] for m in meta)
-    comm_device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def gather(t: Tensor, shape: tuple[int, ...], dims: list[int]) -> Tensor:
-        # (r, ...) zero-padded to the common shape on every rank, gathered, then trimmed per rank.
-        buf = t.new_zeros(shape)
-        buf[tuple(slice(0, s) for s in t.shape)] = t
-        out = [torch.empty_like(buf, device=comm_device) for _ in range(world)]
-        dist.all_gather(out, buf.to(comm_device))
-        return torch.cat([o[:r].cpu() for o, r in zip(out, dims)])
-
-    img_rows = [m[0][0] for m in meta]
-    cap_rows = [m[1][0] for m in meta]
-    cpi = local.caps_per_image
-    return Embeddings(gather(local.images, (n_img, k, d), img_rows),
-                      gather(local.img_lens, (n_img,), img_rows),
-                      gather(local.captions, (n_img * cpi, n, d), cap_rows),
-                      gather(local.cap_lens, (n_img * cpi,), cap_rows),
-                      [key for m in meta for key in m[2]], cpi)
+    # per rank: images, captions, regions k, words n, image keys
+    meta = all_gather_objects((*local.images.shape[:2], *local.captions.shape[:2], local.image_keys))
+    img_rows, cap_rows = [m[0] for m in meta], [m[2] for m in meta]
+    k, n = max(m[1] for m in meta), max(m[3] for m in meta)
+    return Embeddings(gather_padded(local.images, img_rows, k, differentiable=False),
+                      gather_padded(local.img_lens, img_rows, differentiable=False),
+                      gather_padded(local.captions, cap_rows, n, differentiable=False),
+                      gather_padded(local.cap_lens, cap_rows, differentiable=False),
+                      [key for m in meta for key in m[4]], local.caps_per_image)
 
 
 def encode_split(model: torch.nn.Module, spec: str, *, encode_text: EncodeText, caps_per_image: int,

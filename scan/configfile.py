@@ -1,6 +1,6 @@
 """Typed dataclass configs loaded from YAML with ``key=value`` overrides.
 
-One mechanism for every config in the project: the experiment schema (``trainer.config``) and the
+One mechanism for every config in the project: the experiment schema (``scan.config``) and the
 extraction job's (``cluster``) are plain dataclasses; this module fills them from YAML mappings,
 applies dotted overrides such as ``optim.lr=5e-4`` and checks every value against its annotation,
 so an error names the key, the bad value and what is allowed.
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from dataio import storage
 
 T = TypeVar("T")
 
@@ -119,6 +121,33 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One leaf key of a schema, for help texts and config templates."""
+    name: str  # dotted, e.g. "source.karpathy"
+    default: Any  # dataclasses.MISSING when the field has none
+    allowed: str  # what the loader accepts, e.g. "int or null"
+    help: str  # the field's metadata["help"], or ""
+
+
+def keys(cls: type, prefix: str = "") -> list[Key]:
+    """Every leaf key of dataclass ``cls`` in field order, nested dataclasses expanded."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += keys(tp, prefix + f.name + ".")
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else dataclasses.MISSING)
+        out.append(Key(prefix + f.name, default, _describe(tp), f.metadata.get("help", "")))
+    return out
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Applies one ``a.b.c=value`` override to a nested mapping in place (value parsed as YAML)."""
     if "=" not in override:
@@ -166,7 +195,4 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequenc
 
 def save(obj: Any, path: str | Path) -> None:
     """Writes a config as YAML atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    storage.write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from trainer import configfile
-from trainer.configfile import ConfigError
-from trainer.xattn import XAttnConfig
+from scan import configfile
+from scan.configfile import ConfigError
+from scan.xattn import XAttnConfig
 
 
 @dataclass

@@ -17,13 +17,15 @@ import torch
 from dataio.pipeline import image_records
 from dataio.shards import ImageSample
 from dataio.text import TextEncoder, Vocab, load_hf_tokenizer
-from trainer import checkpoint, configfile
-from trainer.config import ExperimentConfig
+from scan import configfile
+from trainer import checkpoint
+from scan.config import ExperimentConfig
 from trainer.distributed import init_process_group, read_env
-from trainer.encode import encode_split
-from trainer.model import SCANModel, build_model, build_trained
-from trainer.retrieve import Gallery, build_gallery
-from trainer.sharded_eval import EvalResult, Member, run_eval
+from scan.eval.encode import encode_split
+from scan.model import SCANModel, build_model, build_trained
+from tools.retrieve import Gallery, build_gallery
+from scan.eval.sharded import evaluate_and_write
+from scan.eval.tiles import EvalResult, Member
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
                            batch_size=cfg.data.batch_size, device=env.device, rank=env.rank,
                            world=env.world, on_error=cfg.data.on_error)
         members.append(Member(emb.to(env.device), cfg.xattn))
-    return run_eval(members, eval_cfg, rank=env.rank, world=env.world, out_dir=out_dir)
+    return evaluate_and_write(members, eval_cfg, rank=env.rank, world=env.world, out_dir=out_dir)
 
 
 def gallery_for_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest") -> Gallery:

@@ -11,22 +11,21 @@ Every stage is idempotent: rerunning reuses committed shards and resumes the lat
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from cluster.extract import JobConfig, run_job
+from cluster.extract import run_job
+from cluster.extract_config import JobConfig
 from cluster.metrics import build_telemetry
+from dataio import storage
 from dataio.sources import ImageItem
-from trainer import configfile
-from trainer.config import ExperimentConfig, load_experiment
+from scan import configfile
+from scan.config import ExperimentConfig, load_experiment
 from trainer.train import train
 
 log = logging.getLogger(__name__)
@@ -55,16 +54,15 @@ def demo_items(data: Path | None, generated: int, images_dir: Path, seed: int = 
     for item in scenes:
         path = images_dir / f"{item.key}.png"
         if not path.is_file():
-            tmp = path.with_suffix(".tmp.png")
-            item.load().save(tmp)
-            tmp.replace(path)
+            with storage.atomic_path(path) as tmp:
+                item.load().save(tmp, format="PNG")
         items.append(dataclasses.replace(item, image=str(path)))
     return "generated captioned shapes", items
 
 
 def extract(items: list[ImageItem], shards: Path, workers: int) -> dict:
     summary = run_job(items, JobConfig(dest=str(shards), backbone="efficientnet-lite2",
-                                       images_per_unit=128, workers=workers, num_cpus=os.cpu_count(),
+                                       images_per_shard=128, workers=workers, num_cpus=os.cpu_count(),
                                        use_gpu=True))
     if summary.units_failed:
         raise RuntimeError(f"extraction failed for units {summary.units_failed}")
@@ -78,22 +76,24 @@ def train_model(cfg: ExperimentConfig) -> dict:
     return train(cfg, resume="latest" if ckpt.is_file() else None, telemetry=telemetry)
 
 
-def run_baseline(shards: Path, out: Path) -> dict | None:
-    """The global-embedding VSE++ baseline on the same shards (benchmarks/baseline_vse.py)."""
-    script = REPO / "benchmarks" / "baseline_vse.py"
-    if not script.is_file():
-        return None
-    subprocess.run([sys.executable, str(script), "--train-shards", str(shards / "train" / "manifest.json"),
-                    "--val-shards", str(shards / "val" / "manifest.json"), "--out", str(out)], check=True)
-    return json.loads(out.read_text())
+def run_baseline(shards: Path, out: Path) -> dict:
+    """The global-embedding VSE++ baseline on the same shards (``trainer.baseline_vse``), its result
+    also written to ``out``."""
+    from trainer.baseline_vse import BaselineConfig, format_table, run, write_json
+
+    result = run(str(shards / "train" / "manifest.json"), str(shards / "val" / "manifest.json"),
+                 BaselineConfig())
+    print(format_table(result))
+    write_json(str(out), result)
+    return result
 
 
-def pictures(cfg: ExperimentConfig, run_dir: Path, val_spec: str, count: int) -> dict:
+def make_pictures(cfg: ExperimentConfig, run_dir: Path, val_spec: str, count: int) -> dict:
     """Attention pictures of the first val images with their first caption, and a retrieval page."""
     from dataio.pipeline import image_records
-    from trainer.explain import explain_pair
-    from trainer.inference import gallery_for_runs, load_run
-    from trainer.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
+    from tools.explain import explain_pair
+    from tools.inference import gallery_for_runs, load_run
+    from tools.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
 
     run = load_run(run_dir)
     out = run_dir / "attention"
@@ -172,37 +172,24 @@ def val_recalls(run_dir: Path) -> tuple[dict, dict] | None:
     return unflatten(evals[-1]), unflatten(max(evals, key=lambda r: r["metrics"]["rsum"]))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scan demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="demo folder: shards/ and run/ go here")
-    p.add_argument("--data", default=str(FLICKR8K),
-                   help="folder with dataset_flickr8k_1k.json and images/; when missing, generated scenes")
-    p.add_argument("--generated", type=int, default=600, help="generated train scenes when no photos")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML of the demo")
-    p.add_argument("--workers", type=int, default=1, help="Ray extraction actors")
-    p.add_argument("--pictures", type=int, default=4, help="attention pictures / retrieval queries")
-    p.add_argument("--no-baseline", action="store_true", help="skip the VSE++ baseline comparison")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="experiment config overrides")
-    return p.parse_intermixed_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out).resolve()
+def run_demo(*, out: str, data: str | None, generated: int, config: str, workers: int, pictures: int,
+             baseline: bool, overrides: Sequence[str]) -> str:
+    """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the training);
+    returns the report's text."""
+    out = Path(out).resolve()
     shards, run_dir = out / "shards", out / "run"
     timings: dict[str, float] = {}
 
     t = time.time()
-    source, items = demo_items(Path(args.data) if args.data else None, args.generated, out / "images")
+    source, items = demo_items(Path(data) if data else None, generated, out / "images")
     print(f"[1/4] extracting {len(items)} images of {source} with EfficientNet-Lite2 on a local Ray")
-    extraction = extract(items, shards, args.workers)
+    extraction = extract(items, shards, workers)
     timings["extract"] = time.time() - t
 
     t = time.time()
-    cfg = load_experiment(args.config, [f"data.train_shards={shards / 'train' / 'manifest.json'}",
+    cfg = load_experiment(config, [f"data.train_shards={shards / 'train' / 'manifest.json'}",
                                         f"data.val_shards={shards / 'val' / 'manifest.json'}",
-                                        f"train.output_dir={run_dir}", *args.overrides])
+                                        f"train.output_dir={run_dir}", *overrides])
     run_dir.mkdir(parents=True, exist_ok=True)
     configfile.save(cfg, run_dir / "config.yaml")
     print(f"[2/4] training {cfg.train.epochs} epochs ({cfg.train.precision}, DeepSpeed, 1 process), "
@@ -211,19 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["train"] = time.time() - t
 
     t = time.time()
-    baseline = None
-    if not args.no_baseline:
+    baseline_result = None
+    if baseline:
         print("[3/4] VSE++ global-embedding baseline on the same shards")
-        baseline = run_baseline(shards, out / "baseline_vse.json")
+        baseline_result = run_baseline(shards, out / "baseline_vse.json")
     timings["baseline"] = time.time() - t
 
     t = time.time()
     print("[4/4] report: plots, attention pictures, retrieval page")
-    from trainer.plots import plot_run
+    from tools.plots import plot_run
 
     plot_run(run_dir / "metrics.jsonl", run_dir)
-    shown = pictures(cfg, run_dir, str(shards / "val" / "manifest.json"), args.pictures)
+    shown = make_pictures(cfg, run_dir, str(shards / "val" / "manifest.json"), pictures)
     timings["report"] = time.time() - t
-    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir), baseline, shown)
-    print(report.read_text())
-    return 0
+    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir), baseline_result,
+                          shown)
+    return report.read_text()

@@ -1,8 +1,8 @@
 """Retrieval over an evaluated gallery: text → top-K images, image → top-K captions, and an HTML page.
 
-A ``Gallery`` is one split encoded once (``trainer.encode.Embeddings``, per model of an ensemble)
+A ``Gallery`` is one split encoded once (``scan.eval.encode.Embeddings``, per model of an ensemble)
 with the raw caption texts and the full (N, M) score matrix, computed in tiles by ``xattn_scores``
-(through ``trainer.sharded_eval.score_tile``, so an ensemble averages its members' scores exactly
+(through ``scan.eval.sharded.score_tile``, so an ensemble averages its members' scores exactly
 as the evaluator does) or taken from the evaluator's saved matrix (``sharded_eval.load_sims``).
 
 Queries:
@@ -20,7 +20,6 @@ import hashlib
 import html
 import logging
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping, Sequence
@@ -32,9 +31,10 @@ from PIL import Image
 from torch import Tensor
 
 from dataio.text import tokenize
-from trainer.encode import EncodeText, Precision, encode_records
-from trainer.sharded_eval import Member, score_tile
-from trainer.xattn import XAttnConfig, xattn_scores
+from scan.eval.encode import EncodeText, Precision, encode_records
+from scan.eval.tiles import Member, score_tile
+from scan.xattn import XAttnConfig, xattn_scores
+from dataio import storage
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +240,8 @@ def _thumbnail(src: Path, thumbs: Path) -> str:
         with Image.open(src) as img:
             img = img.convert("RGB")
             img.thumbnail((THUMB_PX, THUMB_PX))
-            tmp = thumbs / f".{name}.tmp-{uuid.uuid4().hex}"
-            img.save(tmp, format="JPEG", quality=85)
-            os.replace(tmp, target)
+            with storage.atomic_path(target) as tmp:
+                img.save(tmp, format="JPEG", quality=85)
     return name
 
 
@@ -303,8 +302,6 @@ def write_html(results: Sequence[Retrieval], out_html: str | os.PathLike,
             f"<style>{_STYLE}</style></head><body><h1>SCAN retrieval</h1>"
             "<p>Green: ground truth (the query's own image or caption).</p>"
             + "\n".join(parts) + "</body></html>\n")
-    tmp = out_html.with_name(f".{out_html.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out_html)
+    storage.write_text_atomic(out_html, page)
     log.info("retrieval page with %d queries written to %s", len(results), out_html)
     return out_html

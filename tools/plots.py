@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,9 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from trainer.evaluate import RECALLS  # noqa: E402
+from scan.metrics import RECALLS  # noqa: E402
 from trainer.telemetry import read_run_log  # noqa: E402
+from dataio import storage  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +64,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    # Write under a temporary name in the same folder, then rename: never a half-written PNG.
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        fig.savefig(tmp, dpi=_DPI, format="png")
-        os.replace(tmp, path)
+        with storage.atomic_path(path) as tmp:  # never a half-written PNG
+            fig.savefig(tmp, dpi=_DPI, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_loss(steps: list[dict[str, Any]], out_png: Path) -> None:

@@ -1,0 +1,1 @@
+"""The `scan` command (every subcommand, one argparse home) and the demo."""

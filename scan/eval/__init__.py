@@ -1,0 +1,1 @@
+"""Evaluation: encoding a split once, scoring it in tiles, ranks and recalls over all ranks."""

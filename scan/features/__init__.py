@@ -1,0 +1,1 @@
+"""Feature backbones for extraction (EfficientNet-Lite grids, transformers vision models)."""

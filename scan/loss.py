@@ -1,0 +1,128 @@
+"""The loss that trains: VSE++ hinge with hardest negatives over SCAN scores, across devices.
+
+As the reference's ContrastiveLoss (kuanghuei/SCAN), mined over the global micro-batch
+(docs/DESIGN.md §3). From the bottom up:
+
+* :func:`directional_hinge`: one direction of the hinge over any (rows × columns) block of scores;
+* :func:`contrastive_hinge`: both directions for a rank's B pairs among the G of the global batch,
+  the one hinge every path calls (one process: B = G);
+* :func:`hardest_negative_loss`: the square-batch loss of one process, as the reference computes it;
+* :func:`pair_scores`: SCAN scores of images × captions, each tile recomputed in backward;
+* :func:`batch_loss`: what a training step back-propagates; it gathers every rank's region and word
+  embeddings itself (as open_clip's ``ClipLoss`` gathers its features), so a caller passes only
+  its local batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from scan.collectives import all_gather_ints, all_reduce_sum, gather_padded, group_world, is_distributed
+from scan.config import LossConfig
+from scan.xattn import XAttnConfig, xattn_scores
+
+
+def directional_hinge(scores: torch.Tensor, positive_col: torch.Tensor, margin: float,
+                      max_violation: bool, row_ids: torch.Tensor | None = None,
+                      col_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_rows of [margin − S(r, p_r) + S(r, c)]₊ over the negatives c of each row r.
+
+    scores (R, C); positive_col (R,) long: the positive's column of each row. The negatives of row
+    r are all columns but ``positive_col[r]``, and, when ids are given, all but the columns whose
+    ``col_ids`` equal ``row_ids[r]`` (another caption of the same image is never a negative).
+    ``max_violation``: only the hardest negative of each row counts, else all are summed.
+    Returns a scalar (0 for a row left with no negatives).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected (R, C), got {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    if positive_col.shape != (rows,):
+        raise ValueError(f"positive_col: expected shape ({rows},), got {tuple(positive_col.shape)}")
+    if (row_ids is None) != (col_ids is None):
+        raise ValueError("row_ids and col_ids must be given together")
+    positive_col = positive_col.to(device=scores.device, dtype=torch.long)
+    positive = scores.gather(1, positive_col[:, None])  # (R, 1)
+    cost = (margin + scores - positive).clamp(min=0)  # (R, C)
+    not_negative = torch.zeros_like(cost, dtype=torch.bool)
+    not_negative.scatter_(1, positive_col[:, None], True)
+    if row_ids is not None:
+        if row_ids.shape != (rows,) or col_ids.shape != (cols,):
+            raise ValueError(f"row_ids/col_ids: expected shapes ({rows},)/({cols},), got "
+                             f"{tuple(row_ids.shape)}/{tuple(col_ids.shape)}")
+        not_negative |= row_ids.to(scores.device)[:, None] == col_ids.to(scores.device)[None, :]
+    # Filling with 0 is exact: every cost is >= 0, so a zero never beats a real violation.
+    cost = cost.masked_fill(not_negative, 0)
+    per_row = cost.max(dim=1).values if max_violation else cost.sum(dim=1)
+    return per_row.sum()
+
+
+def contrastive_hinge(i2t: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, margin: float,
+                      max_violation: bool, local_ids: torch.Tensor | None = None,
+                      all_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Caption retrieval + image retrieval for B local pairs among the G pairs of a global batch.
+
+    i2t (B, G): the local images × all captions; t2i (B, G): the local captions × all images;
+    positive (B,): the local pairs' indices in G. With ids (local (B,), all (G,)), pairs of the
+    same image are never negatives.
+    """
+    return (directional_hinge(i2t, positive, margin, max_violation, local_ids, all_ids)
+            + directional_hinge(t2i, positive, margin, max_violation, local_ids, all_ids))
+
+
+def hardest_negative_loss(scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True,
+                          image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference loss on a square batch: scores (B, B), row i = image of pair i, column j =
+    caption of pair j, the diagonal positive. Caption retrieval (rows) + image retrieval (columns).
+
+    With ``image_ids`` (B,), pairs whose images are equal are never negatives; without it the result
+    equals the reference's ContrastiveLoss exactly.
+    """
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"scores: expected a square (B, B) matrix, got {tuple(scores.shape)}")
+    diagonal = torch.arange(scores.shape[0], device=scores.device)
+    return contrastive_hinge(scores, scores.t(), diagonal, margin, max_violation, image_ids, image_ids)
+
+
+def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Tensor,
+                cap_lens: torch.Tensor, cfg: XAttnConfig, caption_chunk: int) -> torch.Tensor:
+    """(N, M) SCAN scores, each tile recomputed in backward; ``caption_chunk`` > 0 bounds the
+    captions per ``xattn_scores`` call (0: the scorer tiles by its memory budget alone)."""
+    step = caption_chunk if caption_chunk > 0 else captions.shape[0]
+    parts = [xattn_scores(images, captions[c:c + step], cap_lens[c:c + step], cfg, img_lens,
+                          checkpoint=True) for c in range(0, captions.shape[0], step)]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
+               cap_lens: torch.Tensor, image_ids: torch.Tensor, loss_cfg: LossConfig,
+               xattn_cfg: XAttnConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's loss to back-propagate, and the loss summed over all ranks (detached, for logs).
+
+    img_emb (B, k, d), cap_emb (B, n, d): pair i is (image of caption i, caption i); image_ids (B,).
+    Ranks may hold different B, k and n. With ``loss.cross_device`` in a process group, every rank
+    gathers all ranks' embeddings (G = Σ B_r pairs), scores its local images × all captions and all
+    images × its local captions, and mines over the G pairs; the result is multiplied by the world
+    size because DeepSpeed averages gradients over ranks (the update then equals one process's on
+    the concatenated batch). Otherwise the B local pairs are mined among themselves.
+    """
+    ids = image_ids if loss_cfg.mask_same_image else None
+    margin, hardest = loss_cfg.margin, loss_cfg.max_violation
+    if not (loss_cfg.cross_device and is_distributed()):
+        scores = pair_scores(img_emb, img_lens, cap_emb, cap_lens, xattn_cfg, loss_cfg.caption_chunk)
+        diagonal = torch.arange(img_emb.shape[0], device=img_emb.device)
+        loss = contrastive_hinge(scores, scores.t(), diagonal, margin, hardest, ids, ids)
+        return loss, all_reduce_sum(loss)
+    rank, world = group_world()
+    B = img_emb.shape[0]
+    sizes = all_gather_ints([B, img_emb.shape[1], cap_emb.shape[1]], img_emb.device)  # (W, 3)
+    counts = sizes[:, 0].tolist()
+    k_max, n_max = int(sizes[:, 1].max()), int(sizes[:, 2].max())
+    all_img = gather_padded(img_emb, counts, k_max)  # (G, k_max, d)
+    all_cap = gather_padded(cap_emb, counts, n_max)  # (G, n_max, d)
+    all_img_lens, all_cap_lens = gather_padded(img_lens, counts), gather_padded(cap_lens, counts)
+    all_ids = gather_padded(image_ids, counts) if ids is not None else None
+    positive = sum(counts[:rank]) + torch.arange(B, device=img_emb.device)  # our pairs in G
+    i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, xattn_cfg, loss_cfg.caption_chunk)  # (B, G)
+    t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, xattn_cfg, loss_cfg.caption_chunk)  # (G, B)
+    loss = contrastive_hinge(i2t, t2i.t(), positive, margin, hardest, ids, all_ids)
+    # Gradients of every rank's loss reach this rank's embeddings through the gather's backward.
+    return loss * world, all_reduce_sum(loss)

@@ -1,0 +1,1 @@
+"""Post-training tools: loading a trained run, evaluation of runs, explain, retrieve, plots."""
