@@ -327,7 +327,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable | None, Callable]] = {
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     # name: (one-line help, add_arguments, run)
     "demo": ("the whole system end to end on real photos (or generated scenes), with a report",
              _add_demo, _run_demo),
