@@ -185,10 +185,33 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from cluster.extract import main
+    """Exit 0, or 1 when some unit failed every attempt."""
+    from cluster.extract import run_job, source_items
     from cluster.extract_config import load_extraction
+    from dataio import storage
 
-    return main(load_extraction(args.config, args.overrides))
+    cfg = load_extraction(args.config, args.overrides)  # validated by the loader
+    summary = run_job(source_items(cfg.source), cfg)  # checks the backbone before starting Ray
+    _print_extract_summary(summary)
+    if cfg.summary_json:
+        storage.write_bytes_atomic(cfg.summary_json, json.dumps(summary.to_dict(), indent=1).encode())
+    return 1 if summary.units_failed else 0
+
+
+def _print_extract_summary(s) -> None:
+    print(f"run {s.run_id}: {s.units_total} units ({len(s.units_reused)} reused, "
+          f"{len(s.units_computed)} extracted, {len(s.units_failed)} failed), {s.workers} workers")
+    print(f"images: {s.images_computed} extracted in {s.extract_seconds:.1f} s = "
+          f"{s.images_per_second:.2f} images/s (+{s.startup_seconds:.1f} s start-up); "
+          f"{s.images_written} in the output")
+    print(f"skipped: {len(s.skipped)} images ({s.captions_dropped} captions dropped); "
+          f"converted: {len(s.converted)}")
+    for skipped in s.skipped:
+        print(f"  skipped {skipped['file']}: {skipped['reason']}")
+    for failed in s.units_failed:
+        print(f"  FAILED unit {failed['unit']} after {failed['attempts']} attempts: {failed['error']}")
+    for m in s.manifests:
+        print(f"manifest: {m}")
 
 
 # ------------------------------------------------------------------------------- evaluate-embeddings

@@ -147,11 +147,11 @@ def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, su
               f"`{shown['retrieval_page']}`. Attention pictures:", ""]
     lines += [f"- `{a['png']}`: {a['caption']} (score {a['score']:.3f})" for a in shown["attention"]]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (run_dir / "report.json").write_text(json.dumps(
+    storage.write_text_atomic(report, "\n".join(lines) + "\n")
+    storage.write_text_atomic(run_dir / "report.json", json.dumps(
         {"source": source, "timings_s": timings, "extraction": extraction, "training": summary,
          "val": final[0] if final else None, "val_best": final[1] if final else None,
-         "baseline": baseline, **shown}, indent=1), encoding="utf-8")
+         "baseline": baseline, **shown}, indent=1))
     return report
 
 
@@ -188,8 +188,8 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
 
     t = time.time()
     cfg = load_experiment(config, [f"data.train_shards={shards / 'train' / 'manifest.json'}",
-                                        f"data.val_shards={shards / 'val' / 'manifest.json'}",
-                                        f"train.output_dir={run_dir}", *overrides])
+                                   f"data.val_shards={shards / 'val' / 'manifest.json'}",
+                                   f"train.output_dir={run_dir}", *overrides])
     run_dir.mkdir(parents=True, exist_ok=True)
     configfile.save(cfg, run_dir / "config.yaml")
     print(f"[2/4] training {cfg.train.epochs} epochs ({cfg.train.precision}, DeepSpeed, 1 process), "
@@ -211,6 +211,6 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
     plot_run(run_dir / "metrics.jsonl", run_dir)
     shown = make_pictures(cfg, run_dir, str(shards / "val" / "manifest.json"), pictures)
     timings["report"] = time.time() - t
-    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir), baseline_result,
-                          shown)
+    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir),
+                          baseline_result, shown)
     return report.read_text()

@@ -3,7 +3,7 @@
 The driver splits the source into work units, one per output shard (``images_per_shard`` images,
 in source order, so unit names are deterministic; `cluster.extract_unit`); a pool of Ray actors,
 each holding one backbone, decodes, extracts and writes its unit's shard straight to
-``DEST/<split>/`` (local or ``s3://``) through `dataio.shards.write_shard`, which makes the shard
+``DEST/<split>/`` (local or ``s3://``) through `dataio.shard_writer.write_shard`, which makes the shard
 visible only when it is complete. After the shard, the actor writes the unit's stats
 (``DEST/<split>/_units/<unit>.json``: what went in, what was skipped and why, timings); a rerun
 reuses a unit only when its shard is committed and its stats name the same inputs, extractor and
@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from cluster.extract_config import ExtractionConfig, JobConfig, SourceConfig
+from cluster.extract_config import JobConfig, SourceConfig
 from cluster.extract_unit import (UNITS_DIR, ExitFault, ExtractWorker, UnitResult, WorkUnit, plan_units,
                                   split_dest, unit_stats_url)
 from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
@@ -264,7 +264,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
         startup_seconds=t1 - t0, extract_seconds=t2 - t1, manifests=manifests)
 
 
-def _load_items(source: SourceConfig) -> list[ImageItem]:
+def source_items(source: SourceConfig) -> list[ImageItem]:
     """The items the config's source names, in source order."""
     splits = source.splits or None
     if source.synthetic:
@@ -278,34 +278,3 @@ def _load_items(source: SourceConfig) -> list[ImageItem]:
         root = source.images if storage.is_s3(source.images) else os.path.abspath(source.images)
         items = list(karpathy_items(source.karpathy, root, splits=splits, check_files=False))
     return items[:source.limit] if source.limit else items
-
-
-def _print_summary(summary: JobSummary) -> None:
-    """The human-readable summary on stdout (the CLI's output)."""
-    print(f"run {summary.run_id}: {summary.units_total} units ({len(summary.units_reused)} reused, "
-          f"{len(summary.units_computed)} extracted, {len(summary.units_failed)} failed), "
-          f"{summary.workers} workers")
-    print(f"images: {summary.images_computed} extracted in {summary.extract_seconds:.1f} s = "
-          f"{summary.images_per_second:.2f} images/s (+{summary.startup_seconds:.1f} s start-up); "
-          f"{summary.images_written} in the output")
-    print(f"skipped: {len(summary.skipped)} images ({summary.captions_dropped} captions dropped); "
-          f"converted: {len(summary.converted)}")
-    for s in summary.skipped:
-        print(f"  skipped {s['file']}: {s['reason']}")
-    for f in summary.units_failed:
-        print(f"  FAILED unit {f['unit']} after {f['attempts']} attempts: {f['error']}")
-    for m in summary.manifests:
-        print(f"manifest: {m}")
-
-
-def main(cfg: ExtractionConfig) -> int:
-    """``scan extract``: the job from its loaded config (`cluster.extract_config.load_extraction`).
-    Returns 0, or 1 when some unit failed every attempt."""
-    cfg.validate()
-    items = _load_items(cfg.source)
-    identify(cfg.backbone, cfg.image_size)  # bad input fails here, before Ray starts
-    summary = run_job(items, cfg)
-    _print_summary(summary)
-    if cfg.summary_json:
-        storage.write_bytes_atomic(cfg.summary_json, json.dumps(summary.to_dict(), indent=1).encode())
-    return 1 if summary.units_failed else 0

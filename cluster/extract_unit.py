@@ -2,7 +2,7 @@
 
 A unit is a fixed block of images of one split, in source order, named after its shard
 (``train-000003``); `plan_units` makes them, `extract_unit` decodes its images (in threads, ahead of
-the model), extracts them in batches, commits the shard through `dataio.shards.write_shard` and
+the model), extracts them in batches, commits the shard through `dataio.shard_writer.write_shard` and
 then the unit's stats (``DEST/<split>/_units/<unit>.json``). `ExtractWorker` is the Ray actor that
 holds one backbone and runs `extract_unit` per call; the job around it is `cluster.extract`.
 """

@@ -139,8 +139,6 @@ def grads(out: Path, stages: list[int]) -> None:
     torch.save(result, out / f"world{env.world}_rank{env.rank}.pt")
 
 
-
-
 # --------------------------------------------------------------------------------------------- accum
 ACCUM_STAGES, ACCUM_STEPS = (0, 1, 2), (1, 2, 4)
 MICRO_BATCH = 6

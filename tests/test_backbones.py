@@ -10,7 +10,6 @@ import torch
 from scan.features.backbones import Preprocess, grid_boxes, load_backbone
 
 
-
 def _pixels(b: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)

@@ -13,7 +13,6 @@ from dataio.sources.synthetic import write_synthetic
 from trainer import baseline_vse as baseline
 
 
-
 @pytest.fixture(scope="module")
 def tiny_splits(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("baseline_shards")

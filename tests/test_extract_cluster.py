@@ -98,7 +98,6 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-
 def _keys(split_dir: Path) -> list[str]:
     m = read_manifest(str(split_dir))
     return [s.key for shard in m["shards"] for s in read_shard(str(split_dir / shard["name"]))]

@@ -22,7 +22,6 @@ from dataio.sources import ImageItem
 from dataio.sources.synthetic import synthetic_items
 
 
-
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
     """One local Ray for the module (its workers inherit the S3 test environment)."""

@@ -81,7 +81,6 @@ def test_moving_average_skips_gaps():
     np.testing.assert_allclose(moving_average(values, 2), [1.0, 2.0, 3.0, np.nan, 5.0, 6.0])
 
 
-
 def test_replayed_records_count_once_the_later_wins(tmp_path):
     sink = JsonlRunLog(tmp_path)
     for step, loss in ((1, 1.0), (2, 2.0), (3, 3.0), (2, 20.0), (3, 30.0), (4, 40.0)):

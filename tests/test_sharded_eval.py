@@ -27,7 +27,6 @@ T2I_AVG = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
 I2T_LSE = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=5.0)
 
 
-
 def _write_config(path: Path, xattn: XAttnConfig, **eval_fields) -> Path:
     path.write_text(yaml.safe_dump({"xattn": dataclasses.asdict(xattn), "eval": eval_fields}))
     return path

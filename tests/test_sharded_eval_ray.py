@@ -31,7 +31,6 @@ T2I = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
 I2T = XAttnConfig(direction="i2t", agg="lse", lambda_softmax=4.0, lambda_lse=20.0)
 
 
-
 @pytest.fixture(scope="module")
 def ray_head():
     """A real Ray head on 127.0.0.1 with its dashboard (the job API).

@@ -98,7 +98,6 @@ def test_partial_save_leaves_previous_checkpoint_in_use(shards, straight, tmp_pa
     assert not crashed.exists()
 
 
-
 CRASH = Path(__file__).with_name("helpers_crash.py")
 # 60 captions / batch 6 = 10 steps per epoch; saves: 1 = step 5, 2 = step 10 (periodic),
 # 3 = step 10 again at the epoch's end (new name step00000010-1), 4 = step 14 (max_steps).

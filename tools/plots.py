@@ -25,9 +25,9 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from dataio import storage  # noqa: E402
 from scan.metrics import RECALLS  # noqa: E402
 from trainer.telemetry import read_run_log  # noqa: E402
-from dataio import storage  # noqa: E402
 
 log = logging.getLogger(__name__)
 

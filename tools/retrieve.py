@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dataio import storage
 from dataio.text import tokenize
 from scan.eval.encode import EncodeText, Precision, encode_records
 from scan.eval.tiles import Member, score_tile
 from scan.xattn import XAttnConfig, xattn_scores
-from dataio import storage
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dataio.pipeline import image_records
-from scan.metrics import RECALLS, Metrics, recall_metrics
-from scan.loss import hardest_negative_loss
-from scan.model import l2norm
 from dataio import storage
+from dataio.pipeline import image_records
+from scan.loss import hardest_negative_loss
+from scan.metrics import RECALLS, Metrics, recall_metrics
+from scan.model import l2norm
 
 log = logging.getLogger("baseline_vse")
 

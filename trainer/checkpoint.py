@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dataio import storage
 from scan.collectives import barrier, is_distributed
 from trainer.distributed import DistEnv
-from dataio import storage
 
 log = logging.getLogger(__name__)
 

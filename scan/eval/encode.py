@@ -17,9 +17,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+from dataio import storage
 from dataio.pipeline import batched
 from scan.collectives import all_gather_objects, gather_padded, is_distributed
-from dataio import storage
 
 Precision = Literal["fp32", "bf16", "fp16"]
 EncodeText = Callable[[list[str], str], list[int]]  # (tokens, raw caption) -> token ids
@@ -108,8 +108,6 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("eval precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
     return torch.autocast(device.type, dtype=_DTYPES[precision])
-
-
 
 
 @torch.no_grad()
