@@ -389,13 +389,24 @@ def image_records(spec: str, *, rank: int | None = None, world: int | None = Non
             return
 
 
-def iter_tokens(spec: str) -> Iterator[list[str]]:
-    """Tokenised captions of every image (reads only ``captions.json``), e.g. for ``build_vocab``."""
+def iter_captions(spec: str, limit: int = 0) -> Iterator[tuple[list[str], str]]:
+    """(tokens, raw caption) of every caption of every image, or of the first ``limit`` images
+    (> 0), in manifest order; reads only ``captions.json``."""
+    images = 0
     for sh in resolve_shards(spec):
         for raw in raw_samples(sh.url):
+            if limit and images >= limit:
+                return
+            images += 1
             try:
                 caps = json.loads(raw["captions.json"].decode("utf-8"))
-                yield from caps["tokens"]
+                yield from zip(caps["tokens"], caps["raw"])
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(sh.url, raw.get("__key__"), f"unreadable captions.json: {e!r}",
                                 "bad_caption") from e
+
+
+def iter_tokens(spec: str) -> Iterator[list[str]]:
+    """Tokenised captions of every image (reads only ``captions.json``), e.g. for ``build_vocab``."""
+    for tokens, _ in iter_captions(spec):
+        yield tokens

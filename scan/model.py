@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
 from scan.config import ModelConfig
+from scan.text_features import FrozenTokenFeatures, load_transformer
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,35 @@ def _xavier_linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 class ImageEncoder(nn.Module):
-    """Precomputed region features (B, k, img_dim) → (B, k, embed_size)."""
+    """Precomputed region features (B, k, img_dim) → (B, k, embed_size).
 
-    def __init__(self, img_dim: int, embed_size: int, no_imgnorm: bool = False) -> None:
+    ``kind="linear"``: the reference's Xavier-initialised fc. ``"mlp"``: fc(x) + MLP(x) with a
+    2-layer MLP (Linear → ReLU → Linear, hidden embed_size // 2, last layer zero-initialised so
+    training starts from the linear encoder), as VSE∞ encodes precomputed region features.
+    """
+
+    def __init__(self, img_dim: int, embed_size: int, no_imgnorm: bool = False,
+                 kind: str = "linear") -> None:
         super().__init__()
         self.fc = _xavier_linear(img_dim, embed_size)
         self.no_imgnorm = no_imgnorm
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"config key 'model.img_encoder': {kind!r} is not allowed; "
+                             "expected one of 'linear', 'mlp'")
+        self.mlp: nn.Module | None = None
+        if kind == "mlp":
+            hidden = max(1, embed_size // 2)
+            self.mlp = nn.Sequential(nn.Linear(img_dim, hidden), nn.ReLU(), nn.Linear(hidden, embed_size))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
         if regions.dim() != 3 or regions.shape[-1] != self.fc.in_features:
             raise ValueError(f"regions: expected (B, k, {self.fc.in_features}), "
                              f"got {tuple(regions.shape)}")
         features = self.fc(regions)
+        if self.mlp is not None:
+            features = features + self.mlp(regions)
         if not self.no_imgnorm:
             features = l2norm(features, dim=-1)
         if img_lens is not None:
@@ -144,33 +162,37 @@ class HFTextEncoder(nn.Module):
     """Token ids (B, n) + attention mask (B, n) → (B, n, embed_size) from a local transformers model.
 
     The model's last hidden states are projected by a Xavier-initialised Linear and l2-normalised per
-    token. ``freeze`` keeps the transformer's weights fixed and its dropout off (eval mode).
+    token. ``freeze`` keeps the transformer's weights fixed: it is then not a submodule at all (only
+    ``fc`` trains, is cast and is checkpointed) and its features come from the process's
+    ``scan.text_features.FrozenTokenFeatures`` for the model, which runs it once per caption.
     """
 
     def __init__(self, path: str | os.PathLike, embed_size: int, freeze: bool = False) -> None:
         super().__init__()
-        from transformers import AutoModel  # heavy import, only when this encoder is used
-
         model_dir = Path(local_model_dir(str(path)))
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"hf text encoder path {str(model_dir)!r}: no config.json there; "
                              "expected a local transformers model directory")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the hub, even for metadata
-        self.backbone = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-        self.fc = _xavier_linear(self.backbone.config.hidden_size, embed_size)
         self.freeze = freeze
         if freeze:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            self.frozen: FrozenTokenFeatures | None = FrozenTokenFeatures.for_model(str(model_dir))
+            hidden_size = self.frozen.hidden_size
+        else:
+            self.frozen = None
+            self.backbone = load_transformer(str(model_dir))
+            self.backbone.requires_grad_(True)
+            hidden_size = self.backbone.config.hidden_size
+        self.fc = _xavier_linear(hidden_size, embed_size)
 
-    def train(self, mode: bool = True) -> "HFTextEncoder":
-        super().train(mode)
-        if self.freeze:
-            self.backbone.eval()  # a frozen backbone never uses dropout
-        return self
+    @property
+    def transformer(self) -> nn.Module:
+        """The transformers model (the frozen features' own copy when frozen)."""
+        return self.frozen.backbone if self.frozen is not None else self.backbone
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+        if self.frozen is not None:
+            hidden = self.frozen.lookup(input_ids, attention_mask.sum(1), self.fc.weight.dtype)
+        else:
             hidden = self.backbone(input_ids=input_ids,
                                    attention_mask=attention_mask).last_hidden_state  # (B, n, H)
         out = l2norm(self.fc(hidden), dim=-1)
@@ -183,7 +205,7 @@ class SCANModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm)
+        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm, cfg.img_encoder)
         if cfg.text_encoder == "gru":
             self.txt_enc: nn.Module = GRUTextEncoder(
                 vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers, cfg.bidirectional,

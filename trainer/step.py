@@ -39,13 +39,15 @@ class StepResult:
 
 
 def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig,
-                          device: torch.device, dtype: torch.dtype) -> float:
-    """Forward through the engine, the cross-device hardest-negative loss, backward (gradients
-    accumulate in the engine); returns the loss summed over ranks."""
+                          device: torch.device, dtype: torch.dtype, epoch: int = 0) -> float:
+    """Forward through the engine, the cross-device hardest-negative loss (all negatives during
+    ``loss.warmup_epochs``), backward (gradients accumulate in the engine); returns the loss
+    summed over ranks."""
     ds = engine.ds
     b = batch.to(device, dtype)
     img_emb, cap_emb = ds(b.regions, b.img_lens, b.tokens, b.cap_lens)
-    loss, total = batch_loss(img_emb, b.img_lens, cap_emb, b.cap_lens, b.image_ids, cfg.loss, cfg.xattn)
+    loss, total = batch_loss(img_emb, b.img_lens, cap_emb, b.cap_lens, b.image_ids,
+                             cfg.loss.at_epoch(epoch), cfg.xattn)
     total_f = float(total)
     if not math.isfinite(total_f):  # the all-reduced value: every rank stops together
         raise NonFiniteLoss(total_f, batch.keys)
@@ -54,11 +56,11 @@ def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentCo
 
 
 def train_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig, device: torch.device,
-               dtype: torch.dtype) -> StepResult:
+               dtype: torch.dtype, epoch: int = 0) -> StepResult:
     """One micro-batch: :func:`forward_backward_step`, then the optimizer step at the end of an
     accumulation window (DeepSpeed counts the micro-batches)."""
     ds = engine.ds
-    total_f = forward_backward_step(engine, batch, cfg, device, dtype)
+    total_f = forward_backward_step(engine, batch, cfg, device, dtype, epoch)
     grad_norm = _grad_norm(engine) if ds.is_gradient_accumulation_boundary() else None
     before, lr = ds.global_steps, float(ds.get_lr()[0])
     ds.step()

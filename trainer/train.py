@@ -30,16 +30,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dataio import storage
 from dataio.errors import SKIPS
-from dataio.pipeline import CaptionBatch, CaptionLoader, caption_batches, iter_tokens
-from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer
+from dataio.pipeline import CaptionBatch, CaptionLoader, caption_batches, iter_captions, iter_tokens
+from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer, local_model_dir
 from scan.collectives import barrier
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
 from scan.eval.sharded import encode_and_evaluate
 from scan.model import build_model, build_trained
+from scan.text_features import precompute
 from trainer import checkpoint
 from trainer.distributed import DistEnv, init_process_group, read_env
 from trainer.engine import Engine, build_engine, fp32_trainable_state
@@ -71,6 +73,33 @@ def text_encoder(cfg: ExperimentConfig, env: DistEnv, run_dir: Path) -> tuple[Te
         raise FileNotFoundError(f"config key 'data.vocab': vocabulary file {str(path)!r} does not exist")
     vocab = Vocab.load(str(path))
     return vocab, len(vocab)
+
+
+def precompute_text_features(cfg: ExperimentConfig, enc: TextEncoder, env: DistEnv, run_dir: Path) -> None:
+    """A frozen transformers encoder's token features of every training caption and of the
+    validated ones, computed once before the first step (``scan.text_features``): rank 0 computes
+    what ``model.hf_feature_cache`` lacks and writes it, the other ranks then read the file."""
+    if cfg.model.text_encoder != "hf" or not cfg.model.hf_freeze:
+        return
+    folder = cfg.model.hf_feature_cache or str(run_dir / "text_features")
+    model_dir = local_model_dir(cfg.model.hf_path)
+
+    def id_lists():
+        splits = [(cfg.data.train_shards, 0)]
+        if cfg.data.val_shards:
+            splits.append((cfg.data.val_shards, cfg.eval.val_images))
+        for spec, limit in splits:
+            for tokens, raw in iter_captions(spec, limit):
+                ids = enc.encode(tokens, raw)
+                yield ids[:cfg.data.max_words] if cfg.data.max_words else ids
+
+    if env.is_main:
+        t0 = time.perf_counter()
+        feats = precompute(model_dir, id_lists(), folder, device=env.device)
+        log.info("frozen text features of %d captions ready in %.1f s", len(feats), time.perf_counter() - t0)
+    barrier()
+    if not env.is_main:
+        precompute(model_dir, id_lists(), folder, progress=False, device=env.device)
 
 
 def per_rank_batch(cfg: ExperimentConfig, world: int) -> int:
@@ -129,6 +158,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
             _log_batch(cfg, env.world)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         enc, vocab_size = text_encoder(cfg, env, run_dir)
+        precompute_text_features(cfg, enc, env, run_dir)
         vocab_path = cfg.data.vocab or str(run_dir / "vocab.json")
         embeddings = (torch.from_numpy(load_glove(enc, cfg.model.glove, cfg.train.seed))
                       if cfg.model.glove and isinstance(enc, Vocab) else None)
@@ -194,9 +224,9 @@ class _Run:
             self.engine.scheduler.set_epoch(pos.epoch)
             # pos.samples is 0 here: a new epoch, or a resumed position (Position.continued)
             batches = epoch_batches(cfg, self.enc, self.env, pos.epoch, pos.epoch_segments())
-            for batch in window.timed(batches):
+            for batch in _progress(window.timed(batches), len(batches), pos.epoch, self.env.is_main):
                 try:
-                    result = train_step(self.engine, batch, cfg, self.env.device, dtype)
+                    result = train_step(self.engine, batch, cfg, self.env.device, dtype, pos.epoch)
                 except NonFiniteLoss as err:
                     raise FloatingPointError(
                         f"non-finite training loss {err.loss} at epoch {pos.epoch}, step {pos.step + 1} "
@@ -244,6 +274,18 @@ class _Run:
         if self.env.is_main and pos.step % max(self.cfg.train.log_every, 1) == 0:
             log.info("epoch %d step %d loss %.4f lr %.3g %.1f samples/s", pos.epoch, pos.step, loss,
                      result.lr, window.samples / step_time)
+
+
+def _progress(batches: Iterator[CaptionBatch], total: int, epoch: int, show: bool) -> Iterator[CaptionBatch]:
+    """The batches, with a progress bar and its ETA on the main rank."""
+    bar = tqdm(total=total, desc=f"epoch {epoch}", unit="batch", disable=not show, mininterval=2.0,
+               leave=False, dynamic_ncols=True)
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 class _Window:
