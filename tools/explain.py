@@ -15,7 +15,10 @@ Which weights are drawn:
   weights the score used, rather than a t2i softmax the model never computed.
 
 Special tokens (``<start>``/``<end>`` of the word vocabulary, ``[CLS]``/``[SEP]`` of transformers
-tokenizers) take part in the score like every other position but get no tile.
+tokenizers) take part in the score like every other position but get no tile. One tile per WORD:
+the word pieces of a transformers tokenizer are merged into the word they belong to
+(``word_groups``; t2i: the mean of the pieces' distributions, i2t: the sum of the regions' weights
+on the pieces), and punctuation gets no tile.
 
 PNG size (exact, in pixels): with T = 1 + number of drawn words (the first tile is the plain image),
 ``cols = min(columns, T)``, ``rows = ceil(T / cols)``:
@@ -93,6 +96,46 @@ def token_labels(text_encoder: TextEncoder, tokens: list[str], ids: list[int]) -
         special = set(text_encoder.tok.all_special_ids)
         return text_encoder.tok.convert_ids_to_tokens(ids), [i in special for i in ids]
     return [str(i) for i in ids], [False] * len(ids)
+
+
+def word_groups(text_encoder: TextEncoder, tokens: list[str], caption: str,
+                ids: list[int]) -> list[tuple[str, list[int]]]:
+    """(word, its id positions) for every drawn word of the caption.
+
+    A word vocabulary has one position per word. A transformers tokenizer splits words into
+    pieces ("skateboarder" → skate ##board ##er): the pieces of one word (the fast tokenizer's
+    ``word_ids``) form one group, labelled with the word as written. Special tokens and
+    punctuation-only words ("," "-") get no group."""
+    labels, special = token_labels(text_encoder, tokens, ids)
+    word_ids = None
+    if isinstance(text_encoder, HFTokenizer):
+        enc = text_encoder.tok(caption, truncation=True, max_length=text_encoder.max_length)
+        if list(enc["input_ids"]) == list(ids) and enc.word_ids() is not None:
+            word_ids = enc.word_ids()
+    if word_ids is None:  # one position per word
+        return [(labels[i], [i]) for i in range(len(ids)) if not special[i]]
+    groups: dict[int, list[int]] = {}
+    for pos, w in enumerate(word_ids):
+        if w is not None and not special[pos]:
+            groups.setdefault(w, []).append(pos)
+    out = []
+    for positions in groups.values():
+        word = text_encoder.tok.convert_tokens_to_string([labels[p] for p in positions]).strip()
+        if any(ch.isalnum() for ch in word):
+            out.append((word, positions))
+    return out
+
+
+def word_attention(attention: np.ndarray, groups: list[tuple[str, list[int]]],
+                   direction: str) -> np.ndarray:
+    """(positions, k) attention → (words, k). t2i: each piece's softmax over the regions,
+    averaged over the word's pieces (still a distribution over regions); i2t: each region's
+    weight on the word is the sum of its weights on the word's pieces."""
+    rows = []
+    for _, positions in groups:
+        part = attention[positions]
+        rows.append(part.mean(0) if direction == "t2i" else part.sum(0))
+    return np.stack(rows) if rows else np.zeros((0, attention.shape[1]))
 
 
 def _load_image(image: str | os.PathLike | Image.Image | None, what: str) -> Image.Image | None:
@@ -209,11 +252,10 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     ids = text_encoder.encode(tokens, caption)
     if not tokens or not ids:
         raise ValueError(f"caption {caption!r} has no words")
-    labels, special = token_labels(text_encoder, tokens, ids)
+    groups = word_groups(text_encoder, tokens, caption, ids)
     score, attention = attend(model, regions, ids, xattn_cfg)  # attention (n, k)
-    shown = [i for i, s in enumerate(special) if not s]
-    words = [labels[i] for i in shown]
-    weights = attention[shown]  # (words, k)
+    words = [w for w, _ in groups]
+    weights = word_attention(attention, groups, xattn_cfg.direction)  # (words, k)
 
     picture = _load_image(image, "explain_pair")
     # Heat maps at the picture's aspect ratio, at most tile size: boxes map onto it exactly.
