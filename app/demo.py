@@ -1,13 +1,25 @@
-"""``scan demo``: the whole system on real photos, from pixels to an explained, evaluated model.
+"""``scan demo``: the whole system on real photos, from pixels to explained, evaluated models.
 
-1. source: the captioned photos of ``../shared/data/flickr8k-1k`` when that folder exists (or
-   ``--data DIR``), otherwise the generated captioned-image set (rendered coloured shapes);
-2. extraction with a local Ray (EfficientNet-Lite2 grid features, 9 × 9 cells) into local shards;
-3. training with DeepSpeed in this one process (bf16), sharded evaluation of the val split each epoch;
-4. a report in the run folder: the config, vocabulary, checkpoint, ``metrics.jsonl``, loss and
-   recall plots, attention pictures, a retrieval page and ``report.md`` with the val recalls.
+1. source: Flickr8k's photos in ``../shared/data/flickr8k`` (``dataset_flickr8k.json``: train 6,000,
+   val 1,000 images, 5 captions each; ``--quick``: the first 1,000 train and 500 val images), or
+   ``--data DIR``; without them the generated captioned-image set (rendered coloured shapes);
+2. extraction with a local Ray (EfficientNet-Lite0 grid features, 7 × 7 cells at 224 px) into shards;
+3. the frozen MiniLM token features of every caption, once (``scan.text_features``), then SCAN
+   trained with DeepSpeed in this process, t2i and i2t, each validated on val (fp32);
+4. their ensemble (the mean of the two val similarity matrices) and the VSE++ global baseline on
+   the same shards and text features;
+5. a report in the demo folder: recalls beside the published Flickr8K rows, loss and recall plots,
+   per-word attention pictures, a retrieval page, ``report.md`` / ``report.json``.
 
-Every stage is idempotent: rerunning reuses committed shards and resumes the latest checkpoint.
+Every stage is idempotent: rerunning reuses committed shards and cached text features, and resumes
+each training's latest checkpoint (a finished one is not retrained).
+
+Why this budget (2 CPU cores, about 20 minutes from a fresh clone): Lite0 at 224 px extracts the
+7,000 photos in under 4 minutes (Lite2 at 260 px: about 9) and gives 49 cells instead of 81, which
+makes every cross-attention pair 40% cheaper; an epoch over the 30,000 training captions then takes
+about 90 s and an fp32 evaluation of the 1,000 × 5,000 val matrix about 80 s, so each direction
+trains for 3 epochs (warm-up with all negatives, hardest negatives, the last at lr / 10) and is
+validated once at the end.
 """
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,24 +45,42 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k-1k"
-FLICKR8K_JSON = "dataset_flickr8k_1k.json"
+FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+FLICKR8K_JSON = "dataset_flickr8k.json"
+BACKBONE = "efficientnet-lite0"
+QUICK = {"train": 1000, "val": 500}  # images of each split with --quick
+# The i2t model: the demo's config with the paper's i2t temperature (λ1 = 4).
+DIRECTIONS = {"t2i": [], "i2t": ["xattn.direction=i2t", "xattn.lambda_softmax=4"]}
+
+# Published Flickr8K rows (official TEST split, the features each paper used), from
+# ../shared/data/flickr8k/README.md: i2t R@1/5/10, t2i R@1/5/10, rsum.
+PUBLISHED = [
+    ("DVSA (Karpathy & Fei-Fei 2015)", "RCNN", (16.5, 40.6, 54.2, 11.8, 32.1, 44.7), 199.9),
+    ("m-CNN (ensemble)", "VggNet", (24.8, 53.7, 67.1, 20.3, 47.6, 61.7), 275.2),
+    ("FV (Klein et al. 2015)", "GMM+HGLMM", (31.0, 59.3, 73.7, 21.2, 50.0, 64.8), 300.0),
+    ("SCAN (ensemble, t2i + i2t)", "bottom-up regions (BUTD)", (52.2, 81.0, 89.2, 38.3, 67.8, 78.9), 407.4),
+]
 
 
-def demo_items(data: Path | None, generated: int, images_dir: Path, seed: int = 0
-               ) -> tuple[str, list[ImageItem]]:
+def demo_items(data: Path | None, generated: int, images_dir: Path, seed: int = 0,
+               quick: bool = False) -> tuple[str, list[ImageItem]]:
     """(source name, items of the train and val splits). Generated scenes are rendered once into
     ``images_dir`` so that every later picture (attention maps, retrieval page) can show them."""
     if data is not None and (data / FLICKR8K_JSON).is_file():
         from dataio.sources.karpathy import karpathy_items
 
-        return f"flickr8k-1k ({data})", list(karpathy_items(str(data / FLICKR8K_JSON), str(data / "images"),
-                                                            splits=["train", "val"]))
+        items = list(karpathy_items(str(data / FLICKR8K_JSON), str(data / "images"),
+                                    splits=["train", "val"]))
+        name = f"Flickr8k ({data})"
+        if quick:
+            items = [i for split, n in QUICK.items() for i in [j for j in items if j.split == split][:n]]
+            name = f"Flickr8k, quick: first {QUICK['train']} train and {QUICK['val']} val images ({data})"
+        return name, items
     from dataio.sources.synthetic import synthetic_items
 
     images_dir.mkdir(parents=True, exist_ok=True)
-    scenes = [*synthetic_items(generated, seed=seed, split="train", size=260),
-              *synthetic_items(max(generated // 6, 50), seed=seed + 1, split="val", size=260)]
+    scenes = [*synthetic_items(generated, seed=seed, split="train", size=224),
+              *synthetic_items(max(generated // 6, 50), seed=seed + 1, split="val", size=224)]
     items = []
     for item in scenes:
         path = images_dir / f"{item.key}.png"
@@ -61,9 +92,8 @@ def demo_items(data: Path | None, generated: int, images_dir: Path, seed: int = 
 
 
 def extract(items: list[ImageItem], shards: Path, workers: int) -> dict:
-    summary = run_job(items, JobConfig(dest=str(shards), backbone="efficientnet-lite2",
-                                       images_per_shard=128, workers=workers, num_cpus=os.cpu_count(),
-                                       use_gpu=True))
+    summary = run_job(items, JobConfig(dest=str(shards), backbone=BACKBONE, images_per_shard=250,
+                                       workers=workers, num_cpus=os.cpu_count(), use_gpu=True))
     if summary.units_failed:
         raise RuntimeError(f"extraction failed for units {summary.units_failed}")
     return summary.to_dict()
@@ -76,28 +106,54 @@ def train_model(cfg: ExperimentConfig) -> dict:
     return train(cfg, resume="latest" if ckpt.is_file() else None, telemetry=telemetry)
 
 
-def run_baseline(shards: Path, out: Path) -> dict:
-    """The global-embedding VSE++ baseline on the same shards (``trainer.baseline_vse``), its result
-    also written to ``out``."""
+def run_baseline(shards: Path, out: Path, feature_cache: Path) -> dict:
+    """The global-embedding VSE++ baseline on the same shards and frozen text features
+    (``trainer.baseline_vse``), its result written to ``out`` (and reused from there)."""
     from trainer.baseline_vse import BaselineConfig, format_table, run, write_json
 
-    result = run(str(shards / "train" / "manifest.json"), str(shards / "val" / "manifest.json"),
-                 BaselineConfig())
+    if out.is_file():
+        result = json.loads(out.read_text())
+    else:
+        result = run(str(shards / "train" / "manifest.json"), str(shards / "val" / "manifest.json"),
+                     BaselineConfig(), cache_dir=str(feature_cache))
+        write_json(str(out), result)
     print(format_table(result))
-    write_json(str(out), result)
     return result
 
 
-def make_pictures(cfg: ExperimentConfig, run_dir: Path, val_spec: str, count: int) -> dict:
-    """Attention pictures of the first val images with their first caption, and a retrieval page."""
+def final_sims(run_dir: Path):
+    """The (N, M) val similarity matrix of the run's last validation (``eval.save_sims``)."""
+    from scan.eval.store import load_sims
+
+    found = sorted((run_dir / "eval").glob("epoch*/sims/index.json"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no saved val similarities (eval.save_sims)")
+    return load_sims(found[-1].parent)
+
+
+def ensemble_recalls(run_dirs: Sequence[Path], caps_per_image: int) -> tuple[dict, "object"]:
+    """Recalls of the mean of the runs' val similarity matrices (the paper's t2i + i2t ensemble),
+    and that matrix."""
+    import numpy as np
+
+    from scan.metrics import recall_metrics
+
+    sims = np.mean([np.asarray(final_sims(r), dtype=np.float64) for r in run_dirs], axis=0)
+    return recall_metrics(sims, caps_per_image), sims.astype(np.float32)
+
+
+def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec: str, count: int,
+                  gallery_runs: Sequence[Path], sims) -> dict:
+    """Per-word attention pictures (``run_dir``'s model) of the first val images with their first
+    caption, and a retrieval page over the val split scored by ``gallery_runs`` (``sims``)."""
     from dataio.pipeline import image_records
     from tools.explain import explain_pair
-    from tools.inference import gallery_for_runs, load_run
-    from tools.retrieve import ImageQuery, TextQuery, format_results, retrieve, write_html
+    from tools.inference import load_run
+    from tools.retrieve import ImageQuery, TextQuery, build_gallery, format_results, retrieve, write_html
 
     run = load_run(run_dir)
-    out = run_dir / "attention"
-    out.mkdir(exist_ok=True)
+    out = out_dir / "attention"
+    out.mkdir(parents=True, exist_ok=True)
     records = []
     for record in image_records(val_spec):
         records.append(record)
@@ -108,109 +164,163 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, val_spec: str, count: in
         png = out / f"{i:02d}_{r.key}.png"
         res = explain_pair(run.model, r.regions, r.captions[0], run.text, run.cfg.xattn, png,
                            boxes=r.boxes, image=r.meta.get("file"))
-        explained.append({"png": str(png.relative_to(run_dir)), "key": r.key, "caption": r.captions[0],
-                          "score": res["score"]})
-    gallery = gallery_for_runs([str(run_dir)], val_spec)
+        explained.append({"png": str(png.relative_to(out_dir)), "key": r.key, "caption": r.captions[0],
+                          "score": res["score"], "words": res["words"]})
+    members = [load_run(d) for d in gallery_runs]
+    gallery = build_gallery([(m.model, m.cfg.xattn) for m in members], image_records(val_spec),
+                            encode_text=run.text.encode, caps_per_image=cfg.eval.caps_per_image,
+                            precision=cfg.eval.precision, sims=sims)
     queries = [TextQuery(r.captions[1]) for r in records] + [ImageQuery(r.key) for r in records]
     results = [retrieve(gallery, q, 5) for q in queries]
     print(format_results(results))
-    page = write_html(results, run_dir / "retrieval.html", gallery.image_files)
-    return {"attention": explained, "retrieval_page": str(page.relative_to(run_dir)),
+    page = write_html(results, out_dir / "retrieval.html", gallery.image_files)
+    return {"attention": explained, "retrieval_page": str(page.relative_to(out_dir)),
             "text_queries_own_image_in_top5": sum(1 for r in results[:len(records)]
                                                   if r.first_relevant is not None and r.first_relevant <= 5)}
 
 
-def write_report(run_dir: Path, source: str, timings: dict, extraction: dict, summary: dict,
-                 final: tuple[dict, dict] | None, baseline: dict | None, shown: dict) -> Path:
-    """``report.md`` and ``report.json`` in the run folder."""
-    def row(name: str, m: dict) -> str:
-        return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
-                + f" | {m['rsum']:.1f} |")
+def machine() -> str:
+    """The CPU (or GPU) the figures were computed on, in words."""
+    import torch
 
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPU cores"
+
+
+def _row(name: str, m: dict) -> str:
+    return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
+            + f" | {m['rsum']:.1f} |")
+
+
+def write_report(out_dir: Path, source: str, timings: dict, extraction: dict, runs: dict,
+                 ensemble: dict | None, baseline: dict | None, shown: dict, precision: str) -> Path:
+    """``report.md`` and ``report.json`` in the demo folder."""
+    head = "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |"
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    any_run = next(iter(runs.values()))
     lines = ["# SCAN demo report", "", f"- source: {source}",
-             f"- extraction: {extraction['images_written']} images, "
+             f"- machine: {machine()}; training and evaluation precision: {precision}",
+             f"- features: {BACKBONE} grid, {extraction['images_written']} images, "
              + (f"{extraction['images_per_second']:.1f} images/s" if extraction["images_computed"]
                 else "shards reused from an earlier run") + f", {len(extraction['skipped'])} skipped",
-             f"- training: {summary['steps']} steps, optimizer {summary.get('optimizer')}",
-             "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
-             "## Val recalls", "",
-             "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    if final:
-        last, best = final
-        lines.append(row(f"SCAN, last epoch ({last['epoch']})", last))
-        lines.append(row(f"SCAN, best val epoch ({best['epoch']})", best))
+             "- training: " + "; ".join(f"{d} {r['summary']['steps']} steps" for d, r in runs.items())
+             + f", optimizer {any_run['summary'].get('optimizer')}",
+             "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+             + f"; total {sum(timings.values()):.0f}", "",
+             f"## Val recalls ({any_run['val']['images']} images, {any_run['val']['captions']} captions)", "",
+             head, rule]
+    for d, r in runs.items():
+        lines.append(_row(f"SCAN {d} (epoch {r['val']['epoch']})", r["val"]))
+    if ensemble:
+        lines.append(_row("SCAN ensemble t2i + i2t (mean of the two similarity matrices)", ensemble))
     if baseline:
-        lines.append(row(f"VSE++ global-embedding baseline, best val epoch ({baseline['best_epoch']})",
-                         baseline["val"]))
-    lines += ["", "Plots: `loss.png`, `recall.png`. Retrieval page: "
-              f"`{shown['retrieval_page']}`. Attention pictures:", ""]
+        lines.append(_row(f"VSE++ global-embedding baseline, same features (best val epoch "
+                          f"{baseline['best_epoch']})", baseline["val"]))
+    lines += ["", "## Published Flickr8K rows, for orientation", "",
+              "Another split (the official **test** 1,000 images, held out here) and other features: "
+              "not comparable number for number with the val figures above.", "", head, rule]
+    for name, features, r, rsum in PUBLISHED:
+        lines.append(f"| {name}, {features} | " + " | ".join(f"{v:.1f}" for v in r) + f" | {rsum:.1f} |")
+    lines += ["", "Plots: " + ", ".join(f"`{d}/loss.png`, `{d}/recall.png`" for d in runs)
+              + f". Retrieval page: `{shown['retrieval_page']}`. Per-word attention pictures:", ""]
     lines += [f"- `{a['png']}`: {a['caption']} (score {a['score']:.3f})" for a in shown["attention"]]
-    report = run_dir / "report.md"
+    report = out_dir / "report.md"
     storage.write_text_atomic(report, "\n".join(lines) + "\n")
-    storage.write_text_atomic(run_dir / "report.json", json.dumps(
-        {"source": source, "timings_s": timings, "extraction": extraction, "training": summary,
-         "val": final[0] if final else None, "val_best": final[1] if final else None,
-         "baseline": baseline, **shown}, indent=1))
+    storage.write_text_atomic(out_dir / "report.json", json.dumps(
+        {"source": source, "machine": machine(), "precision": precision, "timings_s": timings,
+         "extraction": extraction, "runs": runs, "ensemble": ensemble, "baseline": baseline,
+         "published_test_rows": [dict(zip(("method", "features", "recalls", "rsum"), p)) for p in PUBLISHED],
+         **shown}, indent=1))
     return report
 
 
-def val_recalls(run_dir: Path) -> tuple[dict, dict] | None:
-    """The (last, best by rsum) val evaluations of the run, as recall dicts with their epoch."""
+def val_recalls(run_dir: Path) -> dict | None:
+    """The run's last val evaluation as a recall dict with its epoch, or None."""
     from trainer.telemetry import read_run_log
 
     evals = [r for r in read_run_log(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     if not evals:
         return None
-
-    def unflatten(record: dict) -> dict:
-        flat = record["metrics"]
-        return {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-                "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-                "rsum": flat["rsum"], "epoch": record["epoch"]}
-
-    return unflatten(evals[-1]), unflatten(max(evals, key=lambda r: r["metrics"]["rsum"]))
+    flat, epoch = evals[-1]["metrics"], evals[-1]["epoch"]
+    return {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+            "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+            "rsum": flat["rsum"], "epoch": epoch}
 
 
 def run_demo(*, out: str, data: str | None, generated: int, config: str, workers: int, pictures: int,
-             baseline: bool, overrides: Sequence[str]) -> str:
-    """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the training);
+             baseline: bool, overrides: Sequence[str], quick: bool = False,
+             directions: Sequence[str] = ("t2i", "i2t")) -> str:
+    """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the trainings);
     returns the report's text."""
     out = Path(out).resolve()
-    shards, run_dir = out / "shards", out / "run"
+    shards, features = out / "shards", out / "text_features"
     timings: dict[str, float] = {}
+    stages = 2 + len(directions) + int(baseline)
+    stage = iter(range(1, stages + 1))
 
     t = time.time()
-    source, items = demo_items(Path(data) if data else None, generated, out / "images")
-    print(f"[1/4] extracting {len(items)} images of {source} with EfficientNet-Lite2 on a local Ray")
+    source, items = demo_items(Path(data) if data else None, generated, out / "images", quick=quick)
+    print(f"[{next(stage)}/{stages}] extracting {len(items)} images of {source} with {BACKBONE} "
+          "on a local Ray", flush=True)
     extraction = extract(items, shards, workers)
     timings["extract"] = time.time() - t
 
-    t = time.time()
-    cfg = load_experiment(config, [f"data.train_shards={shards / 'train' / 'manifest.json'}",
-                                   f"data.val_shards={shards / 'val' / 'manifest.json'}",
-                                   f"train.output_dir={run_dir}", *overrides])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configfile.save(cfg, run_dir / "config.yaml")
-    print(f"[2/4] training {cfg.train.epochs} epochs ({cfg.train.precision}, DeepSpeed, 1 process), "
-          f"evaluating val every epoch; run folder {run_dir}")
-    summary = train_model(cfg)
-    timings["train"] = time.time() - t
+    val_spec = str(shards / "val" / "manifest.json")
+    runs: dict[str, dict] = {}
+    cfg = None
+    for direction in directions:
+        t = time.time()
+        run_dir = out / direction
+        cfg_d = load_experiment(config, [*DIRECTIONS[direction],
+                                         f"data.train_shards={shards / 'train' / 'manifest.json'}",
+                                         f"data.val_shards={val_spec}", f"train.output_dir={run_dir}",
+                                         f"model.hf_feature_cache={features}", "eval.save_sims=true",
+                                         *overrides])
+        cfg = cfg if cfg is not None else cfg_d
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configfile.save(cfg_d, run_dir / "config.yaml")
+        print(f"[{next(stage)}/{stages}] training SCAN {direction} for {cfg_d.train.epochs} epochs "
+              f"({cfg_d.train.precision}, DeepSpeed, 1 process), then validating on val; run folder "
+              f"{run_dir}", flush=True)
+        summary = train_model(cfg_d)
+        val = val_recalls(run_dir)
+        if val is None:
+            raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
+        sims = final_sims(run_dir)
+        val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
+        runs[direction] = {"run_dir": str(run_dir), "summary": summary, "val": val}
+        timings[f"train {direction}"] = time.time() - t
+    assert cfg is not None
 
     t = time.time()
+    ensemble, sims = None, final_sims(out / directions[0])
+    if len(directions) > 1:
+        ensemble, sims = ensemble_recalls([out / d for d in directions], cfg.eval.caps_per_image)
     baseline_result = None
     if baseline:
-        print("[3/4] VSE++ global-embedding baseline on the same shards")
-        baseline_result = run_baseline(shards, out / "baseline_vse.json")
+        print(f"[{next(stage)}/{stages}] VSE++ global-embedding baseline on the same shards", flush=True)
+        baseline_result = run_baseline(shards, out / "baseline_vse.json", features)
     timings["baseline"] = time.time() - t
 
     t = time.time()
-    print("[4/4] report: plots, attention pictures, retrieval page")
+    print(f"[{next(stage)}/{stages}] report: plots, per-word attention pictures, retrieval page",
+          flush=True)
     from tools.plots import plot_run
 
-    plot_run(run_dir / "metrics.jsonl", run_dir)
-    shown = make_pictures(cfg, run_dir, str(shards / "val" / "manifest.json"), pictures)
+    for direction in directions:
+        plot_run(out / direction / "metrics.jsonl", out / direction)
+    shown = make_pictures(cfg, out / directions[0], out, val_spec, pictures,
+                          [out / d for d in directions], sims)
     timings["report"] = time.time() - t
-    report = write_report(run_dir, source, timings, extraction, summary, val_recalls(run_dir),
-                          baseline_result, shown)
+    report = write_report(out, source, timings, extraction, runs, ensemble, baseline_result, shown,
+                          cfg.train.precision)
     return report.read_text()

@@ -135,19 +135,44 @@ def test_extract_and_import_precomp(tmp_path):
 
 @pytest.mark.integration  # trains, or starts a local Ray
 def test_demo_on_the_generated_set(tmp_path):
-    """The main job, small: generated scenes, Lite2 extraction on a local Ray, one epoch, report."""
+    """The main job, small: generated scenes, Lite0 extraction on a local Ray, SCAN t2i and i2t for
+    one epoch each, their ensemble, the report; a rerun reuses everything."""
     out = tmp_path / "demo"
-    proc = scan("demo", "--out", str(out), "--data", str(tmp_path / "no-photos"), "--generated", "24",
-                "--pictures", "1", "--no-baseline", "train.epochs=1", "data.batch_size=32",
-                "model.embed_size=64", "train.precision=fp32")
-    run = out / "run"
-    for name in ("config.yaml", "tokenizer/tokenizer_config.json", "metrics.jsonl", "loss.png", "recall.png", "retrieval.html",
-                 "report.md", "checkpoints/latest"):
-        assert (run / name).exists(), name
-    assert list((run / "attention").glob("*.png"))
-    report = json.loads((run / "report.json").read_text())
-    assert report["source"] == "generated captioned shapes" and report["val"]["rsum"] > 0
-    assert "Val recalls" in proc.stdout
+    args = ["demo", "--out", str(out), "--data", str(tmp_path / "no-photos"), "--generated", "24",
+            "--pictures", "1", "--no-baseline", "train.epochs=1", "data.batch_size=32",
+            "model.embed_size=64", "loss.warmup_epochs=0"]
+    proc = scan(*args)
+    for direction in ("t2i", "i2t"):
+        run = out / direction
+        for name in ("config.yaml", "tokenizer/tokenizer_config.json", "metrics.jsonl", "loss.png",
+                     "recall.png", "checkpoints/latest", "eval/epoch000/sims/index.json"):
+            assert (run / name).exists(), f"{direction}/{name}"
+    for name in ("report.md", "report.json", "retrieval.html", "text_features"):
+        assert (out / name).exists(), name
+    assert list((out / "attention").glob("*.png"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"] == "generated captioned shapes" and report["precision"] == "fp32"
+    assert report["runs"]["t2i"]["val"]["rsum"] > 0 and report["runs"]["i2t"]["val"]["rsum"] > 0
+    assert report["ensemble"]["rsum"] > 0 and report["runs"]["t2i"]["val"]["images"] == 50
+    assert "Val recalls" in proc.stdout and "Published Flickr8K rows" in proc.stdout
+    assert "SCAN ensemble t2i + i2t" in proc.stdout
+    again = scan(*args)  # reuses the shards, the text features and both finished trainings
+    assert "shards reused from an earlier run" in again.stdout
+    assert json.loads((out / "report.json").read_text())["runs"]["t2i"]["val"] == report["runs"]["t2i"]["val"]
+
+
+def test_demo_quick_selects_the_first_flickr8k_images(tmp_path):
+    """--quick: the first 1,000 train and 500 val photos of dataset_flickr8k.json (no training here)."""
+    from app.demo import FLICKR8K, demo_items
+
+    if not (FLICKR8K / "dataset_flickr8k.json").is_file():
+        pytest.skip(f"Flickr8k is not at {FLICKR8K}")
+    name, items = demo_items(FLICKR8K, 0, tmp_path, quick=True)
+    splits = [i.split for i in items]
+    assert splits.count("train") == 1000 and splits.count("val") == 500 and "quick" in name
+    name, items = demo_items(FLICKR8K, 0, tmp_path)
+    assert [i.split for i in items].count("train") == 6000 and [i.split for i in items].count("val") == 1000
+    assert all(len(i.captions) == 5 and os.path.isfile(i.image) for i in items[:50])
 
 
 @pytest.mark.parametrize("args, words", [
