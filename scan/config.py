@@ -95,7 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     max_steps: int = 0  # 0: no limit (for smoke runs)
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # validate after every N-th epoch and after the last (0: only the last)
 
 
 @dataclass
@@ -145,6 +145,7 @@ class ExperimentConfig:
         for key, value in (("data.global_batch_size", self.data.global_batch_size),
                            ("data.read_retries", self.data.read_retries),
                            ("loss.warmup_epochs", self.loss.warmup_epochs),
+                           ("train.eval_every_epochs", self.train.eval_every_epochs),
                            ("data.caps_per_image", self.data.caps_per_image),
                            ("eval.val_images", self.eval.val_images)):
             if value < 0:

@@ -67,3 +67,16 @@ def test_every_shipped_config_loads():
             assert isinstance(load_extraction(path, ["source.synthetic=1", "dest=x"]), ExtractionConfig)
         else:
             assert isinstance(load_experiment(path), ExperimentConfig), path
+
+
+def test_validation_follows_every_n_epochs_and_always_the_last():
+    from scan.config import ExperimentConfig, TrainConfig
+    from trainer.train import _validates_after
+
+    def after(every: int, epochs: int) -> list[int]:
+        cfg = ExperimentConfig(train=TrainConfig(epochs=epochs, eval_every_epochs=every))
+        return [e for e in range(1, epochs + 1) if _validates_after(cfg, e)]
+
+    assert after(1, 3) == [1, 2, 3]
+    assert after(2, 5) == [2, 4, 5]
+    assert after(0, 3) == [3]

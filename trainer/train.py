@@ -253,7 +253,7 @@ class _Run:
                 save_at_boundary = True
             else:
                 self.save(pos)
-            if cfg.data.val_shards and pos.epoch % max(cfg.train.eval_every_epochs, 1) == 0:
+            if cfg.data.val_shards and _validates_after(cfg, pos.epoch):
                 validate(cfg, self.engine, self.vocab_size, self.enc, pos.epoch - 1, self.telemetry,
                          self.ckpt_dir.parent)
         if save_at_boundary:  # the last epoch ended inside a window: no step will complete it
@@ -274,6 +274,13 @@ class _Run:
         if self.env.is_main and pos.step % max(self.cfg.train.log_every, 1) == 0:
             log.info("epoch %d step %d loss %.4f lr %.3g %.1f samples/s", pos.epoch, pos.step, loss,
                      result.lr, window.samples / step_time)
+
+
+def _validates_after(cfg: ExperimentConfig, epochs_done: int) -> bool:
+    """Validation after every ``train.eval_every_epochs``-th epoch and always after the last one
+    (0: only after the last)."""
+    every = cfg.train.eval_every_epochs
+    return epochs_done == cfg.train.epochs or (every > 0 and epochs_done % every == 0)
 
 
 def _progress(batches: Iterator[CaptionBatch], total: int, epoch: int, show: bool) -> Iterator[CaptionBatch]:
