@@ -101,3 +101,17 @@ def tiny_vit(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_vit")
     ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """Directory of a tiny random BERT saved as a local transformers model: vocabulary 50, H = 16."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config).save_pretrained(path)
+    return path

@@ -161,12 +161,11 @@ def test_demo_on_the_generated_set(tmp_path):
     assert json.loads((out / "report.json").read_text())["runs"]["t2i"]["val"] == report["runs"]["t2i"]["val"]
 
 
-def test_demo_quick_selects_the_first_flickr8k_images(tmp_path):
+def test_demo_quick_selects_the_first_flickr8k_images(flickr8k, tmp_path):
     """--quick: the first 1,000 train and 500 val photos of dataset_flickr8k.json (no training here)."""
     from app.demo import FLICKR8K, demo_items
 
-    if not (FLICKR8K / "dataset_flickr8k.json").is_file():
-        pytest.skip(f"Flickr8k is not at {FLICKR8K}")
+    assert FLICKR8K == flickr8k  # the demo's default is the shared folder beside the repository
     name, items = demo_items(FLICKR8K, 0, tmp_path, quick=True)
     splits = [i.split for i in items]
     assert splits.count("train") == 1000 and splits.count("val") == 500 and "quick" in name

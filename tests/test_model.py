@@ -211,18 +211,6 @@ def test_glove_init_rejects_bad_shapes(glove_rows):
 # ---------------------------------------------------------------- transformers text encoder
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(5)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(path)
-    return path
-
-
 def _check_hf_encoder(enc: HFTextEncoder, vocab: int, embed_size: int) -> None:
     enc.eval()
     torch.manual_seed(6)

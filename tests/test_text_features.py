@@ -8,18 +8,6 @@ from scan.model import HFTextEncoder, length_mask
 from scan.text_features import STORE_DTYPE, FrozenTokenFeatures, cache_file, precompute
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("tiny_bert_features")
-    BertModel(config).save_pretrained(path)
-    return path
-
-
 def _captions(seed: int, count: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(5, 50, (int(n),), generator=g).tolist()
@@ -82,8 +70,11 @@ def test_precompute_writes_once_and_a_second_run_computes_nothing(tiny_bert_dir,
     assert path.stat().st_mtime_ns == mtime  # nothing added: not rewritten
 
 
-def test_frozen_encoders_of_one_model_share_the_features(tiny_bert_dir):
+def test_frozen_encoders_of_one_model_share_the_features(tiny_bert_dir, monkeypatch):
     """The training model and each validation model reach the same rows: the same embeddings."""
+    import scan.text_features as tf
+
+    monkeypatch.setattr(tf, "_INSTANCES", {})  # a fresh process
     a = HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=True)
     b = HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=True)
     b.load_state_dict(a.state_dict())
