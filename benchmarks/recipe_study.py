@@ -1,0 +1,166 @@
+"""The recipe study behind the demo's config: each variant × 3 seeds, val rsum as mean ± spread.
+
+Every run is ``scan train --config configs/demo.yaml`` plus the variant's overrides, on the same
+shards (``scan demo`` makes them under ``runs/demo/shards``), for the demo's epochs, evaluated
+on the 1,000 val images / 5,000 captions at the end (fp32). Ensembles average the saved val
+similarity matrices of two variants' runs of the same seed (``scan evaluate`` with two
+``--run-dir`` computes the same, slower). The VSE++ global baseline runs in-process with the same
+seeds. Finished runs are reused, so the study can be stopped and resumed.
+
+    .venv/bin/python benchmarks/recipe_study.py --shards runs/demo/shards --out runs/study \\
+        --jobs 2 --markdown docs/study_table.md
+
+``--jobs 2`` runs two trainings at once with one thread each (on 2 cores: ~1.3x the throughput
+of one run with two threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scan.eval.store import load_sims  # noqa: E402
+from scan.metrics import recall_metrics  # noqa: E402
+
+# name → (what changes, overrides on configs/demo.yaml)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "t2i": ("the demo's recipe (t2i AVG)", []),
+    "i2t": ("i2t AVG, λ1 = 4 (the paper's i2t)", ["xattn.direction=i2t", "xattn.lambda_softmax=4"]),
+    "no_warmup": ("hardest negatives from the first step", ["loss.warmup_epochs=0"]),
+    "no_decay": ("no lr decay", ["optim.lr_update=[100]"]),
+    "mlp": ("region encoder fc + MLP residual", ["model.img_encoder=mlp"]),
+    "embed128": ("embedding 128", ["model.embed_size=128"]),
+    "embed512": ("embedding 512", ["model.embed_size=512"]),
+    "lr2e-4": ("lr 2e-4", ["optim.lr=2e-4"]),
+    "batch64": ("64 captions per batch", ["data.batch_size=64"]),
+}
+ENSEMBLES = {"t2i+i2t": ("t2i", "i2t")}
+# VSE++ global baseline (trainer.baseline_vse): name → (what changes, BaselineConfig fields)
+BASELINES: dict[str, tuple[str, dict]] = {
+    "vse": ("VSE++ global baseline, warm-up epoch as SCAN, best val epoch", {}),
+    "vse_no_warmup": ("VSE++ global baseline, hardest negatives from the first step", {"warmup_epochs": 0}),
+}
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / variant / f"seed{seed}"
+
+
+def final_eval(run: Path) -> dict | None:
+    """The last validation record of a finished run (None: not finished)."""
+    log = run / "metrics.jsonl"
+    if not (run / "done.json").is_file() or not log.is_file():
+        return None
+    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+    return evals[-1] if evals else None
+
+
+def train_one(args: argparse.Namespace, variant: str, seed: int) -> None:
+    run = run_dir(args.out, variant, seed)
+    if final_eval(run) is not None:
+        return
+    shards = Path(args.shards)
+    overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.output_dir={run}",
+                 f"data.train_shards={shards / 'train' / 'manifest.json'}",
+                 f"data.val_shards={shards / 'val' / 'manifest.json'}",
+                 f"model.hf_feature_cache={args.out / 'text_features'}", "eval.save_sims=true",
+                 "metrics.port_base=0", *args.set]
+    run.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.time()
+    with open(run / "train.log", "w") as logf:
+        subprocess.run([str(REPO / ".venv" / "bin" / "scan"), "train", "--config", args.config,
+                        *overrides], check=True, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    (run / "done.json").write_text(json.dumps({"seconds": time.time() - t0, "overrides": overrides}))
+    print(f"{variant} seed {seed}: rsum {final_eval(run)['metrics']['rsum']:.1f} "
+          f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def sims_of(run: Path):
+    evals = sorted((run / "eval").glob("epoch*/sims"))
+    return load_sims(evals[-1])
+
+
+def baseline_one(args: argparse.Namespace, name: str, seed: int) -> dict:
+    path = args.out / name / f"seed{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from trainer.baseline_vse import BaselineConfig, run, write_json
+
+    shards = Path(args.shards)
+    result = run(str(shards / "train" / "manifest.json"), str(shards / "val" / "manifest.json"),
+                 BaselineConfig(seed=seed, **BASELINES[name][1]), cache_dir=str(args.out / "text_features"))
+    write_json(str(path), result)
+    return result
+
+
+def stats(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shards", required=True, help="folder with train/ and val/ manifests")
+    p.add_argument("--out", type=Path, required=True, help="study folder (runs are reused)")
+    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    p.add_argument("--markdown", default="", help="also write the table here")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+
+    baselines = {name: [baseline_one(args, name, s) for s in args.seeds] for name in BASELINES}
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for f in [pool.submit(train_one, args, v, s) for v, s in jobs]:
+            f.result()
+
+    rows = []
+    for v in args.variants:
+        evals = [final_eval(run_dir(args.out, v, s)) for s in args.seeds]
+        secs = [json.loads((run_dir(args.out, v, s) / "done.json").read_text())["seconds"]
+                for s in args.seeds]
+        rsums = [e["metrics"]["rsum"] for e in evals]
+        rows.append((v, VARIANTS[v][0], " ".join(VARIANTS[v][1]) or "—", rsums,
+                     statistics.mean(secs)))
+    for name, members in ENSEMBLES.items():
+        if all(m in args.variants for m in members):
+            rsums = []
+            for s in args.seeds:
+                sims = sum(sims_of(run_dir(args.out, m, s)) for m in members) / len(members)
+                rsums.append(recall_metrics(sims, 5)["rsum"])
+            rows.append((name, "ensemble: mean of the two runs' similarities (same seed)",
+                         "—", rsums, None))
+    for name, results in baselines.items():
+        rows.append((name, BASELINES[name][0], " ".join(f"{k}={v}" for k, v in BASELINES[name][1].items())
+                     or "—", [b["val"]["rsum"] for b in results],
+                     statistics.mean(b["seconds"]["total"] for b in results)))
+    lines = [f"| variant | change | overrides | val rsum, mean ± sd ({len(args.seeds)} seeds) "
+             "| per seed | s per run |", "|---|---|---|---|---|---|"]
+    for name, what, over, rsums, secs in rows:
+        lines.append(f"| {name} | {what} | `{over}` | {stats(rsums)} | "
+                     + " / ".join(f"{r:.1f}" for r in rsums) + f" | {'' if secs is None else f'{secs:.0f}'} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
