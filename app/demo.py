@@ -219,7 +219,7 @@ def write_report(out_dir: Path, source: str, timings: dict, extraction: dict, ru
              f"## Val recalls ({any_run['val']['images']} images, {any_run['val']['captions']} captions)", "",
              head, rule]
     for d, r in runs.items():
-        lines.append(_row(f"SCAN {d} (epoch {r['val']['epoch']})", r["val"]))
+        lines.append(_row(f"SCAN {d} (after {r['val']['epoch'] + 1} epochs)", r["val"]))
     if ensemble:
         lines.append(_row("SCAN ensemble t2i + i2t (mean of the two similarity matrices)", ensemble))
     if baseline:
