@@ -336,7 +336,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.description = ("The whole system end to end: Flickr8k's photos (or generated scenes) → Ray "
                      "extraction → frozen text features once → DeepSpeed training of SCAN t2i and "
                      "i2t → val evaluation and their ensemble → the VSE++ baseline → a report "
-                     "(report.md in the demo folder). About 15 minutes on 2 CPU cores; --quick "
+                     "(report.md in the demo folder). About 17 minutes on 2 CPU cores; --quick "
                      "about 4. A rerun reuses the shards and resumes the trainings.")
     p.add_argument("--out", default=None,
                    help="demo folder: shards/, t2i/, i2t/ and report.md go here "
