@@ -130,6 +130,8 @@ class Backbone:
 
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> Regions:
         """pixels (B, S, S, 3) uint8, S = image_size -> Regions with k = rows * cols."""
+        if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+            pixels = pixels.copy()  # torch cannot share a read-only buffer (and warns)
         pixels = torch.as_tensor(pixels)
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (
                 self.image_size, self.image_size, 3):
