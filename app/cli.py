@@ -413,8 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     args = p.parse_intermixed_args(rest)
+    from trainer.distributed import close_process_group
+
+    ok = False
     try:
-        return run(args)
+        code = run(args)
+        ok = True
+        return code
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:  # bad input: the message says it all
         print(f"scan {name}: error: {err}", file=sys.stderr)
         return 2
@@ -424,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as err:  # the storage failed after every retry: not the data's fault
         print(f"scan {name}: {err}", file=sys.stderr)
         return 4
+    finally:
+        close_process_group(synchronise=ok)
 
 
 if __name__ == "__main__":

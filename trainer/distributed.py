@@ -93,6 +93,18 @@ def init_process_group(env: DistEnv) -> None:
              env.local_rank, backend)
 
 
+def close_process_group(synchronise: bool = True) -> None:
+    """Leave the process group, if one is running, before the interpreter exits: gloo's worker
+    threads torn down at exit can abort the process ("terminate called without an active
+    exception", SIGABRT) after the work is done. ``synchronise`` first waits for every rank, so
+    that none leaves while another still talks to it (off after an error: the others may be gone)."""
+    if not group_running():
+        return
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _init_single_process(backend: str) -> None:
     """The process group of a run without peers, opening no socket beyond loopback.
 
