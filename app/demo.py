@@ -30,7 +30,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cluster.extract import run_job
 from cluster.extract_config import JobConfig
@@ -40,6 +40,9 @@ from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
 from trainer.train import train
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ def final_sims(run_dir: Path):
     return load_sims(found[-1].parent)
 
 
-def ensemble_recalls(run_dirs: Sequence[Path], caps_per_image: int) -> tuple[dict, "object"]:
+def ensemble_recalls(run_dirs: Sequence[Path], caps_per_image: int) -> tuple[dict, "np.ndarray"]:
     """Recalls of the mean of the runs' val similarity matrices (the paper's t2i + i2t ensemble),
     and that matrix."""
     import numpy as np

@@ -191,10 +191,15 @@ class _Source:
     cache_dir: str  # local copies of remote shards ("" : ranged reads from the store)
 
 
-def _encode(src: _Source, tokens: list[str], raw: str) -> list[int]:
-    enc = src.encode
+def encode_caption(enc: Encoder, tokens: list[str], raw: str, max_words: int = 0) -> list[int]:
+    """A caption's ids as training sees them: ``enc`` (a TextEncoder or a callable) on its tokens
+    and raw text, truncated to ``max_words`` when > 0 (``data.max_words``)."""
     ids = enc.encode(tokens, raw) if hasattr(enc, "encode") else enc(tokens, raw)
-    return list(ids[: src.max_words]) if src.max_words else list(ids)
+    return list(ids[:max_words]) if max_words else list(ids)
+
+
+def _encode(src: _Source, tokens: list[str], raw: str) -> list[int]:
+    return encode_caption(src.encode, tokens, raw, src.max_words)
 
 
 class _BatchDataset(Dataset):

@@ -89,29 +89,35 @@ def flickr8k() -> Path:
     return FLICKR8K
 
 
+def _save_tiny_model(tmp_path_factory, name: str, build) -> Path:
+    """``build()`` (a transformers model, made after seeding) saved into a fresh temporary folder."""
+    import torch
+
+    torch.manual_seed(_TINY_SEEDS[name])
+    path = tmp_path_factory.mktemp(name)
+    build().save_pretrained(path)
+    return path
+
+
+_TINY_SEEDS = {"tiny_vit": 0, "tiny_bert": 5}
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> str:
     """Directory of a tiny random ViT saved as a local transformers model: 32 px, 4 x 4 patches, D = 24."""
-    import torch
     from transformers import ViTConfig, ViTModel
 
-    torch.manual_seed(0)
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
                     num_attention_heads=2, intermediate_size=48)
-    path = tmp_path_factory.mktemp("tiny_vit")
-    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
-    return str(path)
+    return str(_save_tiny_model(tmp_path_factory, "tiny_vit",
+                                lambda: ViTModel(cfg, add_pooling_layer=False).eval()))
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """Directory of a tiny random BERT saved as a local transformers model: vocabulary 50, H = 16."""
-    import torch
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(5)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(path)
-    return path
+    return _save_tiny_model(tmp_path_factory, "tiny_bert", lambda: BertModel(config))

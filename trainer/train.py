@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from dataio import storage
 from dataio.errors import SKIPS
-from dataio.pipeline import CaptionBatch, CaptionLoader, caption_batches, iter_captions, iter_tokens
+from dataio.pipeline import (CaptionBatch, CaptionLoader, caption_batches, encode_caption, iter_captions,
+                             iter_tokens)
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer, local_model_dir
 from scan.collectives import barrier
 from scan.config import ExperimentConfig
@@ -90,8 +91,7 @@ def precompute_text_features(cfg: ExperimentConfig, enc: TextEncoder, env: DistE
             splits.append((cfg.data.val_shards, cfg.eval.val_images))
         for spec, limit in splits:
             for tokens, raw in iter_captions(spec, limit):
-                ids = enc.encode(tokens, raw)
-                yield ids[:cfg.data.max_words] if cfg.data.max_words else ids
+                yield encode_caption(enc, tokens, raw, cfg.data.max_words)
 
     if env.is_main:
         t0 = time.perf_counter()
