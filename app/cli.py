@@ -95,13 +95,14 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
+    from scan.scorers import scorer_for
     from tools.explain import explain_pair
     from tools.inference import find_record, load_run
 
     run = load_run(args.run_dir, args.tag)
     record = find_record(args.shards, args.key)
     caption = args.caption if args.caption is not None else record.captions[0]
-    out = explain_pair(run.model, record.regions, caption, run.text, run.cfg.xattn, args.out,
+    out = explain_pair(run.model, record.regions, caption, run.text, scorer_for(run.cfg), args.out,
                        boxes=record.boxes, image=record.meta.get("file"), columns=args.columns)
     print(f"{out['png']}: image {record.key}, score {out['score']:.4f}, words {' '.join(out['words'])}")
     return 0
@@ -228,12 +229,13 @@ def _members(args: argparse.Namespace, device: object = "cpu") -> tuple[list, li
     from scan.config import load_experiment
     from scan.eval.encode import load_embeddings
     from scan.eval.tiles import Member
+    from scan.scorers import scorer_for
 
     if len(args.config) != len(args.embeddings):
         raise ValueError(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give "
                          f"one pair per ensemble member")
     cfgs = [load_experiment(path, args.overrides) for path in args.config]
-    return cfgs, [Member(load_embeddings(path).to(device), cfg.xattn)
+    return cfgs, [Member(load_embeddings(path).to(device), scorer_for(cfg))
                   for cfg, path in zip(cfgs, args.embeddings)]
 
 

@@ -39,6 +39,7 @@ from dataio import storage
 from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
+from scan.scorers import scorer_for
 from trainer.train import train
 
 if TYPE_CHECKING:
@@ -165,12 +166,12 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec:
     explained = []
     for i, r in enumerate(records):
         png = out / f"{i:02d}_{r.key}.png"
-        res = explain_pair(run.model, r.regions, r.captions[0], run.text, run.cfg.xattn, png,
+        res = explain_pair(run.model, r.regions, r.captions[0], run.text, scorer_for(run.cfg), png,
                            boxes=r.boxes, image=r.meta.get("file"))
         explained.append({"png": str(png.relative_to(out_dir)), "key": r.key, "caption": r.captions[0],
                           "score": res["score"], "words": res["words"]})
     members = [load_run(d) for d in gallery_runs]
-    gallery = build_gallery([(m.model, m.cfg.xattn) for m in members], image_records(val_spec),
+    gallery = build_gallery([(m.model, scorer_for(m.cfg)) for m in members], image_records(val_spec),
                             encode_text=run.text.encode, caps_per_image=cfg.eval.caps_per_image,
                             precision=cfg.eval.precision, sims=sims)
     queries = [TextQuery(r.captions[1]) for r in records] + [ImageQuery(r.key) for r in records]

@@ -36,12 +36,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "t2i": ("the demo's recipe (t2i AVG)", []),
     "i2t": ("i2t AVG, λ1 = 4 (the paper's i2t)", ["xattn.direction=i2t", "xattn.lambda_softmax=4"]),
     "no_warmup": ("hardest negatives from the first step", ["loss.warmup_epochs=0"]),
-    "no_decay": ("no lr decay", ["optim.lr_update=[100]"]),
     "mlp": ("region encoder fc + MLP residual", ["model.img_encoder=mlp"]),
-    "embed128": ("embedding 128", ["model.embed_size=128"]),
+    "finetune1": ("MiniLM's top layer fine-tuned at lr / 10 (the 5 below cached)",
+                  ["model.hf_finetune_layers=1", "optim.text_lr_scale=0.1"]),
+    "dropout": ("region dropout 0.2 and word dropout 0.1 in training",
+                ["model.region_dropout=0.2", "model.word_dropout=0.1"]),
+    "lr1e-3": ("lr 1e-3", ["optim.lr=1e-3"]),
     "embed512": ("embedding 512", ["model.embed_size=512"]),
-    "lr2e-4": ("lr 2e-4", ["optim.lr=2e-4"]),
-    "batch64": ("64 captions per batch", ["data.batch_size=64"]),
+    "batch64": ("64 captions per batch (hardest negatives among 63)", ["data.batch_size=64"]),
+    "no_decay": ("no lr decay (lr 5e-4 throughout)", ["optim.lr_update=[100]"]),
+    "lr2e-4": ("lr 2e-4 (the paper's)", ["optim.lr=2e-4"]),
 }
 ENSEMBLES = {"t2i+i2t": ("t2i", "i2t")}
 # VSE++ global baseline (trainer.baseline_vse): name → (what changes, BaselineConfig fields)

@@ -33,7 +33,7 @@ class TileWorker:
     def __init__(self, members: list[Member], plan: TilePlan, work_dir: str, sims_dir: str | None,
                  topk: int, memory_budget_mb: int) -> None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.members = [Member(m.emb.to(device), m.xattn) for m in members]
+        self.members = [Member(m.emb.to(device), m.scorer) for m in members]
         self.plan, self.topk, self.budget = plan, topk, memory_budget_mb
         self.store = TileStore(work_dir, sims_dir)
 

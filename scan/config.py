@@ -36,6 +36,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # The model of the family (scan.scorers): "scan" (stacked cross attention, xattn.*), "vse"
+    # (VSE++: one pooled vector per side, cosine) or "dvsa" (each word's best region, summed).
+    kind: Literal["scan", "vse", "dvsa"] = "scan"
+    pooling: Literal["mean", "gpo"] = "mean"  # kind vse: how regions / words pool into one vector
     img_dim: int = 2048
     embed_size: int = 1024
     # Region encoder: "linear" (the reference's fc) or "mlp": fc plus a 2-layer MLP residual
@@ -50,6 +54,13 @@ class ModelConfig:
     hf_freeze: bool = False  # frozen: its token features are computed once per caption and cached
     # Folder keeping a frozen text model's token features across runs ("": <train.output_dir>/text_features)
     hf_feature_cache: str = ""
+    # With hf_freeze: the top N transformer layers fine-tune (at optim.lr x optim.text_lr_scale);
+    # the layers below stay frozen and their outputs are the cached features.
+    hf_finetune_layers: int = 0
+    # Training only: each region / word leaves the cross attention with this probability (at
+    # least one stays), as VSE∞ drops regions; validation and retrieval see every one.
+    region_dropout: float = 0.0
+    word_dropout: float = 0.0
     no_imgnorm: bool = False
     no_txtnorm: bool = False
 
@@ -79,6 +90,9 @@ class OptimConfig:
     lr_decay: float = 0.1
     warmup_steps: int = 0
     grad_clip: float = 2.0
+    # lr multiplier of a transformers text encoder's own trained layers (model.hf_finetune_layers,
+    # or all of them when model.hf_freeze is off): pretrained layers fine-tune at a lower rate.
+    text_lr_scale: float = 1.0
     use_apex: bool = False  # NVIDIA apex fused optimizer when `import apex` finds it
 
 
@@ -147,9 +161,24 @@ class ExperimentConfig:
                            ("loss.warmup_epochs", self.loss.warmup_epochs),
                            ("train.eval_every_epochs", self.train.eval_every_epochs),
                            ("data.caps_per_image", self.data.caps_per_image),
-                           ("eval.val_images", self.eval.val_images)):
+                           ("eval.val_images", self.eval.val_images),
+                           ("model.hf_finetune_layers", self.model.hf_finetune_layers)):
             if value < 0:
                 raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected >= 0")
+        for key, value in (("model.region_dropout", self.model.region_dropout),
+                           ("model.word_dropout", self.model.word_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected in [0, 1)")
+        if self.model.kind == "vse" and (self.model.region_dropout or self.model.word_dropout):
+            raise ConfigError("config keys 'model.region_dropout' / 'model.word_dropout' act on the "
+                              "vectors the scores attend over; model.kind 'vse' pools them inside "
+                              "the model, so they must be 0 there")
+        if self.optim.text_lr_scale <= 0:
+            raise ConfigError(f"config key 'optim.text_lr_scale': {self.optim.text_lr_scale!r} is "
+                              "not allowed; expected > 0")
+        if self.model.hf_finetune_layers and not (self.model.text_encoder == "hf" and self.model.hf_freeze):
+            raise ConfigError("config key 'model.hf_finetune_layers' needs model.text_encoder 'hf' "
+                              "with model.hf_freeze true (unfrozen, every layer trains already)")
 
 
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

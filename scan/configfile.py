@@ -167,7 +167,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+BASE_KEY = "base"  # a config file may start from another: `base: demo.yaml` (relative to itself)
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file, over the mapping of its ``base`` file when it names one
+    (deep-merged: a section's keys not set here keep the base's values)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -177,7 +182,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: key '{BASE_KEY}' must name a config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"config file {path}: '{BASE_KEY}: {base}' makes a cycle")
+    return _deep_merge(read_yaml(base_path, (*_seen, path.resolve())), data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (_deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:

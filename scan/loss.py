@@ -1,4 +1,4 @@
-"""The loss that trains: VSE++ hinge with hardest negatives over SCAN scores, across devices.
+"""The loss that trains: VSE++ hinge with hardest negatives over any scorer's scores, across devices.
 
 As the reference's ContrastiveLoss (kuanghuei/SCAN), mined over the global micro-batch
 (docs/DESIGN.md §3). From the bottom up:
@@ -7,7 +7,8 @@ As the reference's ContrastiveLoss (kuanghuei/SCAN), mined over the global micro
 * :func:`contrastive_hinge`: both directions for a rank's B pairs among the G of the global batch,
   the one hinge every path calls (one process: B = G);
 * :func:`hardest_negative_loss`: the square-batch loss of one process, as the reference computes it;
-* :func:`pair_scores`: SCAN scores of images × captions, each tile recomputed in backward;
+* :func:`pair_scores`: the model's scores (``scan.scorers``) of images × captions, each tile
+  recomputed in backward;
 * :func:`batch_loss`: what a training step back-propagates; it gathers every rank's region and word
   embeddings itself (as open_clip's ``ClipLoss`` gathers its features), so a caller passes only
   its local batch.
@@ -18,7 +19,8 @@ import torch
 
 from scan.collectives import all_gather_ints, all_reduce_sum, gather_padded, group_world, is_distributed
 from scan.config import LossConfig
-from scan.xattn import XAttnConfig, xattn_scores
+from scan.xattn import XAttnConfig
+from scan.scorers import Scorer, as_scorer
 
 
 def directional_hinge(scores: torch.Tensor, positive_col: torch.Tensor, margin: float,
@@ -83,18 +85,19 @@ def hardest_negative_loss(scores: torch.Tensor, margin: float = 0.2, max_violati
 
 
 def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Tensor,
-                cap_lens: torch.Tensor, cfg: XAttnConfig, caption_chunk: int) -> torch.Tensor:
-    """(N, M) SCAN scores, each tile recomputed in backward; ``caption_chunk`` > 0 bounds the
-    captions per ``xattn_scores`` call (0: the scorer tiles by its memory budget alone)."""
+                cap_lens: torch.Tensor, scorer: Scorer | XAttnConfig, caption_chunk: int) -> torch.Tensor:
+    """(N, M) scores, each tile recomputed in backward; ``caption_chunk`` > 0 bounds the
+    captions per scorer call (0: the scorer tiles by its memory budget alone)."""
+    scorer = as_scorer(scorer)
     step = caption_chunk if caption_chunk > 0 else captions.shape[0]
-    parts = [xattn_scores(images, captions[c:c + step], cap_lens[c:c + step], cfg, img_lens,
-                          checkpoint=True) for c in range(0, captions.shape[0], step)]
+    parts = [scorer(images, captions[c:c + step], cap_lens[c:c + step], img_lens, checkpoint=True)
+             for c in range(0, captions.shape[0], step)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
                cap_lens: torch.Tensor, image_ids: torch.Tensor, loss_cfg: LossConfig,
-               xattn_cfg: XAttnConfig) -> tuple[torch.Tensor, torch.Tensor]:
+               scorer: Scorer | XAttnConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's loss to back-propagate, and the loss summed over all ranks (detached, for logs).
 
     img_emb (B, k, d), cap_emb (B, n, d): pair i is (image of caption i, caption i); image_ids (B,).
@@ -104,10 +107,11 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     size because DeepSpeed averages gradients over ranks (the update then equals one process's on
     the concatenated batch). Otherwise the B local pairs are mined among themselves.
     """
+    scorer = as_scorer(scorer)
     ids = image_ids if loss_cfg.mask_same_image else None
     margin, hardest = loss_cfg.margin, loss_cfg.max_violation
     if not (loss_cfg.cross_device and is_distributed()):
-        scores = pair_scores(img_emb, img_lens, cap_emb, cap_lens, xattn_cfg, loss_cfg.caption_chunk)
+        scores = pair_scores(img_emb, img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk)
         diagonal = torch.arange(img_emb.shape[0], device=img_emb.device)
         loss = contrastive_hinge(scores, scores.t(), diagonal, margin, hardest, ids, ids)
         return loss, all_reduce_sum(loss)
@@ -121,8 +125,8 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     all_img_lens, all_cap_lens = gather_padded(img_lens, counts), gather_padded(cap_lens, counts)
     all_ids = gather_padded(image_ids, counts) if ids is not None else None
     positive = sum(counts[:rank]) + torch.arange(B, device=img_emb.device)  # our pairs in G
-    i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, xattn_cfg, loss_cfg.caption_chunk)  # (B, G)
-    t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, xattn_cfg, loss_cfg.caption_chunk)  # (G, B)
+    i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
+    t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk)  # (G, B)
     loss = contrastive_hinge(i2t, t2i.t(), positive, margin, hardest, ids, all_ids)
     # Gradients of every rank's loss reach this rank's embeddings through the gather's backward.
     return loss * world, all_reduce_sum(loss)

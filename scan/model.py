@@ -1,4 +1,5 @@
-"""SCAN encoders: regions → (B, k, d) and words → (B, n, d), each vector l2-normalised.
+"""The encoders of the family: regions → (B, k, d) and words → (B, n, d), each vector l2-normalised
+(``model.kind: vse`` pools each side into (B, 1, d) first, then normalises).
 
 As the reference (kuanghuei/SCAN model.py): a Xavier-initialised Linear over precomputed region
 features, and a (bi)GRU over word embeddings whose two directions are averaged. A second text encoder
@@ -7,6 +8,7 @@ exactly zero, so the cross-attention and any pooling downstream may ignore them 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -18,7 +20,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
 from scan.config import ModelConfig
-from scan.text_features import FrozenTokenFeatures, load_transformer
+from scan.pooling import build_pool
+from scan.text_features import FrozenTokenFeatures, encoder_layers, load_transformer
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +168,29 @@ class HFTextEncoder(nn.Module):
     token. ``freeze`` keeps the transformer's weights fixed: it is then not a submodule at all (only
     ``fc`` trains, is cast and is checkpointed) and its features come from the process's
     ``scan.text_features.FrozenTokenFeatures`` for the model, which runs it once per caption.
+    ``finetune_layers`` (with ``freeze``): a trained copy of the top layers (``top``) runs over the
+    cached hidden states entering them, so the text side adapts while the rest stays cached.
     """
 
-    def __init__(self, path: str | os.PathLike, embed_size: int, freeze: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, embed_size: int, freeze: bool = False,
+                 finetune_layers: int = 0, normalize: bool = True) -> None:
         super().__init__()
+        self.normalize = normalize
         model_dir = Path(local_model_dir(str(path)))
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"hf text encoder path {str(model_dir)!r}: no config.json there; "
                              "expected a local transformers model directory")
+        if finetune_layers and not freeze:
+            raise ValueError("hf text encoder: finetune_layers needs freeze (unfrozen, every layer trains)")
         self.freeze = freeze
+        self.top: nn.ModuleList | None = None
         if freeze:
-            self.frozen: FrozenTokenFeatures | None = FrozenTokenFeatures.for_model(str(model_dir))
+            self.frozen: FrozenTokenFeatures | None = FrozenTokenFeatures.for_model(str(model_dir),
+                                                                                    finetune_layers)
             hidden_size = self.frozen.hidden_size
+            if finetune_layers:
+                layers = encoder_layers(self.frozen.backbone)
+                self.top = copy.deepcopy(layers[len(layers) - finetune_layers:]).requires_grad_(True)
         else:
             self.frozen = None
             self.backbone = load_transformer(str(model_dir))
@@ -192,32 +206,50 @@ class HFTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.frozen is not None:
             hidden = self.frozen.lookup(input_ids, attention_mask.sum(1), self.fc.weight.dtype)
+            if self.top is not None:
+                # Additive key mask (B, 1, 1, n), as the model's own forward builds for its layers.
+                bias = (1 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+                for layer in self.top:
+                    hidden = layer(hidden, attention_mask=bias)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # older transformers
         else:
             hidden = self.backbone(input_ids=input_ids,
                                    attention_mask=attention_mask).last_hidden_state  # (B, n, H)
-        out = l2norm(self.fc(hidden), dim=-1)
+        out = self.fc(hidden)
+        if self.normalize:
+            out = l2norm(out, dim=-1)
         return out * attention_mask[..., None].to(out.dtype)
 
 
 class SCANModel(nn.Module):
-    """Both encoders of one SCAN model, built from ``ModelConfig``."""
+    """Both encoders of one model of the family (``model.kind``), built from ``ModelConfig``.
+
+    ``scan`` and ``dvsa`` keep one vector per region and word; ``vse`` pools each side
+    (``scan.pooling``: mean or VSE∞'s GPO) of the un-normalised vectors into one, then normalises,
+    so its outputs are (B, 1, d) with length 1 (``output_lens``).
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm, cfg.img_encoder)
+        self.pooled = cfg.kind == "vse"
+        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm or self.pooled,
+                                    cfg.img_encoder)
         if cfg.text_encoder == "gru":
             self.txt_enc: nn.Module = GRUTextEncoder(
                 vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers, cfg.bidirectional,
-                cfg.no_txtnorm, embeddings)
+                cfg.no_txtnorm or self.pooled, embeddings)
         elif cfg.text_encoder == "hf":
             if embeddings is not None:
                 raise ValueError("model.text_encoder 'hf' takes no word embeddings "
                                  "(model.glove must be empty)")
-            self.txt_enc = HFTextEncoder(cfg.hf_path, cfg.embed_size, cfg.hf_freeze)
+            self.txt_enc = HFTextEncoder(cfg.hf_path, cfg.embed_size, cfg.hf_freeze,
+                                         cfg.hf_finetune_layers, normalize=not self.pooled)
         else:
             raise ValueError(f"config key 'model.text_encoder': {cfg.text_encoder!r} is not allowed; "
                              "expected one of 'gru', 'hf'")
+        if self.pooled:
+            self.img_pool, self.txt_pool = build_pool(cfg.pooling), build_pool(cfg.pooling)
 
     def forward(self, regions: torch.Tensor, img_lens: torch.Tensor, tokens: torch.Tensor,
                 cap_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,21 +261,57 @@ class SCANModel(nn.Module):
         """
         return self.encode_images(regions, img_lens), self.encode_captions(tokens, cap_lens)
 
+    def output_lens(self, lens: torch.Tensor) -> torch.Tensor:
+        """The valid lengths of the encoders' outputs for inputs of ``lens`` (B,): 1 when pooled."""
+        return torch.ones_like(lens) if self.pooled else lens
+
     def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, k, img_dim) → (B, k, embed_size); regions beyond ``img_lens`` are zero."""
-        return self.img_enc(regions, img_lens)
+        """(B, k, img_dim) → (B, k, embed_size), or (B, 1, embed_size) pooled; regions beyond
+        ``img_lens`` are zero."""
+        out = self.img_enc(regions, img_lens)
+        if not self.pooled:
+            return out
+        lens = img_lens if img_lens is not None else torch.full(
+            (regions.shape[0],), regions.shape[1], device=regions.device)
+        pooled = self.img_pool(out, lens)
+        return (pooled if self.cfg.no_imgnorm else l2norm(pooled, dim=-1))[:, None]
 
     def encode_captions(self, tokens: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
-        """(B, n) ids, (B,) lengths → (B, n, embed_size); words beyond ``cap_lens`` are zero."""
+        """(B, n) ids, (B,) lengths → (B, n, embed_size), or (B, 1, embed_size) pooled; words
+        beyond ``cap_lens`` are zero."""
         if isinstance(self.txt_enc, HFTextEncoder):
             _check_lengths(cap_lens, tokens.shape[0], tokens.shape[1], "cap_lens")
-            return self.txt_enc(tokens, length_mask(cap_lens, tokens.shape[1]).long())
-        return self.txt_enc(tokens, cap_lens)
+            out = self.txt_enc(tokens, length_mask(cap_lens, tokens.shape[1]).long())
+        else:
+            out = self.txt_enc(tokens, cap_lens)
+        if not self.pooled:
+            return out
+        pooled = self.txt_pool(out, cap_lens)
+        return (pooled if self.cfg.no_txtnorm else l2norm(pooled, dim=-1))[:, None]
+
+
+def drop_positions(x: torch.Tensor, lens: torch.Tensor, p: float,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region / word dropout: each valid position of (B, n, d) leaves with probability ``p`` (one
+    stays at least); the kept ones move to the front in order, the rest is zero padding as every
+    encoder output. Returns the new (B, n, d) and lengths (B,)."""
+    if p <= 0:
+        return x, lens
+    batch, n = x.shape[:2]
+    valid = length_mask(lens, n)
+    keep = valid & (torch.rand(batch, n, generator=generator, device=x.device) >= p)
+    first = torch.arange(batch, device=x.device)
+    keep[first, 0] |= ~keep.any(1)  # nothing kept: the first position stays
+    # Stable sort puts the kept positions first in their order: (B, n) gather indices.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    new_lens = keep.sum(1).to(lens.dtype)
+    out = torch.gather(x, 1, order[..., None].expand_as(x))
+    return out * length_mask(new_lens, n)[..., None].to(x.dtype), new_lens
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> SCANModel:
     model = SCANModel(cfg, vocab_size, embeddings)
-    log.info("SCAN model: %s text encoder, %.2fM parameters (%.2fM trainable)", cfg.text_encoder,
+    log.info("%s model: %s text encoder, %.2fM parameters (%.2fM trainable)", cfg.kind, cfg.text_encoder,
              sum(p.numel() for p in model.parameters()) / 1e6,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     return model

@@ -3,14 +3,16 @@
 A frozen backbone gives the same last hidden states for a caption at every step of every epoch,
 so running it at every step (6 transformer layers over every caption, every epoch) is pure waste:
 ``FrozenTokenFeatures`` runs it once per distinct token sequence and afterwards only looks the rows
-up. Only the projection on top (``scan.model.HFTextEncoder.fc``) trains.
+up. Only the projection on top (``scan.model.HFTextEncoder.fc``) trains, or, when its top
+``trained_top_layers`` layers fine-tune, those layers too: the rows are then the hidden states
+entering them (the output of the frozen layers below), which are just as fixed per caption.
 
 Exactness rule: every row is stored in float16, whether it was precomputed, loaded from disk or
 computed on a miss, so a caption's features are the same bits however they were reached (training,
 validation, ``scan explain``). float16 keeps 11 significant bits of LayerNorm outputs (|x| < 20):
 a relative change below 5e-4, far below what the trained projection resolves.
 
-One instance per model directory and process (``for_model``): the training model and the fp32
+One instance per model directory, cut and process (``for_model``): the training model and the fp32
 model built for each validation share it. On disk (``save`` / ``load``) one file per model:
 ``ids`` (T,) int32, ``offsets`` (C + 1,) int64 and ``features`` (T, H) float16 for C captions of
 T tokens in all; a later run merges what it adds.
@@ -44,23 +46,40 @@ def load_transformer(model_dir: str) -> torch.nn.Module:
     return AutoModel.from_pretrained(model_dir, local_files_only=True)
 
 
-class FrozenTokenFeatures:
-    """Last hidden states (n, H) of a frozen backbone per caption, keyed by its token ids."""
+def encoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer layers of a BERT-layout model (BERT, RoBERTa, MiniLM, ...)."""
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(backbone).__name__}: no encoder.layer stack; fine-tuning the top "
+                         "layers (model.hf_finetune_layers) needs a BERT-layout encoder")
+    return layers
 
-    def __init__(self, model_dir: str, backbone: torch.nn.Module | None = None) -> None:
+
+class FrozenTokenFeatures:
+    """Hidden states (n, H) of a frozen backbone per caption, keyed by its token ids: the last
+    layer's, or those entering the top ``trained_top_layers`` layers (which train elsewhere)."""
+
+    def __init__(self, model_dir: str, backbone: torch.nn.Module | None = None,
+                 trained_top_layers: int = 0) -> None:
         self.model_dir = str(model_dir)
         # Always fp32 and in eval mode, whatever the training precision does to the trained part.
         self.backbone = (backbone if backbone is not None else load_transformer(self.model_dir)).float().eval()
         self.backbone.requires_grad_(False)
         self.hidden_size = int(self.backbone.config.hidden_size)
+        self.num_layers = int(self.backbone.config.num_hidden_layers)
+        if not 0 <= trained_top_layers <= self.num_layers:
+            raise ValueError(f"config key 'model.hf_finetune_layers': {trained_top_layers} is not "
+                             f"allowed; {self.model_dir} has {self.num_layers} layers")
+        self.trained_top_layers = trained_top_layers
         self.rows: dict[tuple[int, ...], Tensor] = {}  # ids → (n, H) STORE_DTYPE, views of one block
         self.computed = 0  # captions run through the backbone by this process (misses included)
 
     @classmethod
-    def for_model(cls, model_dir: str) -> "FrozenTokenFeatures":
-        key = str(Path(model_dir).resolve())
+    def for_model(cls, model_dir: str, trained_top_layers: int = 0) -> "FrozenTokenFeatures":
+        path = str(Path(model_dir).resolve())
+        key = f"{path}@{trained_top_layers}"
         if key not in _INSTANCES:
-            _INSTANCES[key] = cls(key)
+            _INSTANCES[key] = cls(path, trained_top_layers=trained_top_layers)
         return _INSTANCES[key]
 
     def __len__(self) -> int:
@@ -89,8 +108,10 @@ class FrozenTokenFeatures:
             for r, key in enumerate(chunk):
                 ids[r, :len(key)] = torch.tensor(key)
                 mask[r, :len(key)] = 1
-            hidden = self.backbone(input_ids=ids.to(self.device),
-                                   attention_mask=mask.to(self.device)).last_hidden_state  # (b, n, H)
+            out = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                output_hidden_states=self.trained_top_layers > 0)
+            hidden = (out.hidden_states[self.num_layers - self.trained_top_layers]
+                      if self.trained_top_layers else out.last_hidden_state)  # (b, n, H)
             hidden = hidden.to("cpu", STORE_DTYPE)
             for r, key in enumerate(chunk):
                 self.rows[key] = hidden[r, :len(key)].clone()
@@ -147,27 +168,31 @@ class FrozenTokenFeatures:
         return added
 
 
-def cache_file(folder: str | os.PathLike, model_dir: str) -> Path:
+def cache_file(folder: str | os.PathLike, model_dir: str, trained_top_layers: int = 0) -> Path:
     """Where the features of ``model_dir`` live in ``folder``: named after the model's directory and
-    a hash of its config and weight files (their names, sizes and modification times)."""
+    a hash of its config and weight files (their names, sizes and modification times), and the
+    number of top layers left out (those then train)."""
     root = Path(model_dir).resolve()
     h = hashlib.sha256(str(root).encode())
     for f in sorted(root.iterdir()):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return Path(folder) / f"{root.name}-{h.hexdigest()[:16]}.pt"
+    cut = f"-below-top{trained_top_layers}" if trained_top_layers else ""
+    return Path(folder) / f"{root.name}-{h.hexdigest()[:16]}{cut}.pt"
 
 
 def precompute(model_dir: str, id_lists: Iterable[Sequence[int]], folder: str | os.PathLike | None,
-               progress: bool = True, device: torch.device | str | None = None) -> FrozenTokenFeatures:
-    """The process's features of ``model_dir`` holding every caption of ``id_lists``: read from
-    ``folder`` where a file is there, the rest computed (on ``device`` when given, e.g. the rank's
-    GPU), and the file rewritten when anything was added (``folder`` None: in memory only)."""
-    feats = FrozenTokenFeatures.for_model(model_dir)
+               progress: bool = True, device: torch.device | str | None = None,
+               trained_top_layers: int = 0) -> FrozenTokenFeatures:
+    """The process's features of ``model_dir`` (below its top ``trained_top_layers`` layers)
+    holding every caption of ``id_lists``: read from ``folder`` where a file is there, the rest
+    computed (on ``device`` when given, e.g. the rank's GPU), and the file rewritten when anything
+    was added (``folder`` None: in memory only)."""
+    feats = FrozenTokenFeatures.for_model(model_dir, trained_top_layers)
     if device is not None:
         feats.backbone.to(device)
-    path = cache_file(folder, model_dir) if folder else None
+    path = cache_file(folder, model_dir, trained_top_layers) if folder else None
     if path is not None and path.is_file():
         added = feats.load(path)
         log.info("frozen text features: %d captions read from %s", added, path)

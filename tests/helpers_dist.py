@@ -1,8 +1,9 @@
 """Worker script for the multi-process trainer tests (run by tests/test_distributed_*.py).
 
-``python tests/helpers_dist.py grads OUT STAGES`` with RANK/WORLD_SIZE/MASTER_* set: every rank takes
+``python tests/helpers_dist.py grads OUT VARIANTS`` with RANK/WORLD_SIZE/MASTER_* set: every rank takes
 its rows of one fixed global batch (unequal row counts and lengths on purpose), runs the real model,
-``scan.loss.batch_loss`` and ``engine.backward`` under each ZeRO stage in STAGES (e.g. "0,2"),
+``scan.loss.batch_loss`` and ``engine.backward`` for each variant of VARIANTS (e.g. "0,2,dvsa":
+``GRAD_VARIANTS``, a model kind and a ZeRO stage),
 and writes the summed loss and the full gradients to ``OUT/world<W>_rank<R>.pt``. With one process
 it also writes the reference loss: ``hardest_negative_loss`` over the whole batch's scores.
 
@@ -29,7 +30,7 @@ from scan.loss import hardest_negative_loss
 from scan.model import build_model
 from scan.loss import batch_loss
 from trainer.train import seed_everything
-from scan.xattn import xattn_scores
+from scan.scorers import scorer_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
@@ -79,8 +80,14 @@ IMAGE_IDS = [0, 1, 2, 3, 4, 0, 5, 6, 2, 7]
 SPLIT = {1: [(0, 10)], 2: [(0, 4), (4, 10)]}
 
 
-def tiny_config(stage: int, batch: int) -> ExperimentConfig:
+# variant → (model.kind, model.pooling, ZeRO stage)
+GRAD_VARIANTS = {"0": ("scan", "mean", 0), "2": ("scan", "mean", 2), "vse": ("vse", "mean", 0),
+                 "vse_gpo": ("vse", "gpo", 2), "dvsa": ("dvsa", "mean", 0)}
+
+
+def tiny_config(stage: int, batch: int, kind: str = "scan", pooling: str = "mean") -> ExperimentConfig:
     cfg = ExperimentConfig()
+    cfg.model.kind, cfg.model.pooling = kind, pooling
     cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 16, 32, 16
     cfg.train.precision, cfg.train.zero_stage = "fp32", stage
     cfg.data.batch_size = batch
@@ -107,33 +114,35 @@ def local_rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, to
     return out
 
 
-def grads(out: Path, stages: list[int]) -> None:
+def grads(out: Path, variants: list[str]) -> None:
     env = read_env()
     init_process_group(env)
     lo, hi = SPLIT[env.world][env.rank]
     b = local_rows(global_batch(), lo, hi)
     result = {}
-    for stage in stages:
-        cfg = tiny_config(stage, hi - lo)
+    for variant in variants:
+        kind, pooling, stage = GRAD_VARIANTS[variant]
+        cfg = tiny_config(stage, hi - lo, kind, pooling)
+        scorer = scorer_for(cfg)
         seed_everything(0)
         engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
         model = engine.ds.module
         img = model.encode_images(b["regions"], b["img_lens"])
         cap = model.encode_captions(b["tokens"], b["cap_lens"])
-        loss, total = batch_loss(img, b["img_lens"], cap, b["cap_lens"], b["image_ids"], cfg.loss, cfg.xattn)
+        img_lens, cap_lens = model.output_lens(b["img_lens"]), model.output_lens(b["cap_lens"])
+        loss, total = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)
         cfg.loss.cross_device = False
-        _, local_only = batch_loss(img, b["img_lens"], cap, b["cap_lens"], b["image_ids"], cfg.loss,
-                                   cfg.xattn)
+        _, local_only = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)
         unmasked = None
         if env.world == 1:
-            scores = xattn_scores(img.detach(), cap.detach(), b["cap_lens"], cfg.xattn, b["img_lens"])
+            scores = scorer(img.detach(), cap.detach(), cap_lens, img_lens)
             reference = hardest_negative_loss(scores, cfg.loss.margin, True, b["image_ids"])
             unmasked = hardest_negative_loss(scores, cfg.loss.margin, True)
         else:
             reference = None
         engine.ds.backward(loss)
         full = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
-        result[stage] = {"loss": float(total), "local_only": float(local_only), "grads": full,
+        result[variant] = {"loss": float(total), "local_only": float(local_only), "grads": full,
                          "reference": None if reference is None else float(reference),
                          "reference_unmasked": None if unmasked is None else float(unmasked)}
     torch.save(result, out / f"world{env.world}_rank{env.rank}.pt")
@@ -291,7 +300,7 @@ def paper(out: Path) -> None:
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "grads":
-        grads(Path(args[0]), [int(s) for s in args[1].split(",")])
+        grads(Path(args[0]), args[1].split(","))
     elif command == "accum":
         accum(Path(args[0]), args[1].split(","))
     elif command == "paper":

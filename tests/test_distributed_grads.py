@@ -1,5 +1,6 @@
 """Cross-device hardest negatives: 2 gloo ranks give the loss and gradients of 1 process on the
-concatenated global batch (fp32, ZeRO 0 and 2), with same-image pairs masked across ranks; and a
+concatenated global batch (fp32; SCAN under ZeRO 0 and 2, VSE++ with mean and GPO pooling, DVSA),
+with same-image pairs masked across ranks; and a
 paper recipe's data.global_batch_size of 128 gives the one-process gradients on 1, 2 and 8 ranks."""
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import torch
 from helpers_dist import cpu_env, free_port
 
 HELPER = Path(__file__).with_name("helpers_dist.py")
-STAGES = (0, 2)
+VARIANTS = ("0", "2", "vse", "vse_gpo", "dvsa")  # helpers_dist.GRAD_VARIANTS
 
 
 def _launch(out: Path, world: int, *command: str) -> list[subprocess.Popen]:
-    command = command or ("grads", str(out), ",".join(map(str, STAGES)))
+    command = command or ("grads", str(out), ",".join(VARIANTS))
     port = free_port()
     procs = []
     for rank in range(world):
@@ -42,10 +43,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
     return float((a - b).norm()) <= rel * max(float(b.norm()), 1e-12)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.integration
-def test_two_ranks_equal_one_process(results, stage):
-    one, r0, r1 = (results[n][stage] for n in ("world1_rank0", "world2_rank0", "world2_rank1"))
+def test_two_ranks_equal_one_process(results, variant):
+    one, r0, r1 = (results[n][variant] for n in ("world1_rank0", "world2_rank0", "world2_rank1"))
     # The single-process loss is the plain reference loss over the whole batch.
     assert one["loss"] == pytest.approx(one["reference"], rel=1e-6)
     for r in (r0, r1):
@@ -60,7 +61,7 @@ def test_two_ranks_equal_one_process(results, stage):
 @pytest.mark.integration
 def test_local_mining_differs_from_global(results):
     """The equality above is not vacuous: mining on each rank's own rows gives another loss."""
-    one, r0 = results["world1_rank0"][0], results["world2_rank0"][0]
+    one, r0 = results["world1_rank0"]["0"], results["world2_rank0"]["0"]
     assert one["local_only"] == pytest.approx(one["loss"], rel=1e-6)  # one process: same thing
     assert abs(r0["local_only"] - one["loss"]) > 1e-3 * one["loss"]
 
@@ -68,7 +69,7 @@ def test_local_mining_differs_from_global(results):
 @pytest.mark.integration
 def test_same_image_pairs_are_not_negatives(results):
     """The fixed batch has duplicate images; unmasked, they would be (hard) negatives."""
-    one = results["world1_rank0"][0]
+    one = results["world1_rank0"]["0"]
     assert one["reference_unmasked"] > one["reference"] + 1e-4
 
 

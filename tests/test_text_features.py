@@ -85,3 +85,30 @@ def test_frozen_encoders_of_one_model_share_the_features(tiny_bert_dir, monkeypa
     out = a(ids, mask)
     assert a.frozen.computed == computed + 2
     assert torch.equal(b(ids, mask), out) and a.frozen.computed == computed + 2
+
+
+def test_fine_tuned_top_layers_start_from_the_pretrained_model(tiny_bert_dir, monkeypatch):
+    """The cached rows enter the trained copy of the top layer: before any step the encoder's output
+    is the full frozen model's (up to float16 storage), padding masked; only ``top`` and ``fc`` train."""
+    import scan.text_features as tf
+
+    monkeypatch.setattr(tf, "_INSTANCES", {})
+    top1 = HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=True, finetune_layers=1)
+    full = HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=True)
+    full.fc.load_state_dict(top1.fc.state_dict())
+    assert top1.frozen is not full.frozen and top1.frozen.trained_top_layers == 1
+    top1.eval()  # the layer's own dropout off, as at validation
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 0, 0]])
+    mask = length_mask(torch.tensor([5, 3]), 5).long()
+    torch.testing.assert_close(top1(ids, mask), full(ids, mask), rtol=5e-3, atol=5e-3)
+    assert torch.equal(top1(ids, mask)[1, 3:], torch.zeros(2, 8))
+    trainable = {n for n, p in top1.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("top.0.", "fc.")) for n in trainable)
+    assert any(n.startswith("top.0.") for n in trainable)
+    with pytest.raises(ValueError, match="has 2 layers"):
+        HFTextEncoder(tiny_bert_dir, embed_size=8, freeze=True, finetune_layers=3)
+
+
+def test_feature_files_of_different_cuts_never_mix(tiny_bert_dir, tmp_path):
+    assert cache_file(tmp_path, str(tiny_bert_dir), 1) != cache_file(tmp_path, str(tiny_bert_dir))
+    assert cache_file(tmp_path, str(tiny_bert_dir), 0) == cache_file(tmp_path, str(tiny_bert_dir))

@@ -1,7 +1,7 @@
 """Attention pictures in the style of SCAN's Figure 1: one image, one caption, one tile per word.
 
-``explain_pair`` scores the pair with the model's own cross attention (``xattn_scores`` with
-``attention_pairs``) and draws, for every word of the caption, the image with that word's attention
+``explain_pair`` scores the pair with the model's own scorer (``scan.scorers``: SCAN's cross
+attention, or DVSA's word-to-best-region alignment) and draws, for every word of the caption, the image with that word's attention
 over the regions as a heat map. A region's weight is spread over its box (grid features: their
 cell; detector features: their box) and overlapping boxes add up; the map is then normalised to its
 own maximum, so every tile uses the full colour range (the tile's title gives that maximum), and
@@ -13,6 +13,8 @@ Which weights are drawn:
 - i2t models (regions attend to words): ``α[r, w]`` read column-wise, i.e. for word w how strongly
   each region r attended to w (each region's weights sum to 1 over the words). These are again the
   weights the score used, rather than a t2i softmax the model never computed.
+- DVSA models: 1 on the region each word is aligned to (its best, when that product is positive),
+  the only region the score takes from. VSE++ models pool each side first: no picture (an error).
 
 Special tokens (``<start>``/``<end>`` of the word vocabulary, ``[CLS]``/``[SEP]`` of transformers
 tokenizers) take part in the score like every other position but get no tile. One tile per WORD:
@@ -43,7 +45,8 @@ from PIL import Image  # noqa: E402
 
 from dataio import storage  # noqa: E402
 from dataio.text import HFTokenizer, TextEncoder, Vocab, tokenize  # noqa: E402
-from scan.xattn import XAttnConfig, xattn_scores  # noqa: E402
+from scan.scorers import Scorer, as_scorer  # noqa: E402
+from scan.xattn import XAttnConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +159,9 @@ def _model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]
 
 @torch.no_grad()
 def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
-           xattn_cfg: XAttnConfig) -> tuple[float, np.ndarray]:
+           scorer: Scorer | XAttnConfig) -> tuple[float, np.ndarray]:
     """Score of one pair and its word × region attention (n, k) as described in the module doc."""
+    scorer = as_scorer(scorer)
     device, dtype = _model_placement(model)
     was_training = model.training
     model.eval()
@@ -169,13 +173,11 @@ def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
                                     torch.tensor([len(ids)], device=device))  # (1, n, d)
     finally:
         model.train(was_training)
-    scores, attn = xattn_scores(img.float(), cap.float(), torch.tensor([len(ids)], device=device),
-                                xattn_cfg, torch.tensor([k], device=device),
-                                attention_pairs=torch.zeros(1, 2, dtype=torch.long, device=device))
-    attn = attn[0]  # t2i: (n, k) words × regions; i2t: (k, n) regions × words
-    if xattn_cfg.direction == "i2t":
-        attn = attn.t()
-    return float(scores[0, 0]), attn.cpu().double().numpy()
+    img_lens, cap_lens = torch.tensor([k], device=device), torch.tensor([len(ids)], device=device)
+    pairs = torch.zeros(1, 2, dtype=torch.long, device=device)
+    attn = scorer.attention(img.float(), cap.float(), cap_lens, img_lens, pairs)[0]  # (n, k)
+    score = scorer(img.float(), cap.float(), cap_lens, img_lens)
+    return float(score[0, 0]), attn.cpu().double().numpy()
 
 
 def _tile_axes(fig: plt.Figure, index: int, cols: int, tile_px: int, size: tuple[int, int]) -> plt.Axes:
@@ -221,7 +223,7 @@ def _save_png(fig: plt.Figure, out_png: Path) -> None:
 
 
 def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, caption: str,
-                 text_encoder: TextEncoder, xattn_cfg: XAttnConfig, out_png: str | os.PathLike, *,
+                 text_encoder: TextEncoder, scorer: Scorer | XAttnConfig, out_png: str | os.PathLike, *,
                  boxes: np.ndarray | None = None,
                  image: str | os.PathLike | Image.Image | None = None,
                  columns: int = 5, tile_px: int = 224) -> dict[str, Any]:
@@ -238,6 +240,7 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     drawn words' weights (module doc), "png": path}.
     """
     out_png = Path(out_png)
+    scorer = as_scorer(scorer)
     regions = torch.as_tensor(np.asarray(regions)) if not isinstance(regions, torch.Tensor) else regions
     if regions.dim() != 2 or regions.shape[0] < 1:
         raise ValueError(f"regions: expected (k, D) features of one image, got {tuple(regions.shape)}")
@@ -253,9 +256,9 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     if not tokens or not ids:
         raise ValueError(f"caption {caption!r} has no words")
     groups = word_groups(text_encoder, tokens, caption, ids)
-    score, attention = attend(model, regions, ids, xattn_cfg)  # attention (n, k)
+    score, attention = attend(model, regions, ids, scorer)  # attention (n, k)
     words = [w for w, _ in groups]
-    weights = word_attention(attention, groups, xattn_cfg.direction)  # (words, k)
+    weights = word_attention(attention, groups, scorer.attention_direction)  # (words, k)
 
     picture = _load_image(image, "explain_pair")
     # Heat maps at the picture's aspect ratio, at most tile size: boxes map onto it exactly.
@@ -272,8 +275,7 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     fig = plt.figure(figsize=(size[0] / _DPI, size[1] / _DPI), dpi=_DPI)
     head = textwrap.shorten(caption, width=2 * max(20, size[0] // 7), placeholder=" …")
     lines = textwrap.wrap(head, width=max(20, size[0] // 7))[:2]
-    fig.text(0.5, 1 - 6 / size[1], "\n".join(lines + [f"score {score:.4f} ({xattn_cfg.direction}, "
-                                                      f"{xattn_cfg.agg})"]),
+    fig.text(0.5, 1 - 6 / size[1], "\n".join(lines + [f"score {score:.4f} ({scorer.label})"]),
              ha="center", va="top", fontsize=9)
     _draw_tile(_tile_axes(fig, 0, cols, tile_px, size), pixels, None, boxes, "image", aspect)
     for i, (word, w) in enumerate(zip(words, weights), start=1):

@@ -23,6 +23,7 @@ from scan.config import ExperimentConfig
 from trainer.distributed import init_process_group, read_env
 from scan.eval.encode import encode_split
 from scan.model import SCANModel, build_model, build_trained
+from scan.scorers import scorer_for
 from tools.retrieve import Gallery, build_gallery
 from scan.eval.sharded import evaluate_and_write
 from scan.eval.tiles import EvalResult, Member
@@ -75,8 +76,7 @@ def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.devic
         model = build_model(cfg.model, vocab_size)
         model.load_state_dict({k: v.float() for k, v in states["module"].items()})
     model.to(device).eval()
-    log.info("loaded %s (%s %s, %d-word text encoder)", path.parent, cfg.xattn.direction,
-             cfg.xattn.agg, vocab_size)
+    log.info("loaded %s (%s, %d-word text encoder)", path.parent, scorer_for(cfg).describe(), vocab_size)
     return TrainedRun(cfg, model, text, path)
 
 
@@ -110,7 +110,7 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
                            caps_per_image=cfg.eval.caps_per_image, precision=cfg.eval.precision,
                            batch_size=cfg.data.batch_size, device=env.device, rank=env.rank,
                            world=env.world, on_error=cfg.data.on_error)
-        members.append(Member(emb.to(env.device), cfg.xattn))
+        members.append(Member(emb.to(env.device), scorer_for(cfg)))
     return evaluate_and_write(members, eval_cfg, rank=env.rank, world=env.world, out_dir=out_dir)
 
 
@@ -118,7 +118,7 @@ def gallery_for_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest")
     """A retrieval gallery of the split ``spec`` scored by one run or an ensemble of runs."""
     runs = [load_run(run_dir, tag) for run_dir in run_dirs]
     first = runs[0]
-    return build_gallery([(r.model, r.cfg.xattn) for r in runs], image_records(spec),
+    return build_gallery([(r.model, scorer_for(r.cfg)) for r in runs], image_records(spec),
                          encode_text=first.text.encode, caps_per_image=first.cfg.eval.caps_per_image,
                          precision=first.cfg.eval.precision,
                          memory_budget_mb=first.cfg.eval.memory_budget_mb)

@@ -1,7 +1,7 @@
 """Retrieval over an evaluated gallery: text → top-K images, image → top-K captions, and an HTML page.
 
 A ``Gallery`` is one split encoded once (``scan.eval.encode.Embeddings``, per model of an ensemble)
-with the raw caption texts and the full (N, M) score matrix, computed in tiles by ``xattn_scores``
+with the raw caption texts and the full (N, M) score matrix, computed in tiles by each model's scorer (``scan.scorers``)
 (through ``scan.eval.sharded.score_tile``, so an ensemble averages its members' scores exactly
 as the evaluator does) or taken from the evaluator's saved matrix (``sharded_eval.load_sims``).
 
@@ -34,7 +34,8 @@ from dataio import storage
 from dataio.text import tokenize
 from scan.eval.encode import EncodeText, Precision, encode_records
 from scan.eval.tiles import Member, score_tile
-from scan.xattn import XAttnConfig, xattn_scores
+from scan.scorers import Scorer
+from scan.xattn import XAttnConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,12 @@ def _query_encoder(model: torch.nn.Module, encode_text: EncodeText, device: torc
                                               torch.tensor([len(ids)], device=device))
         finally:
             model.train(was_training)
-        return words.to("cpu", dtype), torch.tensor([len(ids)])
+        return words.to("cpu", dtype), torch.tensor([words.shape[1]])  # pooled models: 1
 
     return encode
 
 
-def build_gallery(models: Sequence[tuple[torch.nn.Module, XAttnConfig]], records: Iterable, *,
+def build_gallery(models: Sequence[tuple[torch.nn.Module, Scorer | XAttnConfig]], records: Iterable, *,
                   encode_text: EncodeText, caps_per_image: int, precision: Precision = "bf16",
                   batch_size: int = 128, memory_budget_mb: int = 1024,
                   device: torch.device | str = "cpu", sims: np.ndarray | Tensor | None = None) -> Gallery:
@@ -149,10 +150,10 @@ def build_gallery(models: Sequence[tuple[torch.nn.Module, XAttnConfig]], records
         raise ValueError("build_gallery: no records (empty split?)")
     device = torch.device(device)
     members, encoders = [], []
-    for model, xattn_cfg in models:
+    for model, scorer in models:
         emb = encode_records(model, records, encode_text=encode_text, caps_per_image=caps_per_image,
                              precision=precision, batch_size=batch_size, device=device)
-        members.append(Member(emb, xattn_cfg))
+        members.append(Member(emb, scorer))
         encoders.append(_query_encoder(model, encode_text, device, emb.images.dtype))
     if sims is None:
         sims = score_tile(members, slice(None), slice(None), memory_budget_mb=memory_budget_mb)
@@ -187,8 +188,7 @@ def _text_scores(gallery: Gallery, text: str) -> Tensor:
     for member, encode in zip(gallery.members, gallery.query_encoders):
         words, lens = encode(text)  # (1, n, d), (1,)
         emb = member.emb
-        s = xattn_scores(emb.images, words.to(emb.images.dtype), lens, member.xattn,
-                         emb.img_lens)[:, 0].float()  # (N,)
+        s = member.scorer(emb.images, words.to(emb.images.dtype), lens, emb.img_lens)[:, 0].float()  # (N,)
         total = s if total is None else total + s
     assert total is not None
     return total / len(gallery.members)

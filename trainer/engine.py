@@ -123,9 +123,23 @@ def _nvidia_apex_fused_adam() -> type | None:
     return getattr(apex.optimizers, "FusedAdam", None)
 
 
-def build_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter],
+def param_groups(cfg: ExperimentConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups: a transformers text encoder's own layers at
+    ``optim.lr × optim.text_lr_scale`` (fine-tuning pretrained weights at a lower rate), the rest
+    at ``optim.lr``. Empty groups are left out."""
+    text, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (text if name.startswith(("txt_enc.top.", "txt_enc.backbone.")) else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.optim.lr},
+              {"params": text, "lr": cfg.optim.lr * cfg.optim.text_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]],
                     device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """Adam or AdamW; fused where possible. Returns the optimizer and a name for the log."""
+    """Adam or AdamW; fused where possible. ``params``: parameters or groups (each group's own
+    ``lr`` wins). Returns the optimizer and a name for the log."""
     o = cfg.optim
     decoupled = o.name == "adamw"
     kwargs = dict(lr=o.lr, weight_decay=o.weight_decay)
@@ -211,8 +225,7 @@ def build_engine(cfg: ExperimentConfig, model: torch.nn.Module, env: DistEnv) ->
 
     ds_config = deepspeed_config(cfg, env.world, env.device)
     model.to(env.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, name = build_optimizer(cfg, params, env.device)
+    optimizer, name = build_optimizer(cfg, param_groups(cfg, model), env.device)
     scheduler = build_scheduler(cfg, optimizer)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                              lr_scheduler=scheduler, config=ds_config,

@@ -12,6 +12,8 @@ import torch
 from dataio.pipeline import CaptionBatch
 from scan.config import ExperimentConfig
 from scan.loss import batch_loss
+from scan.model import drop_positions
+from scan.scorers import scorer_for
 from trainer.engine import Engine
 
 
@@ -40,14 +42,18 @@ class StepResult:
 
 def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig,
                           device: torch.device, dtype: torch.dtype, epoch: int = 0) -> float:
-    """Forward through the engine, the cross-device hardest-negative loss (all negatives during
+    """Forward through the engine, region / word dropout (``model.region_dropout`` /
+    ``word_dropout``), the cross-device hardest-negative loss (all negatives during
     ``loss.warmup_epochs``), backward (gradients accumulate in the engine); returns the loss
     summed over ranks."""
     ds = engine.ds
     b = batch.to(device, dtype)
     img_emb, cap_emb = ds(b.regions, b.img_lens, b.tokens, b.cap_lens)
-    loss, total = batch_loss(img_emb, b.img_lens, cap_emb, b.cap_lens, b.image_ids,
-                             cfg.loss.at_epoch(epoch), cfg.xattn)
+    img_lens, cap_lens = ds.module.output_lens(b.img_lens), ds.module.output_lens(b.cap_lens)
+    img_emb, img_lens = drop_positions(img_emb, img_lens, cfg.model.region_dropout)
+    cap_emb, cap_lens = drop_positions(cap_emb, cap_lens, cfg.model.word_dropout)
+    loss, total = batch_loss(img_emb, img_lens, cap_emb, cap_lens, b.image_ids,
+                             cfg.loss.at_epoch(epoch), scorer_for(cfg))
     total_f = float(total)
     if not math.isfinite(total_f):  # the all-reduced value: every rank stops together
         raise NonFiniteLoss(total_f, batch.keys)

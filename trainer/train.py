@@ -95,11 +95,13 @@ def precompute_text_features(cfg: ExperimentConfig, enc: TextEncoder, env: DistE
 
     if env.is_main:
         t0 = time.perf_counter()
-        feats = precompute(model_dir, id_lists(), folder, device=env.device)
+        feats = precompute(model_dir, id_lists(), folder, device=env.device,
+                           trained_top_layers=cfg.model.hf_finetune_layers)
         log.info("frozen text features of %d captions ready in %.1f s", len(feats), time.perf_counter() - t0)
     barrier()
     if not env.is_main:
-        precompute(model_dir, id_lists(), folder, progress=False, device=env.device)
+        precompute(model_dir, id_lists(), folder, progress=False, device=env.device,
+                   trained_top_layers=cfg.model.hf_finetune_layers)
 
 
 def per_rank_batch(cfg: ExperimentConfig, world: int) -> int:

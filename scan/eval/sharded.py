@@ -28,6 +28,7 @@ from scan.collectives import all_gather_objects, barrier, group_world, is_distri
 from scan.config import EvalConfig, ExperimentConfig
 from scan.eval.encode import EncodeText, encode_split
 from scan.eval.store import TileStore, write_outputs
+from scan.scorers import scorer_for
 from scan.eval.tiles import (COCO_FOLD, EvalResult, Member, Partial, TilePlan, count_tile, finish,
                              fingerprint, plan_members, precision_of, score_tile)
 
@@ -130,4 +131,4 @@ def encode_and_evaluate(model: torch.nn.Module, cfg: ExperimentConfig, spec: str
                        precision=cfg.eval.precision, batch_size=cfg.data.batch_size, device=device,
                        rank=rank, world=world, on_error=cfg.data.on_error, max_images=max_images)
     ev = cfg.eval if protocol is None else replace(cfg.eval, protocol=protocol)
-    return evaluate_and_write([Member(emb.to(device), cfg.xattn)], ev, rank=rank, world=world, out_dir=out_dir)
+    return evaluate_and_write([Member(emb.to(device), scorer_for(cfg))], ev, rank=rank, world=world, out_dir=out_dir)

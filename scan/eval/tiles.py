@@ -20,7 +20,7 @@ then needs only its image blocks' rows and every caption.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 from scan.eval.encode import Embeddings
 from scan.metrics import Metrics, mean_metrics, metrics_from_ranks
-from scan.xattn import XAttnConfig, xattn_scores
+from scan.scorers import Scorer, as_scorer
 
 PROTOCOLS = ("split", "f30k1k", "coco1k", "coco5k")
 COCO_FOLD = 1000  # images per COCO 1K fold
@@ -39,7 +39,10 @@ class Member:
     """One model of an ensemble: its embeddings of the split and how it compares them."""
 
     emb: Embeddings
-    xattn: XAttnConfig
+    scorer: Scorer  # an XAttnConfig is taken as SCAN's scorer with it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scorer", as_scorer(self.scorer))
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,8 @@ def score_tile(members: Sequence[Member], rows: slice, cols: slice, *,
     total = None
     for m in members:
         e = m.emb
-        s = xattn_scores(e.images[rows], e.captions[cols], e.cap_lens[cols], m.xattn, e.img_lens[rows],
-                         memory_budget_mb=memory_budget_mb).float()
+        s = m.scorer(e.images[rows], e.captions[cols], e.cap_lens[cols], e.img_lens[rows],
+                     memory_budget_mb=memory_budget_mb).float()
         total = s if total is None else total + s
     assert total is not None
     return total / len(members) if len(members) > 1 else total
@@ -307,7 +310,7 @@ def finish(plan: TilePlan, total: Partial, protocol: str, precision: str = "fp32
 
 def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
     return {"plan": plan.describe(), "topk": topk,
-            "members": [{"xattn": asdict(m.xattn), "embeddings": m.emb.digest()} for m in members]}
+            "members": [{"scorer": m.scorer.describe(), "embeddings": m.emb.digest()} for m in members]}
 
 
 def plan_members(members: Sequence[Member], *, protocol: str, image_block: int = 0,

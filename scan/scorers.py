@@ -1,0 +1,194 @@
+"""How each model of the family compares an image with a caption: one interface for all.
+
+A scorer maps a tile of embeddings to its scores,
+
+    scorer(images (N, k, d), captions (M, n, d), cap_lens (M,), img_lens (N,) | None) -> (N, M),
+
+so the training loss (over the gathered global batch), the sharded evaluator, ``retrieve`` and
+``explain`` call every model alike. Padded positions need not be zero on input (each scorer masks
+them). Scores are float32 (float64 for float64 inputs).
+
+* :class:`CrossAttentionScorer` (``model.kind: scan``): SCAN's stacked cross attention,
+  ``scan.xattn.xattn_scores``.
+* :class:`GlobalScorer` (``vse``): the encoders already pooled each side into ONE vector, so the
+  inputs are (N, 1, d) and (M, 1, d) and a tile is one matrix product, the cosine of VSE++
+  (the vectors are l2-normalised by the model).
+* :class:`DVSAScorer` (``dvsa``): Karpathy & Fei-Fei (2015), eq. 8 with eq. 7's rectifier:
+  S(i, j) = Σ_t max_r max(0, v_r · s_t) over the words t of caption j and the regions r of image
+  i: every word is aligned to its best region, no softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from scan.xattn import XAttnConfig, xattn_scores
+
+if TYPE_CHECKING:
+    from scan.config import ExperimentConfig
+
+ModelKind = Literal["scan", "vse", "dvsa"]
+
+
+class Scorer(Protocol):
+    kind: str
+    # How per-word attention rows merge into a word (``tools.explain``): "t2i" rows are one
+    # distribution over the regions per word piece, "i2t" rows are the pieces' weights per region.
+    attention_direction: str
+    label: str  # for pictures and logs
+
+    def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
+                 *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor: ...
+
+    def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
+                  pairs: Tensor) -> Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _masked(x: Tensor, lens: Tensor | None) -> Tensor:
+    """(B, L, d) with the positions at or beyond ``lens`` set to zero."""
+    if lens is None:
+        return x
+    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lens.to(x.device, torch.long)[:, None]
+    return x * keep[..., None].to(x.dtype)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class CrossAttentionScorer:
+    """SCAN: t2i or i2t stacked cross attention with AVG / LSE pooling (``XAttnConfig``)."""
+
+    xattn: XAttnConfig
+    kind: str = "scan"
+
+    @property
+    def attention_direction(self) -> str:
+        return self.xattn.direction
+
+    @property
+    def label(self) -> str:
+        return f"{self.xattn.direction}, {self.xattn.agg}"
+
+    def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
+                 *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor:
+        return xattn_scores(images, captions, cap_lens, self.xattn, img_lens,
+                            memory_budget_mb=memory_budget_mb, checkpoint=checkpoint)
+
+    def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
+                  pairs: Tensor) -> Tensor:
+        """(P, n, k) words × regions of the pairs (image index, caption index) (P, 2); for i2t the
+        regions' attention over the words, transposed into the same layout."""
+        _, attn = xattn_scores(images, captions, cap_lens, self.xattn, img_lens, attention_pairs=pairs)
+        return attn if self.xattn.direction == "t2i" else attn.transpose(1, 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "xattn": asdict(self.xattn)}
+
+
+@dataclass(frozen=True)
+class GlobalScorer:
+    """VSE++: the cosine of one pooled vector per image and per caption, a tile in one product."""
+
+    kind: str = "vse"
+    attention_direction: str = "t2i"
+    label: str = "VSE++, cosine"
+
+    def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
+                 *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor:
+        if images.dim() != 3 or captions.dim() != 3 or images.shape[1] != 1 or captions.shape[1] != 1:
+            raise ValueError(f"global scorer: expected pooled (N, 1, d) and (M, 1, d) embeddings, got "
+                             f"{tuple(images.shape)} and {tuple(captions.shape)} (model.kind 'vse' pools)")
+        cdtype = _compute_dtype(images)
+        return images[:, 0].to(cdtype) @ captions[:, 0].to(cdtype).t()
+
+    def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
+                  pairs: Tensor) -> Tensor:
+        raise ValueError("model.kind 'vse' compares one pooled vector per side: it has no per-word "
+                         "attention over regions to show (explain needs 'scan' or 'dvsa')")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+@dataclass(frozen=True)
+class DVSAScorer:
+    """DVSA: each word's best rectified region dot product, summed over the caption's words."""
+
+    kind: str = "dvsa"
+    attention_direction: str = "t2i"
+    label: str = "DVSA, sum of best region per word"
+
+    def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
+                 *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor:
+        cdtype = _compute_dtype(images)
+        # Padded regions and words become zero vectors: a zero region's product is 0, never above the
+        # max of the rectified products (>= 0); a zero word adds 0. So no masks are needed after this.
+        imgs = _masked(images, img_lens).to(cdtype)
+        caps = _masked(captions, cap_lens).to(cdtype)
+        N, k, d = imgs.shape
+        M, n, _ = caps.shape
+        per_caption = N * k * n * torch.finfo(cdtype).bits // 8 * (3 if checkpoint or torch.is_grad_enabled() else 1)
+        block = max(1, min(M, int(memory_budget_mb * 2**20 // max(per_caption, 1))))
+        parts = []
+        for c in range(0, M, block):
+            part = caps[c:c + block]
+            if checkpoint and torch.is_grad_enabled():
+                parts.append(torch_checkpoint(_dvsa_tile, imgs, part, use_reentrant=False))
+            else:
+                parts.append(_dvsa_tile(imgs, part))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
+                  pairs: Tensor) -> Tensor:
+        """(P, n, k): 1 at each word's aligned region (its best, when that product is positive),
+        else 0; padded words and regions 0."""
+        imgs, caps = _masked(images, img_lens).float(), _masked(captions, cap_lens).float()
+        dots = torch.einsum("pkd,pnd->pnk", imgs[pairs[:, 0]], caps[pairs[:, 1]])  # (P, n, k)
+        if img_lens is not None:
+            valid = torch.arange(dots.shape[2], device=dots.device)[None, :] < img_lens[pairs[:, 0]][:, None]
+            dots = dots.masked_fill(~valid[:, None, :], float("-inf"))
+        best = dots.argmax(-1, keepdim=True)
+        hit = torch.zeros_like(dots).scatter_(-1, best, 1.0)
+        return hit * (dots.gather(-1, best) > 0).to(hit.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def _dvsa_tile(imgs: Tensor, caps: Tensor) -> Tensor:
+    """(N, k, d) × (B, n, d) → (N, B): one matrix product, max over regions, rectify, sum words."""
+    N, k, d = imgs.shape
+    B, n, _ = caps.shape
+    dots = (imgs.reshape(N * k, d) @ caps.reshape(B * n, d).t()).view(N, k, B, n)
+    # max then rectify = rectify then max (the rectifier is monotone), one pass fewer.
+    return dots.amax(dim=1).clamp(min=0).sum(dim=-1)
+
+
+def build_scorer(kind: str, xattn: XAttnConfig) -> Scorer:
+    """The scorer of ``model.kind``."""
+    if kind == "scan":
+        return CrossAttentionScorer(xattn)
+    if kind == "vse":
+        return GlobalScorer()
+    if kind == "dvsa":
+        return DVSAScorer()
+    raise ValueError(f"config key 'model.kind': {kind!r} is not allowed; expected one of "
+                     "'scan', 'vse', 'dvsa'")
+
+
+def as_scorer(scorer: "Scorer | XAttnConfig") -> Scorer:
+    """A scorer; an ``XAttnConfig`` alone means SCAN's cross attention with it."""
+    return CrossAttentionScorer(scorer) if isinstance(scorer, XAttnConfig) else scorer
+
+
+def scorer_for(cfg: "ExperimentConfig") -> Scorer:
+    """The scorer of an experiment config (``model.kind`` and ``xattn``)."""
+    return build_scorer(cfg.model.kind, cfg.xattn)
