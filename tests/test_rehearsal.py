@@ -6,7 +6,7 @@ Precomp-format data with Flickr30K's and COCO's Karpathy split sizes (F30K dev 1
 imported with ``scan import-precomp``, then every paper recipe of ``configs/`` trains a few steps
 across an epoch boundary with its validation (a tiny embedding, by override), is killed during a
 checkpoint save, resumes, and is evaluated on the test split with its recipe's protocol: every F30K
-recipe (f30k1k; the LSE pair as the paper's best, their ensemble), and COCO t2i LSE (coco1k: five
+recipe (f30k1k; the LSE pair as the paper's best, their ensemble; VSE++ and DVSA), and COCO t2i LSE (coco1k: five
 folds of 1,000 x 5,000; the other COCO recipes' scorers ran at 1,000 x 5,000 in their validation,
 and three more COCO 1K evaluations would cost the suite minutes on two cores).
 """
@@ -127,7 +127,8 @@ def _rehearse(recipe: str, shards: dict[str, Path], out: Path) -> dict:
 # What `scan evaluate` runs on the test split, with the first run's protocol (its recipe's); each
 # evaluation starts once its recipes are trained.
 EVALUATIONS = {"coco_t2i_lse": ("coco_t2i_lse",), "f30k_ensemble": ("f30k_t2i_lse", "f30k_i2t_lse"),
-               "f30k_t2i_avg": ("f30k_t2i_avg",), "f30k_i2t_avg": ("f30k_i2t_avg",)}
+               "f30k_t2i_avg": ("f30k_t2i_avg",), "f30k_i2t_avg": ("f30k_i2t_avg",),
+               "f30k_vse": ("f30k_vse",), "f30k_dvsa": ("f30k_dvsa",)}
 
 
 def _evaluate(runs: tuple[str, ...], root: Path, shards: dict[str, Path]) -> subprocess.CompletedProcess:
@@ -162,7 +163,9 @@ def rehearsals(shards, tmp_path_factory) -> dict[str, dict]:
 
 
 def test_every_paper_recipe_is_rehearsed():
-    assert len(RECIPES) == 8 and {r.split("_")[0] for r in RECIPES} == {"f30k", "coco"}
+    # SCAN's 8 (t2i / i2t x AVG / LSE on both data sets) and the models it is compared with
+    assert len(RECIPES) == 10 and {r.split("_")[0] for r in RECIPES} == {"f30k", "coco"}
+    assert {"f30k_vse", "f30k_dvsa"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -142,3 +142,22 @@ def test_html_escapes_text_and_references_thumbnails(gallery, tmp_path):
     before = sorted(Path(page.parent / "retrieval_files").iterdir())
     write_html(results, page, paths)
     assert sorted(Path(page.parent / "retrieval_files").iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["vse", "dvsa"])
+def test_gallery_of_the_compared_models(kind):
+    """VSE++ and DVSA retrieve through the same gallery: a free-text query scores like its column."""
+    from scan.scorers import build_scorer
+
+    torch.manual_seed(1)
+    records = list(synthetic_samples(6, dim=16, split="val"))
+    vocab = build_vocab([t for r in records for t in r.tokens], threshold=1)
+    model = SCANModel(ModelConfig(kind=kind, img_dim=16, embed_size=12, word_dim=8), len(vocab))
+    g = build_gallery([(model, build_scorer(kind, XAttnConfig()))], records, encode_text=vocab.encode,
+                      caps_per_image=5, precision="fp32", batch_size=4)
+    assert g.sims.shape == (6, 30)
+    if kind == "vse":
+        assert g.members[0].emb.images.shape[1] == 1 and int(g.members[0].emb.cap_lens.max()) == 1
+    res = retrieve(g, TextQuery(records[3].captions[2]), k=6)
+    by_image = {h.index: h.score for h in res.hits}
+    np.testing.assert_allclose([by_image[i] for i in range(6)], g.sims[:, 17].numpy(), atol=1e-5)

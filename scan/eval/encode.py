@@ -117,11 +117,13 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     """Encodes ``dataio.shards.ImageSample`` records: each image and each caption once.
 
     ``model`` has ``encode_images(regions (B, k, D), img_lens (B,)) -> (B, k, d)`` and
-    ``encode_captions(tokens (B, n), cap_lens (B,)) -> (B, n, d)``. Embeddings are kept on the CPU in
+    ``encode_captions(tokens (B, n), cap_lens (B,)) -> (B, n, d)``, and ``output_lens`` when its
+    outputs are not one vector per input position (pooled models). Embeddings are kept on the CPU in
     the precision's dtype (bf16 halves the memory of a COCO-5K split to about 1.4 GB).
     """
     device = torch.device(device)
     dtype = _DTYPES[precision]
+    output_lens = getattr(model, "output_lens", lambda lens: lens)
     was_training = model.training
     model.eval()
     images, img_lens, captions, cap_lens, keys = [], [], [], [], []
@@ -149,6 +151,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                                         lens.to(device))
                 w = model.encode_captions(pad_sequence(ids, batch_first=True).to(device),
                                           c_lens.to(device))
+            lens, c_lens = output_lens(lens), output_lens(c_lens)  # pooled models: 1 each
             images.extend(x[:l].to("cpu", dtype) for x, l in zip(v, lens.tolist()))
             captions.extend(x[:l].to("cpu", dtype) for x, l in zip(w, c_lens.tolist()))
             img_lens.append(lens)
