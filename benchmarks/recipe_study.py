@@ -55,6 +55,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
              ["model.kind=dvsa", "loss.margin=1.0", "loss.max_violation=false", "loss.warmup_epochs=0"]),
 }
 ENSEMBLES = {"t2i+i2t": ("t2i", "i2t")}
+# The side-by-side table of the family (issue 13): row → its name in the table.
+FAMILY = {"t2i": "SCAN t2i AVG", "i2t": "SCAN i2t AVG", "t2i+i2t": "SCAN t2i + i2t ensemble",
+          "vse": "VSE++ (mean pooling)", "vse_gpo": "VSE++ with GPO pooling", "dvsa": "DVSA"}
+RECALL_KEYS = [f"{d}_{r}" for d in ("i2t", "t2i") for r in ("r1", "r5", "r10")]
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
@@ -122,27 +126,42 @@ def main(argv: list[str] | None = None) -> int:
         for f in [pool.submit(train_one, args, v, s) for v, s in jobs]:
             f.result()
 
-    rows = []
+    rows, recalls, cost = [], {}, {}
     for v in args.variants:
         evals = [final_eval(run_dir(args.out, v, s)) for s in args.seeds]
         secs = [json.loads((run_dir(args.out, v, s) / "done.json").read_text())["seconds"]
                 for s in args.seeds]
         rsums = [e["metrics"]["rsum"] for e in evals]
+        recalls[v] = [e["metrics"] for e in evals]
+        cost[v] = (evals[0]["epoch"] + 1, statistics.mean(secs))
         rows.append((v, VARIANTS[v][0], " ".join(VARIANTS[v][1]) or "—", rsums,
                      statistics.mean(secs)))
     for name, members in ENSEMBLES.items():
         if all(m in args.variants for m in members):
-            rsums = []
+            recalls[name] = []
             for s in args.seeds:
                 sims = sum(sims_of(run_dir(args.out, m, s)) for m in members) / len(members)
-                rsums.append(recall_metrics(sims, 5)["rsum"])
+                m = recall_metrics(sims, 5)
+                recalls[name].append({"rsum": m["rsum"], **{f"{d}_{r}": m[d][r] for d in ("i2t", "t2i")
+                                                            for r in ("r1", "r5", "r10")}})
+            cost[name] = (cost[members[0]][0], sum(cost[m][1] for m in members))
             rows.append((name, "ensemble: mean of the two runs' similarities (same seed)",
-                         "—", rsums, None))
+                         "—", [r["rsum"] for r in recalls[name]], None))
     lines = [f"| variant | change | overrides | val rsum, mean ± sd ({len(args.seeds)} seeds) "
              "| per seed | s per run |", "|---|---|---|---|---|---|"]
     for name, what, over, rsums, secs in rows:
         lines.append(f"| {name} | {what} | `{over}` | {stats(rsums)} | "
                      + " / ".join(f"{r:.1f}" for r in rsums) + f" | {'' if secs is None else f'{secs:.0f}'} |")
+    family = [k for k in FAMILY if k in recalls]
+    if family:
+        lines += ["", f"| model (same features, data and training; mean of {len(args.seeds)} seeds) | i2t R@1 "
+                  "| R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum (± sd) | epochs | s per run |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for k in family:
+            means = [statistics.mean(r[key] for r in recalls[k]) for key in RECALL_KEYS]
+            epochs, secs = cost[k]
+            lines.append(f"| {FAMILY[k]} | " + " | ".join(f"{x:.1f}" for x in means)
+                         + f" | {stats([r['rsum'] for r in recalls[k]])} | {epochs} | {secs:.0f} |")
     table = "\n".join(lines)
     print(table)
     if args.markdown:
