@@ -11,8 +11,11 @@ single-process re-implementation of the reference training step: its per-caption
     python benchmarks/train.py                 # the cases for this machine (CPU: a few minutes)
     python benchmarks/train.py --cases fp32-1 reference --steps 3
     python benchmarks/train.py --cases global1024-2x512   # peak memory at a global batch of 1,024
+    python benchmarks/train.py --mining        # cross-device mining at W = 2 and 4, side by side
 
 Samples/s counts captions of the global batch per second (W × per-rank batch / median step time).
+"pairs/rank" is the image–caption pairs one rank scores per step; "vs W x per-rank step" divides a
+global-mining step by W per-rank-mining steps of the same ranks and batch, the inherent work.
 """
 from __future__ import annotations
 
@@ -41,6 +44,20 @@ class Case:
     precision: str  # fp32 | bf16 | fp16 | reference
     cross_device: bool = True
     batch: int = 128  # captions per rank
+    partition: str = "rows"  # loss.partition of global mining: rows | rows_and_columns
+
+    @property
+    def mining(self) -> str:
+        if not self.cross_device or self.world == 1:
+            return "per rank" if self.world > 1 else "one process"
+        return {"rows": "global, row-partitioned", "rows_and_columns": "global, rows and columns"}[self.partition]
+
+    def pairs_per_rank(self) -> int:
+        """Image–caption pairs one rank scores per step (B_l local, B_g = W · B_l global)."""
+        b_l, b_g = self.batch, self.batch * self.world
+        if not self.cross_device or self.world == 1:
+            return b_l * b_l
+        return b_l * b_g if self.partition == "rows" else 2 * b_l * b_g - b_l * b_l
 
 
 CASES = {
@@ -48,14 +65,21 @@ CASES = {
     "bf16-1": Case(1, "bf16"),
     "fp16-1": Case(1, "fp16"),
     "fp32-2-cross": Case(2, "fp32"),
+    "fp32-2-rowscols": Case(2, "fp32", partition="rows_and_columns"),
     "fp32-2-local": Case(2, "fp32", cross_device=False),
+    "fp32-4-cross": Case(4, "fp32"),
+    "fp32-4-rowscols": Case(4, "fp32", partition="rows_and_columns"),
+    "fp32-4-local": Case(4, "fp32", cross_device=False),
     "bf16-2-cross": Case(2, "bf16"),
     "reference": Case(1, "reference"),
     # A global batch of 1,024 with hardest negatives over all of it (peak memory is the point).
     "global1024-2x512": Case(2, "fp32", batch=512),  # CPU-friendly: fp32 is the fast CPU path
     "global1024-1x1024": Case(1, "bf16", batch=1024),
 }
-CPU_DEFAULT = ["fp32-1", "bf16-1", "fp32-2-cross", "fp32-2-local"]
+CPU_DEFAULT = ["fp32-1", "bf16-1", "fp32-2-local", "fp32-2-cross", "fp32-2-rowscols"]
+# Cross-device mining at W = 2 and 4, side by side (issue 15): per-rank mining (the inherent work
+# is W times it), the row partition, and the earlier rows-and-columns scheme.
+MINING = ["fp32-2-local", "fp32-2-cross", "fp32-2-rowscols", "fp32-4-local", "fp32-4-cross", "fp32-4-rowscols"]
 GPU_DEFAULT = ["reference", "fp32-1", "bf16-1", "fp16-1", "global1024-1x1024"]
 
 
@@ -76,6 +100,7 @@ def experiment(case: Case):
     cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 2048, 1024, 300
     cfg.data.batch_size = case.batch
     cfg.loss.cross_device = case.cross_device
+    cfg.loss.partition = case.partition
     cfg.train.precision = "fp32" if case.precision == "reference" else case.precision
     return cfg
 
@@ -117,7 +142,7 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
         print("RESULT " + json.dumps({
             "case": name, "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
             "precision": case.precision, "ranks": env.world, "global_batch": case.batch * env.world,
-            "mining": "global" if case.cross_device else "per rank", "optimizer": label,
+            "mining": case.mining, "pairs_per_rank": case.pairs_per_rank(), "optimizer": label,
             "median_step_s": median, "samples_per_s": case.batch * env.world / median,
             "peak_mem_gb": float(peak) / 2**30, "threads": torch.get_num_threads()}), flush=True)
 
@@ -191,20 +216,26 @@ def launch(name: str, steps: int, warmup: int) -> dict | None:
 
 def print_table(rows: list[dict]) -> None:
     ref = next((r for r in rows if r["precision"] == "reference"), None)
-    head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "median step s",
-            "samples/s", "peak mem/rank GiB", "vs reference"]
+    head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "pairs/rank",
+            "median step s", "samples/s", "peak mem/rank GiB", "vs reference", "vs W x per-rank step"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         speedup = f"{ref['median_step_s'] / r['median_step_s']:.2f}x" if ref and r["global_batch"] == ref["global_batch"] else ""
+        # Global mining's inherent work is W times per-rank mining's (B_l x B_g against B_l x B_l).
+        local = next((x for x in rows if x["mining"] == "per rank" and x["ranks"] == r["ranks"]
+                      and x["global_batch"] == r["global_batch"] and x["precision"] == r["precision"]), None)
+        inherent = (f"{r['median_step_s'] / (r['ranks'] * local['median_step_s']):.2f}x"
+                    if local and r["mining"].startswith("global") else "")
         print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['ranks']} | {r['global_batch']} | "
-              f"{r['mining']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{r['peak_mem_gb']:.2f} | {speedup} |")
+              f"{r['mining']} | {r['pairs_per_rank']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.1f} | "
+              f"{r['peak_mem_gb']:.2f} | {speedup} | {inherent} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="default: the machine's set")
+    p.add_argument("--mining", action="store_true", help="the cross-device mining cases at W = 2 and 4")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -214,7 +245,7 @@ def main() -> None:
         run_worker(args.worker, args.steps, args.warmup)
         return
     gpus = torch.cuda.device_count()
-    names = args.cases or (GPU_DEFAULT if gpus else CPU_DEFAULT)
+    names = args.cases or (MINING if args.mining else GPU_DEFAULT if gpus else CPU_DEFAULT)
     rows = []
     for name in names:
         if gpus and CASES[name].world > gpus:

@@ -101,11 +101,12 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     """This rank's loss to back-propagate, and the loss summed over all ranks (detached, for logs).
 
     img_emb (B, k, d), cap_emb (B, n, d): pair i is (image of caption i, caption i); image_ids (B,).
-    Ranks may hold different B, k and n. With ``loss.cross_device`` in a process group, every rank
-    gathers all ranks' embeddings (G = Σ B_r pairs), scores its local images × all captions and all
-    images × its local captions, and mines over the G pairs; the result is multiplied by the world
-    size because DeepSpeed averages gradients over ranks (the update then equals one process's on
-    the concatenated batch). Otherwise the B local pairs are mined among themselves.
+    Ranks may hold different B, k and n. With ``loss.cross_device`` in a process group the hinge is
+    mined over the G = Σ B_r pairs of all ranks, and its value and gradients are one process's on
+    the concatenated batch (docs/DESIGN.md §3.3): ``loss.partition`` "rows" scores this rank's
+    images against all captions only (B·G pairs); "rows_and_columns" also all images against this
+    rank's captions. The result is multiplied by the world size because DeepSpeed averages
+    gradients over ranks. Otherwise the B local pairs are mined among themselves.
     """
     scorer = as_scorer(scorer)
     ids = image_ids if loss_cfg.mask_same_image else None
@@ -115,7 +116,21 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
         diagonal = torch.arange(img_emb.shape[0], device=img_emb.device)
         loss = contrastive_hinge(scores, scores.t(), diagonal, margin, hardest, ids, ids)
         return loss, all_reduce_sum(loss)
-    rank, world = group_world()
+    if loss_cfg.partition == "rows":
+        loss = _row_partitioned_loss(img_emb, img_lens, cap_emb, cap_lens, image_ids, ids is not None,
+                                     loss_cfg, scorer)
+    else:
+        loss = _rows_and_columns_loss(img_emb, img_lens, cap_emb, cap_lens, ids, loss_cfg, scorer)
+    # Gradients of every rank's loss reach this rank's embeddings through the gathers' backward.
+    return loss * group_world()[1], all_reduce_sum(loss)
+
+
+def _rows_and_columns_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
+                           cap_lens: torch.Tensor, ids: torch.Tensor | None, loss_cfg: LossConfig,
+                           scorer: Scorer) -> torch.Tensor:
+    """Local images × all captions (B, G) and all images × local captions (G, B): each direction's
+    hardest negative comes from a block this rank scored itself."""
+    rank, _ = group_world()
     B = img_emb.shape[0]
     sizes = all_gather_ints([B, img_emb.shape[1], cap_emb.shape[1]], img_emb.device)  # (W, 3)
     counts = sizes[:, 0].tolist()
@@ -123,10 +138,52 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     all_img = gather_padded(img_emb, counts, k_max)  # (G, k_max, d)
     all_cap = gather_padded(cap_emb, counts, n_max)  # (G, n_max, d)
     all_img_lens, all_cap_lens = gather_padded(img_lens, counts), gather_padded(cap_lens, counts)
-    all_ids = gather_padded(image_ids, counts) if ids is not None else None
+    all_ids = gather_padded(ids, counts) if ids is not None else None
     positive = sum(counts[:rank]) + torch.arange(B, device=img_emb.device)  # our pairs in G
     i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
     t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk)  # (G, B)
-    loss = contrastive_hinge(i2t, t2i.t(), positive, margin, hardest, ids, all_ids)
-    # Gradients of every rank's loss reach this rank's embeddings through the gather's backward.
-    return loss * world, all_reduce_sum(loss)
+    return contrastive_hinge(i2t, t2i.t(), positive, loss_cfg.margin, loss_cfg.max_violation,
+                             ids, all_ids)
+
+
+def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
+                          cap_lens: torch.Tensor, image_ids: torch.Tensor, mask_same_image: bool,
+                          loss_cfg: LossConfig, scorer: Scorer) -> torch.Tensor:
+    """This rank's rows of the global score matrix, S_r (B, G) = local images × all captions, and its
+    share of both hinges (docs/DESIGN.md §3.3):
+
+    * caption retrieval (rows): every negative of a local image is in S_r: the local hinge;
+    * image retrieval (columns): caption c's cost against row i is [m + S(i, c) − S(c, c)]₊ over the
+      negatives i. S(c, c) lives on c's owner: the G positives are gathered (autograd-aware, so
+      their gradient returns to the owner). With ``max_violation`` each rank takes its column maxima
+      over its rows; the costs of all ranks are gathered (W, G) and column c counts on the lowest
+      rank holding the global maximum (one process's max keeps the first row among ties), so the
+      gradient reaches exactly the row one process would pick. Without it, every rank sums its rows.
+    """
+    rank, world = group_world()
+    B, device = img_emb.shape[0], img_emb.device
+    sizes = all_gather_ints([B, cap_emb.shape[1]], device)  # (W, 2)
+    counts, n_max = sizes[:, 0].tolist(), int(sizes[:, 1].max())
+    all_cap = gather_padded(cap_emb, counts, n_max)  # (G, n_max, d), differentiable
+    all_cap_lens = gather_padded(cap_lens, counts, differentiable=False)
+    positive = sum(counts[:rank]) + torch.arange(B, device=device)  # our pairs in G
+    scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
+    margin, hardest = loss_cfg.margin, loss_cfg.max_violation
+    local_ids = image_ids if mask_same_image else None
+    all_ids = gather_padded(image_ids, counts, differentiable=False) if mask_same_image else None
+    rows = directional_hinge(scores, positive, margin, hardest, local_ids, all_ids)
+
+    diagonal = gather_padded(scores[torch.arange(B, device=device), positive], counts)  # (G,)
+    cost = (margin + scores - diagonal[None, :]).clamp(min=0)  # (B, G): row i, column c
+    not_negative = positive[:, None] == torch.arange(cost.shape[1], device=device)[None, :]
+    if mask_same_image:
+        not_negative |= local_ids.to(device)[:, None] == all_ids.to(device)[None, :]
+    cost = cost.masked_fill(not_negative, 0)  # exact: costs are >= 0 (as directional_hinge)
+    if not hardest:
+        return rows + cost.sum()
+    best = cost.max(dim=0).values if B else cost.new_zeros(cost.shape[1])  # (G,)
+    every = gather_padded(best.detach()[None], [1] * world, differentiable=False)  # (W, G)
+    winner = every.argmax(dim=0)  # the first (lowest) rank holding the maximum
+    return rows + best[winner == rank].sum()
+
+

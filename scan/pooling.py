@@ -60,7 +60,8 @@ class GPO(nn.Module):
         half = out.shape[-1] // 2
         scores = self.score((out[..., :half] + out[..., half:]) / 2)  # (B, width, 1)
         scores = scores.masked_fill(~mask[..., None], float("-inf"))
-        return torch.softmax(scores.float() / self.TEMPERATURE, dim=1).to(out.dtype)
+        wide = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 scores: fp32 softmax
+        return torch.softmax(wide / self.TEMPERATURE, dim=1).to(out.dtype)
 
     def forward(self, x: Tensor, lens: Tensor) -> Tensor:
         """(B, L, d), (B,) → (B, d)."""

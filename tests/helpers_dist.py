@@ -13,6 +13,7 @@ over the ranks (tests/test_distributed_grads.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -77,25 +78,33 @@ VOCAB = 30
 # Pairs 0 and 5, and 2 and 8, show the same image: with rank 0 holding rows 0-3 and rank 1 rows
 # 4-9 these duplicates straddle the ranks, so same-image masking must work across devices.
 IMAGE_IDS = [0, 1, 2, 3, 4, 0, 5, 6, 2, 7]
-SPLIT = {1: [(0, 10)], 2: [(0, 4), (4, 10)]}
+SPLIT = {1: [(0, 10)], 2: [(0, 4), (4, 10)], 4: [(0, 2), (2, 3), (3, 7), (7, 10)]}
 
 
-# variant → (model.kind, model.pooling, ZeRO stage)
-GRAD_VARIANTS = {"0": ("scan", "mean", 0), "2": ("scan", "mean", 2), "vse": ("vse", "mean", 0),
-                 "vse_gpo": ("vse", "gpo", 2), "dvsa": ("dvsa", "mean", 0)}
+# variant → overrides of the tiny config (ZeRO stage, model, loss, accumulation). Every variant but
+# "rows_and_columns" mines with the row partition (loss.partition: rows, the default).
+GRAD_VARIANTS: dict[str, dict[str, object]] = {
+    "0": {}, "2": {"train.zero_stage": 2},
+    "rows_and_columns": {"loss.partition": "rows_and_columns"},
+    "all_negatives": {"loss.max_violation": False},
+    "unmasked": {"loss.mask_same_image": False},
+    "all_negatives_unmasked": {"loss.max_violation": False, "loss.mask_same_image": False},
+    "accum": {"train.grad_accum": 2},  # two micro-batches accumulated before the step
+    "vse": {"model.kind": "vse"}, "vse_gpo": {"model.kind": "vse", "model.pooling": "gpo", "train.zero_stage": 2},
+    "dvsa": {"model.kind": "dvsa"},
+}
 
 
-def tiny_config(stage: int, batch: int, kind: str = "scan", pooling: str = "mean") -> ExperimentConfig:
+def tiny_config(stage: int, batch: int) -> ExperimentConfig:
     cfg = ExperimentConfig()
-    cfg.model.kind, cfg.model.pooling = kind, pooling
     cfg.model.img_dim, cfg.model.embed_size, cfg.model.word_dim = 16, 32, 16
     cfg.train.precision, cfg.train.zero_stage = "fp32", stage
     cfg.data.batch_size = batch
     return cfg
 
 
-def global_batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(123)
+def global_batch(seed: int = 123) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     regions = torch.randn(GLOBAL_BATCH, 6, 16, generator=g)
     img_lens = torch.randint(3, 7, (GLOBAL_BATCH,), generator=g)
     tokens = torch.randint(4, VOCAB, (GLOBAL_BATCH, 9), generator=g)
@@ -114,38 +123,61 @@ def local_rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, to
     return out
 
 
-def grads(out: Path, variants: list[str]) -> None:
+def grads(out: Path, variants: list[str], dtype: torch.dtype = torch.float32) -> None:
+    """Each variant: this rank's rows of the fixed global batch (and of a second one for "accum"),
+    the loss through the engine's backward, then the full gradients (before the optimizer step).
+    float64 (the engine's fp32 mode on float64 weights) takes rounding out of the comparison."""
     env = read_env()
     init_process_group(env)
     lo, hi = SPLIT[env.world][env.rank]
-    b = local_rows(global_batch(), lo, hi)
     result = {}
     for variant in variants:
-        kind, pooling, stage = GRAD_VARIANTS[variant]
-        cfg = tiny_config(stage, hi - lo, kind, pooling)
+        cfg = tiny_config(0, hi - lo)
+        for key, value in GRAD_VARIANTS[variant].items():
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
         scorer = scorer_for(cfg)
         seed_everything(0)
-        engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
-        model = engine.ds.module
-        img = model.encode_images(b["regions"], b["img_lens"])
-        cap = model.encode_captions(b["tokens"], b["cap_lens"])
-        img_lens, cap_lens = model.output_lens(b["img_lens"]), model.output_lens(b["cap_lens"])
-        loss, total = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)
-        cfg.loss.cross_device = False
-        _, local_only = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)
-        unmasked = None
-        if env.world == 1:
-            scores = scorer(img.detach(), cap.detach(), cap_lens, img_lens)
-            reference = hardest_negative_loss(scores, cfg.loss.margin, True, b["image_ids"])
-            unmasked = hardest_negative_loss(scores, cfg.loss.margin, True)
+        # float64: plain torch (DeepSpeed reduces no float64 gradients); the gradients are then
+        # averaged over the ranks here, as the engine does.
+        engine = (build_engine(cfg, build_model(cfg.model, VOCAB), env) if dtype == torch.float32
+                  else None)
+        model = engine.ds.module if engine is not None else build_model(cfg.model, VOCAB).to(dtype)
+        totals, local_only, reference, unmasked = [], None, None, None
+        for micro in range(cfg.train.grad_accum):
+            b = local_rows(global_batch(123 + micro), lo, hi)
+            b["regions"] = b["regions"].to(dtype)
+            img = model.encode_images(b["regions"], b["img_lens"])
+            cap = model.encode_captions(b["tokens"], b["cap_lens"])
+            img_lens, cap_lens = model.output_lens(b["img_lens"]), model.output_lens(b["cap_lens"])
+            loss, total = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)
+            totals.append(float(total))
+            if micro == 0:
+                local = dataclasses.replace(cfg.loss, cross_device=False)
+                local_only = float(batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], local, scorer)[0])
+                if env.world == 1:
+                    scores = scorer(img.detach(), cap.detach(), cap_lens, img_lens)
+                    ids = b["image_ids"] if cfg.loss.mask_same_image else None
+                    reference = float(hardest_negative_loss(scores, cfg.loss.margin, cfg.loss.max_violation, ids))
+                    unmasked = float(hardest_negative_loss(scores, cfg.loss.margin, cfg.loss.max_violation))
+            if engine is None:
+                (loss / cfg.train.grad_accum).backward()
+                continue
+            engine.ds.backward(loss)
+            if micro + 1 < cfg.train.grad_accum:
+                engine.ds.step()  # not a boundary: only counts the micro-batch
+        if engine is None:
+            full = {}
+            for n, p in model.named_parameters():
+                g = p.grad.detach().clone()
+                if env.world > 1:
+                    torch.distributed.all_reduce(g)
+                full[n] = g / env.world
         else:
-            reference = None
-        engine.ds.backward(loss)
-        full = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
-        result[variant] = {"loss": float(total), "local_only": float(local_only), "grads": full,
-                         "reference": None if reference is None else float(reference),
-                         "reference_unmasked": None if unmasked is None else float(unmasked)}
-    torch.save(result, out / f"world{env.world}_rank{env.rank}.pt")
+            full = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
+        result[variant] = {"loss": sum(totals), "local_only": local_only, "grads": full,
+                           "reference": reference, "reference_unmasked": unmasked}
+    torch.save(result, out / f"{dtype}_world{env.world}_rank{env.rank}.pt".replace("torch.", ""))
 
 
 # --------------------------------------------------------------------------------------------- accum
@@ -300,7 +332,7 @@ def paper(out: Path) -> None:
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "grads":
-        grads(Path(args[0]), args[1].split(","))
+        grads(Path(args[0]), args[1].split(","), getattr(torch, args[2]) if len(args) > 2 else torch.float32)
     elif command == "accum":
         accum(Path(args[0]), args[1].split(","))
     elif command == "paper":
