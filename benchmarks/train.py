@@ -50,14 +50,15 @@ class Case:
     def mining(self) -> str:
         if not self.cross_device or self.world == 1:
             return "per rank" if self.world > 1 else "one process"
-        return {"rows": "global, row-partitioned", "rows_and_columns": "global, rows and columns"}[self.partition]
+        return {"rows": "global, row-partitioned", "ring": "global, row-partitioned, ring",
+                "rows_and_columns": "global, rows and columns"}[self.partition]
 
     def pairs_per_rank(self) -> int:
         """Image–caption pairs one rank scores per step (B_l local, B_g = W · B_l global)."""
         b_l, b_g = self.batch, self.batch * self.world
         if not self.cross_device or self.world == 1:
             return b_l * b_l
-        return b_l * b_g if self.partition == "rows" else 2 * b_l * b_g - b_l * b_l
+        return 2 * b_l * b_g - b_l * b_l if self.partition == "rows_and_columns" else b_l * b_g
 
 
 CASES = {
@@ -66,9 +67,11 @@ CASES = {
     "fp16-1": Case(1, "fp16"),
     "fp32-2-cross": Case(2, "fp32"),
     "fp32-2-rowscols": Case(2, "fp32", partition="rows_and_columns"),
+    "fp32-2-ring": Case(2, "fp32", partition="ring"),
     "fp32-2-local": Case(2, "fp32", cross_device=False),
     "fp32-4-cross": Case(4, "fp32"),
     "fp32-4-rowscols": Case(4, "fp32", partition="rows_and_columns"),
+    "fp32-4-ring": Case(4, "fp32", partition="ring"),
     "fp32-4-local": Case(4, "fp32", cross_device=False),
     "bf16-2-cross": Case(2, "bf16"),
     "reference": Case(1, "reference"),
@@ -79,7 +82,8 @@ CASES = {
 CPU_DEFAULT = ["fp32-1", "bf16-1", "fp32-2-local", "fp32-2-cross", "fp32-2-rowscols"]
 # Cross-device mining at W = 2 and 4, side by side (issue 15): per-rank mining (the inherent work
 # is W times it), the row partition, and the earlier rows-and-columns scheme.
-MINING = ["fp32-2-local", "fp32-2-cross", "fp32-2-rowscols", "fp32-4-local", "fp32-4-cross", "fp32-4-rowscols"]
+MINING = ["fp32-2-local", "fp32-2-cross", "fp32-2-ring", "fp32-2-rowscols",
+          "fp32-4-local", "fp32-4-cross", "fp32-4-ring", "fp32-4-rowscols"]
 GPU_DEFAULT = ["reference", "fp32-1", "bf16-1", "fp16-1", "global1024-1x1024"]
 
 
@@ -214,6 +218,25 @@ def launch(name: str, steps: int, warmup: int) -> dict | None:
     return None if failed else result
 
 
+def print_memory_table(global_batches=(1024, 8192, 65536), per_rank: int = 128, regions: int = 36,
+                       words: int = 32, dim: int = 1024, bytes_per: int = 2) -> None:
+    """Per-rank memory of the embeddings a step holds for cross-device mining (bf16, counted, not
+    measured): each gathered tensor is held once in the forward and once as its gradient; captions
+    padded to ``words``; W = global batch / ``per_rank``."""
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.3f}"
+
+    print(f"| global batch | regions of all images | words of all captions | rows and columns: both, "
+          f"+ gradients | rows: words, + gradients | ring: 2 caption blocks, + gradients "
+          f"({per_rank} captions per rank) |")
+    print("|---|---|---|---|---|---|")
+    for g in global_batches:
+        img, cap = g * regions * dim * bytes_per, g * words * dim * bytes_per
+        block = per_rank * words * dim * bytes_per
+        print(f"| {g:,} (W = {g // per_rank}) | {gib(img)} GiB | {gib(cap)} GiB | {gib(2 * (img + cap))} GiB | {gib(2 * cap)} GiB "
+              f"| {gib(4 * block)} GiB |")
+
+
 def print_table(rows: list[dict]) -> None:
     ref = next((r for r in rows if r["precision"] == "reference"), None)
     head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "pairs/rank",
@@ -236,6 +259,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="default: the machine's set")
     p.add_argument("--mining", action="store_true", help="the cross-device mining cases at W = 2 and 4")
+    p.add_argument("--memory-table", action="store_true",
+                   help="print the per-rank memory of the mined embeddings at large global batches")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -243,6 +268,9 @@ def main() -> None:
     if args.worker:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         run_worker(args.worker, args.steps, args.warmup)
+        return
+    if args.memory_table:
+        print_memory_table()
         return
     gpus = torch.cuda.device_count()
     names = args.cases or (MINING if args.mining else GPU_DEFAULT if gpus else CPU_DEFAULT)

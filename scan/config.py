@@ -75,9 +75,11 @@ class LossConfig:
     mask_same_image: bool = True  # False reproduces the reference (same-image pairs as negatives)
     cross_device: bool = True  # mine negatives over the global batch gathered from all ranks
     # How W ranks share the global (G × G) score matrix: "rows" (each scores its own images against
-    # all G captions, B·G pairs; the column maxima are reduced across ranks) or "rows_and_columns"
-    # (also all images against its own captions: 2·B·G − B² pairs, the earlier scheme).
-    partition: Literal["rows", "rows_and_columns"] = "rows"
+    # all G gathered captions, B·G pairs; the column maxima are reduced across ranks), "ring" (the
+    # same, the caption blocks passed around a ring: two blocks held at a time instead of all G,
+    # for global batches whose gather does not fit) or "rows_and_columns" (also all images against
+    # its own captions: 2·B·G − B² pairs, the earlier scheme).
+    partition: Literal["rows", "ring", "rows_and_columns"] = "rows"
     caption_chunk: int = 0  # captions scored per tile in the loss (0: automatic from memory budget)
 
     def at_epoch(self, epoch: int) -> "LossConfig":

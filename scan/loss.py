@@ -20,6 +20,7 @@ import torch
 from scan.collectives import all_gather_ints, all_reduce_sum, gather_padded, group_world, is_distributed
 from scan.config import LossConfig
 from scan.xattn import XAttnConfig
+from scan.ring import ring_row_scores
 from scan.scorers import Scorer, as_scorer
 
 
@@ -104,8 +105,9 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     Ranks may hold different B, k and n. With ``loss.cross_device`` in a process group the hinge is
     mined over the G = Σ B_r pairs of all ranks, and its value and gradients are one process's on
     the concatenated batch (docs/DESIGN.md §3.3): ``loss.partition`` "rows" scores this rank's
-    images against all captions only (B·G pairs); "rows_and_columns" also all images against this
-    rank's captions. The result is multiplied by the world size because DeepSpeed averages
+    images against all captions only (B·G pairs); "ring" the same with the caption blocks passed
+    around a ring instead of gathered (``scan.ring``); "rows_and_columns" also all images against
+    this rank's captions. The result is multiplied by the world size because DeepSpeed averages
     gradients over ranks. Otherwise the B local pairs are mined among themselves.
     """
     scorer = as_scorer(scorer)
@@ -116,7 +118,7 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
         diagonal = torch.arange(img_emb.shape[0], device=img_emb.device)
         loss = contrastive_hinge(scores, scores.t(), diagonal, margin, hardest, ids, ids)
         return loss, all_reduce_sum(loss)
-    if loss_cfg.partition == "rows":
+    if loss_cfg.partition in ("rows", "ring"):
         loss = _row_partitioned_loss(img_emb, img_lens, cap_emb, cap_lens, image_ids, ids is not None,
                                      loss_cfg, scorer)
     else:
@@ -163,11 +165,14 @@ def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb
     rank, world = group_world()
     B, device = img_emb.shape[0], img_emb.device
     sizes = all_gather_ints([B, cap_emb.shape[1]], device)  # (W, 2)
-    counts, n_max = sizes[:, 0].tolist(), int(sizes[:, 1].max())
-    all_cap = gather_padded(cap_emb, counts, n_max)  # (G, n_max, d), differentiable
+    counts, n_sizes = sizes[:, 0].tolist(), sizes[:, 1].tolist()
     all_cap_lens = gather_padded(cap_lens, counts, differentiable=False)
     positive = sum(counts[:rank]) + torch.arange(B, device=device)  # our pairs in G
-    scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
+    if loss_cfg.partition == "ring":  # caption blocks passed around the ring (scan.ring)
+        scores = ring_row_scores(img_emb, img_lens, cap_emb, all_cap_lens, counts, n_sizes, scorer)
+    else:
+        all_cap = gather_padded(cap_emb, counts, max(n_sizes))  # (G, n_max, d), differentiable
+        scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
     margin, hardest = loss_cfg.margin, loss_cfg.max_violation
     local_ids = image_ids if mask_same_image else None
     all_ids = gather_padded(image_ids, counts, differentiable=False) if mask_same_image else None

@@ -86,6 +86,8 @@ SPLIT = {1: [(0, 10)], 2: [(0, 4), (4, 10)], 4: [(0, 2), (2, 3), (3, 7), (7, 10)
 GRAD_VARIANTS: dict[str, dict[str, object]] = {
     "0": {}, "2": {"train.zero_stage": 2},
     "rows_and_columns": {"loss.partition": "rows_and_columns"},
+    "ring": {"loss.partition": "ring"},
+    "ring_all_negatives_accum": {"loss.partition": "ring", "loss.max_violation": False, "train.grad_accum": 2},
     "all_negatives": {"loss.max_violation": False},
     "unmasked": {"loss.mask_same_image": False},
     "all_negatives_unmasked": {"loss.max_violation": False, "loss.mask_same_image": False},
@@ -124,7 +126,7 @@ def local_rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, to
 
 
 def grads(out: Path, variants: list[str], dtype: torch.dtype = torch.float32) -> None:
-    """Each variant: this rank's rows of the fixed global batch (and of a second one for "accum"),
+    """Each variant: this rank's rows of the fixed global batch (and of a second one when it accumulates),
     the loss through the engine's backward, then the full gradients (before the optimizer step).
     float64 (the engine's fp32 mode on float64 weights) takes rounding out of the comparison."""
     env = read_env()
