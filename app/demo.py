@@ -272,6 +272,7 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
     models = {d: (config, DIRECTIONS[d], f"SCAN {d}") for d in directions}
     if baseline:
         models["vse"] = (str(BASELINE_CONFIG), [], "the VSE++ global baseline")
+    cfg = None
     for name, (model_config, extra, what) in models.items():
         t = time.time()
         run_dir = out / name
@@ -291,12 +292,11 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
             raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
         sims = final_sims(run_dir)
         val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
-        runs[name] = {"run_dir": str(run_dir), "summary": summary, "val": val, "config": cfg_m}
+        runs[name] = {"run_dir": str(run_dir), "summary": summary, "val": val}
+        cfg = cfg if cfg is not None else cfg_m  # the first SCAN direction's: the report's settings
         timings[f"train {name}"] = time.time() - t
     baseline_result = runs.pop("vse", None)
-    cfg = runs[directions[0]].pop("config")
-    for r in [*runs.values(), *([baseline_result] if baseline_result else [])]:
-        r.pop("config", None)
+    assert cfg is not None
 
     ensemble, sims = None, final_sims(out / directions[0])
     if len(directions) > 1:

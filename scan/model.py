@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
 from scan.config import ModelConfig
-from scan.pooling import build_pool
+from scan.pooling import build_pool, length_mask  # noqa: F401  (length_mask: part of this API)
 from scan.text_features import FrozenTokenFeatures, encoder_layers, load_transformer
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,6 @@ def l2norm(x: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     norm = (wide.square().sum(dim=dim, keepdim=True) + _SQRT_FLOOR).sqrt() + eps
     return (wide / norm).to(x.dtype)
-
-
-def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths → (B, max_len) bool, True at real positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
 
 
 def _check_lengths(lengths: torch.Tensor, batch: int, max_len: int, what: str) -> None:

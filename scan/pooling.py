@@ -16,15 +16,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-def valid_mask(lens: Tensor, width: int) -> Tensor:
-    """(B,) lengths → (B, width) bool, True at valid positions."""
-    return torch.arange(width, device=lens.device)[None, :] < lens.to(torch.long)[:, None]
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B,) lengths → (B, max_len) bool, True at real positions (also ``scan.model.length_mask``)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
 
 
 class MeanPool(nn.Module):
     def forward(self, x: Tensor, lens: Tensor) -> Tensor:
         """(B, L, d), (B,) → (B, d): the mean over the valid positions."""
-        mask = valid_mask(lens, x.shape[1])[..., None].to(x.dtype)
+        mask = length_mask(lens, x.shape[1])[..., None].to(x.dtype)
         return (x * mask).sum(1) / lens.to(x.dtype).clamp(min=1)[:, None]
 
 
@@ -51,7 +51,7 @@ class GPO(nn.Module):
 
     def weights(self, lens: Tensor, width: int) -> Tensor:
         """(B,) set sizes → (B, width, 1) weights per rank, summing to 1 over each set's ranks."""
-        mask = valid_mask(lens, width)
+        mask = length_mask(lens, width)
         pe = positional_encoding(width, self.pe_dim, lens.device).to(self.score.weight.dtype)
         pe = pe[None].expand(lens.shape[0], -1, -1) * mask[..., None].to(pe.dtype)
         packed = pack_padded_sequence(pe, lens.cpu(), batch_first=True, enforce_sorted=False)
@@ -65,7 +65,7 @@ class GPO(nn.Module):
 
     def forward(self, x: Tensor, lens: Tensor) -> Tensor:
         """(B, L, d), (B,) → (B, d)."""
-        mask = valid_mask(lens, x.shape[1])[..., None]
+        mask = length_mask(lens, x.shape[1])[..., None]
         # Padding sorts last (-inf), then becomes 0 under a zero weight.
         ranked = x.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values
         ranked = ranked.masked_fill(~mask, 0.0)

@@ -32,15 +32,20 @@ def _pass_on(tensors: list[Tensor], rank: int, world: int) -> list[Tensor]:
     return received
 
 
+def _own_block(captions: Tensor, counts: list[int], n_sizes: list[int]) -> tuple[Tensor, list[int]]:
+    """This rank's captions padded to the largest block (B_max, n_max, d), the buffer shape every
+    rank sends, and every rank's first column in G."""
+    block = captions.new_zeros(max(counts), max(n_sizes), captions.shape[-1])
+    block[:captions.shape[0], :captions.shape[1]] = captions
+    return block, [sum(counts[:r]) for r in range(len(counts))]
+
+
 class _RingScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images: Tensor, img_lens: Tensor, captions: Tensor, all_cap_lens: Tensor,
                 counts: list[int], n_sizes: list[int], scorer: Scorer) -> Tensor:
         rank, world = dist.get_rank(), dist.get_world_size()
-        b_max, n_max = max(counts), max(n_sizes)
-        block = captions.new_zeros(b_max, n_max, captions.shape[-1])
-        block[:captions.shape[0], :captions.shape[1]] = captions
-        starts = [sum(counts[:r]) for r in range(world)]
+        block, starts = _own_block(captions, counts, n_sizes)
         scores = images.new_empty(images.shape[0], sum(counts), dtype=torch.float32
                                   if images.dtype != torch.float64 else torch.float64)
         for step in range(world):
@@ -59,11 +64,8 @@ class _RingScores(torch.autograd.Function):
         images, img_lens, captions, all_cap_lens = ctx.saved_tensors
         counts, n_sizes, scorer = ctx.counts, ctx.n_sizes, ctx.scorer
         rank, world = dist.get_rank(), dist.get_world_size()
-        b_max, n_max = max(counts), max(n_sizes)
-        block = captions.new_zeros(b_max, n_max, captions.shape[-1])
-        block[:captions.shape[0], :captions.shape[1]] = captions
+        block, starts = _own_block(captions, counts, n_sizes)
         block_grad = torch.zeros_like(block)  # the gradient travelling with the block
-        starts = [sum(counts[:r]) for r in range(world)]
         grad_images = torch.zeros_like(images)
         for step in range(world):
             src = (rank - step) % world

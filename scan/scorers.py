@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from scan.pooling import length_mask
 from scan.xattn import XAttnConfig, xattn_scores
 
 if TYPE_CHECKING:
@@ -54,8 +55,7 @@ def _masked(x: Tensor, lens: Tensor | None) -> Tensor:
     """(B, L, d) with the positions at or beyond ``lens`` set to zero."""
     if lens is None:
         return x
-    keep = torch.arange(x.shape[1], device=x.device)[None, :] < lens.to(x.device, torch.long)[:, None]
-    return x * keep[..., None].to(x.dtype)
+    return x * length_mask(lens.to(x.device), x.shape[1])[..., None].to(x.dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
