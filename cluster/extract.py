@@ -41,6 +41,7 @@ from dataio import storage
 from dataio.shard_writer import committed_shards, shard_filename, write_manifest
 from dataio.sources import ImageItem
 from scan.features.backbones import identify
+from scan.features.saliency import identify_saliency
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class _Pool:
     def __init__(self, cfg: JobConfig, workers: int, cpus: int, gpus: int, fault: ExitFault | None):
         self.options = {"num_cpus": cpus, "num_gpus": gpus}
         self.args = (cfg.backbone, cfg.image_size, cpus, cfg.batch_size, cfg.decode_threads,
-                     cfg.max_pixels, fault)
+                     cfg.max_pixels, fault, cfg.saliency)
         self.actors = [self._new() for _ in range(workers)]
 
     def _new(self):
@@ -216,6 +217,8 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     if not units:
         raise ValueError("the source has no images")
     identity = identify(cfg.backbone, cfg.image_size)
+    if cfg.saliency != "none":  # the same units compute it: what they hold includes the saliency model
+        identity["saliency"] = identify_saliency(cfg.saliency)
     fingerprints = {u.name: u.fingerprint(identity) for u in units}
     splits = {u.split for u in units}
     committed = {split: committed_shards(split_dest(dest, split)) for split in splits}

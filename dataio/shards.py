@@ -3,7 +3,8 @@
 A data set directory (local or ``s3://bucket/prefix``) holds, for one split:
 
 - ``<prefix>-000000.tar`` ... : samples ``<key>.regions.npy`` (k, D) float16, optional
-  ``<key>.boxes.npy`` (k, 4) float32, ``<key>.captions.json`` ``{"raw": [...], "tokens": [[...]]}``,
+  ``<key>.boxes.npy`` (k, 4) float32, optional ``<key>.saliency.npy`` (k,) float32 in [0, 1] (one
+  value per region, for saliency-guided models), ``<key>.captions.json`` ``{"raw": [...], "tokens": [[...]]}``,
   ``<key>.meta.json``;
 - ``<shard>.tar.json``: the shard's :class:`ShardRecord`, written only after the shard itself is in
   place, so a record marks a committed shard (resumable extraction jobs skip those);
@@ -44,6 +45,7 @@ class ImageSample:
     tokens: list[list[str]]  # tokenised captions (dataio.text.tokenize or the source's own)
     boxes: np.ndarray | None = None  # (k, 4) float32, normalised x0, y0, x1, y1
     meta: dict = field(default_factory=dict)  # source, width, height, split, extractor...
+    saliency: np.ndarray | None = None  # (k,) float32 in [0, 1]: each region's saliency
 
 
 @dataclass
@@ -62,10 +64,12 @@ class ShardRecord:
     # members' headers and padded data), so training can read any image by range. None in records
     # written before offsets were kept: :func:`sample_offsets` then reads them from the tar.
     offsets: list[int] | None = None
+    # Every sample of the shard carries saliency.npy (records written before the field: False).
+    saliency: bool = False
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "ShardRecord":
-        optional = {"created": 0.0, "offsets": None}
+        optional = {"created": 0.0, "offsets": None, "saliency": False}
         try:
             kw = {k: d[k] for k in cls.__dataclass_fields__ if k not in optional}
             rec = cls(**kw, **{k: d.get(k, v) for k, v in optional.items()})
@@ -117,6 +121,13 @@ def check_sample(s: ImageSample, shard: str, feature_dim: int | None = None) -> 
                             f"{getattr(b, 'dtype', '?')} {getattr(b, 'shape', '?')}", "bad_array")
         if not np.isfinite(b).all():
             raise DataError(shard, s.key, "boxes contain NaN or inf", "non_finite")
+    if s.saliency is not None:
+        a = s.saliency
+        if not isinstance(a, np.ndarray) or a.shape != (r.shape[0],) or a.dtype.kind != "f":
+            raise DataError(shard, s.key, f"saliency must be float ({r.shape[0]},), one value per region, "
+                            f"got {getattr(a, 'dtype', '?')} {getattr(a, 'shape', '?')}", "bad_array")
+        if not np.isfinite(a).all() or float(a.min()) < 0.0 or float(a.max()) > 1.0:
+            raise DataError(shard, s.key, "saliency values must be finite and in [0, 1]", "non_finite")
     if not s.captions:
         raise DataError(shard, s.key, "no captions", "bad_caption")
     if len(s.tokens) != len(s.captions):
@@ -145,6 +156,8 @@ def encode_sample(s: ImageSample) -> dict[str, bytes | str]:
     }
     if s.boxes is not None:
         out["boxes.npy"] = _npy_bytes(np.ascontiguousarray(s.boxes, dtype=np.float32))
+    if s.saliency is not None:
+        out["saliency.npy"] = _npy_bytes(np.ascontiguousarray(s.saliency, dtype=np.float32))
     return out
 
 
@@ -177,6 +190,8 @@ def decode_sample(raw: dict[str, Any], shard: str, feature_dim: int | None = Non
         raise DataError(shard, key, f"regions.npy dtype is {regions.dtype}, expected float16",
                         "bad_array")
     boxes = _load_npy(raw["boxes.npy"], shard, key, "boxes.npy") if "boxes.npy" in raw else None
+    saliency = (_load_npy(raw["saliency.npy"], shard, key, "saliency.npy") if "saliency.npy" in raw
+                else None)
     caps = _load_json(raw["captions.json"], shard, key, "captions.json")
     if not (isinstance(caps, dict) and isinstance(caps.get("raw"), list)
             and isinstance(caps.get("tokens"), list)):
@@ -185,7 +200,7 @@ def decode_sample(raw: dict[str, Any], shard: str, feature_dim: int | None = Non
     meta = _load_json(raw["meta.json"], shard, key, "meta.json")
     if not isinstance(meta, dict):
         raise DataError(shard, key, "meta.json must be an object", "bad_caption")
-    s = ImageSample(key, regions, caps["raw"], caps["tokens"], boxes, meta)
+    s = ImageSample(key, regions, caps["raw"], caps["tokens"], boxes, meta, saliency)
     check_sample(s, shard, feature_dim)
     return s
 

