@@ -49,6 +49,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from trainer.train import train
 
     cfg = load_experiment(args.config, args.overrides)
+    if cfg.model.kind == "scan_sal":  # before any process group or worker: name the data set
+        from dataio.pipeline import require_saliency
+        for key in ("data.train_shards", "data.val_shards"):
+            spec = getattr(cfg.data, key.split(".")[1])
+            if spec:
+                require_saliency(spec, key)
     env = read_env(args.local_rank)
     telemetry = build_telemetry(cfg, rank=env.rank, local_rank=env.local_rank)
     summary = train(cfg, resume=args.resume, telemetry=telemetry, local_rank=args.local_rank)
@@ -102,7 +108,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     record = find_record(args.shards, args.key)
     caption = args.caption if args.caption is not None else record.captions[0]
     out = explain_pair(run.model, record.regions, caption, run.text, scorer_for(run.cfg), args.out,
-                       boxes=record.boxes, image=record.meta.get("file"), columns=args.columns)
+                       boxes=record.boxes, image=record.meta.get("file"), columns=args.columns,
+                       saliency=record.saliency)
     print(f"{out['png']}: image {record.key}, score {out['score']:.4f}, words {' '.join(out['words'])}")
     return 0
 

@@ -154,7 +154,7 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec:
     for i, r in enumerate(records):
         png = out / f"{i:02d}_{r.key}.png"
         res = explain_pair(run.model, r.regions, r.captions[0], run.text, scorer_for(run.cfg), png,
-                           boxes=r.boxes, image=r.meta.get("file"))
+                           boxes=r.boxes, image=r.meta.get("file"), saliency=r.saliency)
         explained.append({"png": str(png.relative_to(out_dir)), "key": r.key, "caption": r.captions[0],
                           "score": res["score"], "words": res["words"]})
     members = [load_run(d) for d in gallery_runs]

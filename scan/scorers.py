@@ -16,6 +16,8 @@ them). Scores are float32 (float64 for float64 inputs).
 * :class:`DVSAScorer` (``dvsa``): Karpathy & Fei-Fei (2015), eq. 8 with eq. 7's rectifier:
   S(i, j) = Σ_t max_r max(0, v_r · s_t) over the words t of caption j and the regions r of image
   i: every word is aligned to its best region, no softmax.
+* :class:`scan.saliency_scorer.SaliencyScorer` (``scan_sal``): SCAN t2i with saliency-weighted
+  visual attention (SVA) and saliency-guided textual attention (STA) through a gated fusion unit.
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from scan.pooling import length_mask
+from scan.saliency_scorer import SaliencyScorer
 from scan.xattn import XAttnConfig, xattn_scores
 
 if TYPE_CHECKING:
     from scan.config import ExperimentConfig
 
-ModelKind = Literal["scan", "vse", "dvsa"]
+ModelKind = Literal["scan", "vse", "dvsa", "scan_sal"]
 
 
 class Scorer(Protocol):
@@ -180,8 +183,10 @@ def build_scorer(kind: str, xattn: XAttnConfig) -> Scorer:
         return GlobalScorer()
     if kind == "dvsa":
         return DVSAScorer()
+    if kind == "scan_sal":
+        return SaliencyScorer(xattn)
     raise ValueError(f"config key 'model.kind': {kind!r} is not allowed; expected one of "
-                     "'scan', 'vse', 'dvsa'")
+                     "'scan', 'vse', 'dvsa', 'scan_sal'")
 
 
 def as_scorer(scorer: "Scorer | XAttnConfig") -> Scorer:

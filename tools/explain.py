@@ -159,16 +159,22 @@ def _model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]
 
 @torch.no_grad()
 def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
-           scorer: Scorer | XAttnConfig) -> tuple[float, np.ndarray]:
-    """Score of one pair and its word × region attention (n, k) as described in the module doc."""
+           scorer: Scorer | XAttnConfig, saliency: np.ndarray | torch.Tensor | None = None
+           ) -> tuple[float, np.ndarray]:
+    """Score of one pair and its word × region attention (n, k) as described in the module doc;
+    ``saliency`` (k,): the image's (``ImageSample.saliency``), which ``scan_sal`` needs."""
     scorer = as_scorer(scorer)
     device, dtype = _model_placement(model)
     was_training = model.training
     model.eval()
     try:
         k = regions.shape[0]
-        img = model.encode_images(regions[None].to(device, dtype),
-                                  torch.tensor([k], device=device))  # (1, k, d)
+        lens = torch.tensor([k], device=device)
+        if saliency is None:
+            img = model.encode_images(regions[None].to(device, dtype), lens)  # (1, k, d)
+        else:
+            sal = torch.as_tensor(np.asarray(saliency))[None].to(device, dtype)  # (1, k)
+            img = model.encode_images(regions[None].to(device, dtype), lens, sal)
         cap = model.encode_captions(torch.tensor([ids], device=device),
                                     torch.tensor([len(ids)], device=device))  # (1, n, d)
     finally:
@@ -226,7 +232,8 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
                  text_encoder: TextEncoder, scorer: Scorer | XAttnConfig, out_png: str | os.PathLike, *,
                  boxes: np.ndarray | None = None,
                  image: str | os.PathLike | Image.Image | None = None,
-                 columns: int = 5, tile_px: int = 224) -> dict[str, Any]:
+                 columns: int = 5, tile_px: int = 224,
+                 saliency: np.ndarray | None = None) -> dict[str, Any]:
     """Draw the attention picture of one image–caption pair into ``out_png``.
 
     model: has ``encode_images`` / ``encode_captions`` (``scan.model.SCANModel``);
@@ -234,7 +241,8 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     text_encoder: the run's ``dataio.text.Vocab`` or ``HFTokenizer``;
     boxes (k, 4) normalised x0, y0, x1, y1 (``ImageSample.boxes``); None: ``layout_boxes(k)``;
     image: the original picture (local path, s3:// URL or PIL image; the extraction job records
-    the path as ``meta["file"]``); None: a blank canvas with the boxes outlined.
+    the path as ``meta["file"]``); None: a blank canvas with the boxes outlined;
+    saliency (k,): the image's region saliency (``ImageSample.saliency``), needed by ``scan_sal``.
 
     Returns {"score": float, "words": [drawn words], "attention": (words, k) float array of the
     drawn words' weights (module doc), "png": path}.
@@ -256,7 +264,7 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     if not tokens or not ids:
         raise ValueError(f"caption {caption!r} has no words")
     groups = word_groups(text_encoder, tokens, caption, ids)
-    score, attention = attend(model, regions, ids, scorer)  # attention (n, k)
+    score, attention = attend(model, regions, ids, scorer, saliency)  # attention (n, k)
     words = [w for w, _ in groups]
     weights = word_attention(attention, groups, scorer.attention_direction)  # (words, k)
 

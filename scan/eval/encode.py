@@ -116,7 +116,8 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                    device: torch.device | str = "cpu", progress: bool = False) -> Embeddings:
     """Encodes ``dataio.shards.ImageSample`` records: each image and each caption once.
 
-    ``model`` has ``encode_images(regions (B, k, D), img_lens (B,)) -> (B, k, d)`` and
+    ``model`` has ``encode_images(regions (B, k, D), img_lens (B,), saliency (B, k) | None) -> (B, k, d)``
+    (the saliency when every image of the batch carries ``saliency.npy``) and
     ``encode_captions(tokens (B, n), cap_lens (B,)) -> (B, n, d)``, and ``output_lens`` when its
     outputs are not one vector per input position (pooled models). Embeddings are kept on the CPU in
     the precision's dtype (bf16 halves the memory of a COCO-5K split to about 1.4 GB).
@@ -130,7 +131,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     try:
         for batch in tqdm(batched(records, batch_size), desc="encode", unit="batch",
                           disable=not progress):
-            regions, tokens, raw = [], [], []
+            regions, saliency, tokens, raw = [], [], [], []
             for sample in batch:
                 # The field's convention: the first caps_per_image captions (COCO images have 5-7).
                 if min(len(sample.captions), len(sample.tokens)) < caps_per_image:
@@ -138,6 +139,8 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                         f"image {sample.key!r} has {len(sample.captions)} captions "
                         f"({len(sample.tokens)} tokenised); eval.caps_per_image is {caps_per_image}")
                 regions.append(torch.from_numpy(sample.regions).float())
+                if getattr(sample, "saliency", None) is not None:  # any record type: saliency optional
+                    saliency.append(torch.from_numpy(sample.saliency).float())
                 tokens.extend(sample.tokens[:caps_per_image])
                 raw.extend(sample.captions[:caps_per_image])
                 keys.append(sample.key)
@@ -146,9 +149,12 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
             c_lens = torch.tensor([len(i) for i in ids])
             if int(c_lens.min()) == 0:
                 raise ValueError(f"an empty caption among images {[s.key for s in batch]}")
+            # (B, k) when every image of the batch carries saliency.npy (scan_sal needs it)
+            sal = pad_sequence(saliency, batch_first=True).to(device) if len(saliency) == len(batch) else None
             with _autocast(device, precision):
-                v = model.encode_images(pad_sequence(regions, batch_first=True).to(device),
-                                        lens.to(device))
+                x = pad_sequence(regions, batch_first=True).to(device)
+                v = (model.encode_images(x, lens.to(device)) if sal is None
+                     else model.encode_images(x, lens.to(device), sal))
                 w = model.encode_captions(pad_sequence(ids, batch_first=True).to(device),
                                           c_lens.to(device))
             lens, c_lens = output_lens(lens), output_lens(c_lens)  # pooled models: 1 each

@@ -125,6 +125,9 @@ def encode_and_evaluate(model: torch.nn.Module, cfg: ExperimentConfig, spec: str
     > 0) once, the embeddings are all-gathered and the tiles scored on the model's device; every
     rank returns the same result. ``protocol`` overrides ``cfg.eval.protocol``.
     """
+    if cfg.model.kind == "scan_sal":
+        from dataio.pipeline import require_saliency
+        require_saliency(spec, "the evaluated split")
     rank, world = group_world()
     device = next(model.parameters()).device
     emb = encode_split(model, spec, encode_text=encode_text, caps_per_image=cfg.eval.caps_per_image,
