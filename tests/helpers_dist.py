@@ -94,6 +94,7 @@ GRAD_VARIANTS: dict[str, dict[str, object]] = {
     "accum": {"train.grad_accum": 2},  # two micro-batches accumulated before the step
     "vse": {"model.kind": "vse"}, "vse_gpo": {"model.kind": "vse", "model.pooling": "gpo", "train.zero_stage": 2},
     "dvsa": {"model.kind": "dvsa"},
+    "scan_sal": {"model.kind": "scan_sal"},  # SVA + STA: the GFU's parameters train too
 }
 
 
@@ -111,16 +112,19 @@ def global_batch(seed: int = 123) -> dict[str, torch.Tensor]:
     img_lens = torch.randint(3, 7, (GLOBAL_BATCH,), generator=g)
     tokens = torch.randint(4, VOCAB, (GLOBAL_BATCH, 9), generator=g)
     cap_lens = torch.randint(4, 10, (GLOBAL_BATCH,), generator=g)
+    saliency = torch.rand(GLOBAL_BATCH, 6, generator=g)  # drawn last: the other tensors stay as they were
     for dup, orig in ((5, 0), (8, 2)):
-        regions[dup], img_lens[dup] = regions[orig], img_lens[orig]
+        regions[dup], img_lens[dup], saliency[dup] = regions[orig], img_lens[orig], saliency[orig]
     return {"regions": regions, "img_lens": img_lens, "tokens": tokens, "cap_lens": cap_lens,
-            "image_ids": torch.tensor(IMAGE_IDS)}
+            "image_ids": torch.tensor(IMAGE_IDS), "saliency": saliency}
 
 
 def local_rows(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
     """Rows [lo, hi), trimmed to this slice's own longest image and caption (as a collate would)."""
     out = {k: v[lo:hi] for k, v in batch.items()}
     out["regions"] = out["regions"][:, : int(out["img_lens"].max())]
+    if "saliency" in out:
+        out["saliency"] = out["saliency"][:, : int(out["img_lens"].max())]
     out["tokens"] = out["tokens"][:, : int(out["cap_lens"].max())]
     return out
 
@@ -149,7 +153,7 @@ def grads(out: Path, variants: list[str], dtype: torch.dtype = torch.float32) ->
         for micro in range(cfg.train.grad_accum):
             b = local_rows(global_batch(123 + micro), lo, hi)
             b["regions"] = b["regions"].to(dtype)
-            img = model.encode_images(b["regions"], b["img_lens"])
+            img = model.encode_images(b["regions"], b["img_lens"], b["saliency"].to(dtype))  # scan_sal only
             cap = model.encode_captions(b["tokens"], b["cap_lens"])
             img_lens, cap_lens = model.output_lens(b["img_lens"]), model.output_lens(b["cap_lens"])
             loss, total = batch_loss(img, img_lens, cap, cap_lens, b["image_ids"], cfg.loss, scorer)

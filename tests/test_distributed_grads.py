@@ -1,7 +1,7 @@
 """Cross-device hardest negatives: 2 and 4 gloo ranks give the loss and gradients of 1 process on
 the concatenated global batch within 1e-6 (fp32; the row partition and the earlier rows-and-columns
 scheme; SCAN under ZeRO 0 and 2, hardest or all negatives, same-image pairs masked across ranks or
-not, two micro-batches accumulated; VSE++ with mean and GPO pooling; DVSA); and a
+not, two micro-batches accumulated; VSE++ with mean and GPO pooling; DVSA; saliency-guided SCAN); and a
 paper recipe's data.global_batch_size of 128 gives the one-process gradients on 1, 2 and 8 ranks."""
 from __future__ import annotations
 
