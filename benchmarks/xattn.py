@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,10 +46,34 @@ def make_inputs(n_img: int, n_cap: int, k: int, n: int, d: int, device: str = "c
 def methods(images, captions, cap_lens, cfg) -> dict[str, Callable[[], torch.Tensor]]:
     a = images.reshape(-1, images.shape[-1])
     b = captions.reshape(-1, captions.shape[-1])
+    fused = replace(cfg, fused=True)
     return {
         "xattn_scores": lambda: xattn_scores(images, captions, cap_lens, cfg),
+        "xattn_fused": lambda: xattn_scores(images, captions, cap_lens, fused),
         "reference_loop": lambda: reference_loop_scores(images, captions, cap_lens, cfg),
         "floor_matmul": lambda: a @ b.t(),
+    }
+
+
+def training_methods(images, captions, cap_lens, cfg) -> dict[str, Callable[[], None]]:
+    """Forward and backward of the scores (what the loss runs per step), per method. The floor is
+    the one product's forward and its two backward products (gradients of both sides)."""
+    im, cap = images.clone().requires_grad_(True), captions.clone().requires_grad_(True)
+    a = im.reshape(-1, im.shape[-1])
+    b = cap.reshape(-1, cap.shape[-1])
+    fused = replace(cfg, fused=True)
+
+    def backward(fn):
+        def run():
+            im.grad = cap.grad = None
+            fn().sum().backward()
+        return run
+
+    return {
+        "xattn_scores": backward(lambda: xattn_scores(im, cap, cap_lens, cfg)),
+        "xattn_fused": backward(lambda: xattn_scores(im, cap, cap_lens, fused)),
+        "reference_loop": backward(lambda: reference_loop_scores(im, cap, cap_lens, cfg)),
+        "floor_matmul": backward(lambda: a @ b.t()),
     }
 
 
@@ -57,16 +82,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def median_times(fns: dict[str, Callable[[], torch.Tensor]],
-                 repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def median_times(fns: dict[str, Callable[[], torch.Tensor]], repeats: int,
+                 grad: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall seconds and median process CPU seconds per method over `repeats` interleaved
     rounds, after one warm-up each. CPU seconds (all threads) are less distorted than wall time
     when other processes share the cores."""
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for fn in fns.values():
-            fn()
+            fn()  # warm-up (the fused path compiles here)
         for _ in tqdm(range(repeats), desc="rounds", leave=False):
             for name, fn in fns.items():
                 _sync()
@@ -103,28 +128,45 @@ def peak_growth(method: str, n_img: int, n_cap: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def cpu_table(shapes: list[tuple[int, int]], repeats: int, measure_memory: bool) -> None:
+COLUMNS = (("reference_loop", "loop s"), ("xattn_scores", "unfused s"), ("xattn_fused", "fused s"),
+           ("floor_matmul", "floor s"))
+
+
+def _print_rows(label: str, shape: tuple[int, int], wall: dict[str, float], cpu: dict[str, float]) -> None:
+    for clock, t in (("wall", wall), ("cpu", cpu)):
+        cells = " ".join(f"{t[m]:9.3f}" for m, _ in COLUMNS)
+        print(f"{f'{shape[0]} x {shape[1]}':>10} {label:>9} {clock:>5} {cells} "
+              f"{t['reference_loop'] / t['xattn_fused']:9.2f} {t['xattn_scores'] / t['xattn_fused']:9.2f} "
+              f"{t['xattn_fused'] / t['floor_matmul']:9.2f} {t['xattn_scores'] / t['floor_matmul']:9.2f}")
+
+
+def cpu_table(shapes: list[tuple[int, int]], repeats: int, measure_memory: bool,
+              train_shapes: list[tuple[int, int]] = ()) -> None:
+    """Scores (inference) at each shape, then forward + backward at ``train_shapes``: the
+    reference's loop, the unfused and the fused (xattn.fused) formulation, and the matrix-product
+    floor, side by side in one process."""
     cfg = XAttnConfig()
     names = ("reference_loop", "xattn_scores", "floor_matmul")
     print(f"float32 CPU, {torch.get_num_threads()} threads, k={K_REGIONS}, n={N_WORDS} "
           f"(lengths 8-{N_WORDS}), d={DIM}, cfg={cfg}; median of {repeats} interleaved runs")
-    print(f"{'N x M':>10} {'':>5} {'loop s':>9} {'xattn s':>9} {'floor s':>9} {'loop/xattn':>10} "
-          f"{'xattn/floor':>11}")
+    print(f"{'N x M':>10} {'pass':>9} {'':>5} " + " ".join(f"{h:>9}" for _, h in COLUMNS)
+          + f" {'loop/fus':>9} {'unf/fus':>9} {'fus/floor':>9} {'unf/floor':>9}")
     ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     floor_ratio: dict[str, float] = {}
     peaks = []
     for n_img, n_cap in shapes:
         images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM)
         wall, cpu = median_times(methods(images, captions, cap_lens, cfg), repeats)
+        _print_rows("scores", (n_img, n_cap), wall, cpu)
         for clock, t in (("wall", wall), ("cpu", cpu)):
-            ratio = t["reference_loop"] / t["xattn_scores"]
-            ratios[clock].append(ratio)
+            ratios[clock].append(t["reference_loop"] / t["xattn_scores"])
             floor_ratio[clock] = t["xattn_scores"] / t["floor_matmul"]
-            print(f"{f'{n_img} x {n_cap}':>10} {clock:>5} {t['reference_loop']:9.3f} "
-                  f"{t['xattn_scores']:9.3f} {t['floor_matmul']:9.3f} {ratio:10.2f} "
-                  f"{floor_ratio[clock]:11.2f}")
         if measure_memory:
             peaks.append((n_img, n_cap, {m: peak_growth(m, n_img, n_cap) for m in names}))
+    for n_img, n_cap in train_shapes:
+        images, captions, cap_lens = make_inputs(n_img, n_cap, K_REGIONS, N_WORDS, DIM)
+        wall, cpu = median_times(training_methods(images, captions, cap_lens, cfg), repeats, grad=True)
+        _print_rows("fwd+bwd", (n_img, n_cap), wall, cpu)
     for clock in ("wall", "cpu"):
         geo = math.exp(sum(map(math.log, ratios[clock])) / len(ratios[clock]))
         print(f"[{clock}] geometric mean loop/xattn: {geo:.2f}x; xattn/floor at "
@@ -144,16 +186,18 @@ def gpu_table(n_img: int, n_cap: int, repeats: int) -> None:
     del fns["reference_loop"]
     t, _ = median_times(fns, repeats)
     flops = 2.0 * n_img * K_REGIONS * n_cap * N_WORDS * DIM
-    print(f"bf16 {torch.cuda.get_device_name()} {n_img} x {n_cap}: "
-          f"xattn {t['xattn_scores']:.3f} s ({flops / t['xattn_scores'] / 1e12:.1f} TFLOP/s of the "
-          f"floor's work), floor {t['floor_matmul']:.4f} s ({flops / t['floor_matmul'] / 1e12:.1f} "
-          f"TFLOP/s), xattn/floor {t['xattn_scores'] / t['floor_matmul']:.2f}x")
+    for name in ("xattn_scores", "xattn_fused"):
+        print(f"bf16 {torch.cuda.get_device_name()} {n_img} x {n_cap}: "
+              f"{name} {t[name]:.3f} s ({flops / t[name] / 1e12:.1f} TFLOP/s of the floor's work), "
+              f"floor {t['floor_matmul']:.4f} s ({flops / t['floor_matmul'] / 1e12:.1f} TFLOP/s), "
+              f"{name}/floor {t[name] / t['floor_matmul']:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a CI smoke run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu-only", action="store_true", help="only the CUDA table (benchmarks/gpu_check.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--peak-child", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,10 +207,16 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        cpu_table([(4, 8), (8, 8)], repeats=2, measure_memory=False)
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            parser.error("--gpu-only needs a CUDA device")
+        gpu_table(1000, 5000, repeats=args.repeats)
         return
-    cpu_table([(32, 160), (128, 128)], repeats=args.repeats, measure_memory=True)
+    if args.quick:
+        cpu_table([(4, 8), (8, 8)], repeats=2, measure_memory=False, train_shapes=[(4, 8)])
+        return
+    cpu_table([(32, 160), (128, 128)], repeats=args.repeats, measure_memory=True,
+              train_shapes=[(128, 128)])
     if torch.cuda.is_available():
         gpu_table(1000, 5000, repeats=args.repeats)
 

@@ -16,6 +16,7 @@ The attended vectors a_q (A·B·q·d numbers) are never formed.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+logger = logging.getLogger(__name__)
 
 Direction = Literal["t2i", "i2t"]
 Aggregation = Literal["mean", "lse", "max", "sum"]
@@ -58,6 +61,10 @@ class XAttnConfig:
     lambda_softmax: float = 9.0  # λ1: inverse temperature of the attention softmax
     lambda_lse: float = 6.0  # λ2: only used when agg == "lse"
     raw_feature_norm: RawFeatureNorm = "clipped_l2norm"
+    # Implementation, not semantics: compile each tile's passes after the matrix product into
+    # fused kernels (torch.compile / inductor: C++/OpenMP on CPU, Triton on CUDA). Same scores;
+    # falls back to the eager passes, with a warning, where compilation fails (docs/DESIGN.md §2.5).
+    fused: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and the allowed values."""
@@ -73,6 +80,8 @@ class XAttnConfig:
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"XAttnConfig.{name}={value!r} is not allowed; "
                                  "it must be a finite number > 0")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"XAttnConfig.fused={self.fused!r} is not allowed; it must be true or false")
 
 
 def xattn_scores(
@@ -158,6 +167,7 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
     # A checkpointed tile holds the training intermediates while it is recomputed in backward.
     tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
                                  grad, ctx.device.type == "cpu")
+    tile_fn = _fused_tile_scores if cfg.fused else _tile_scores
     rows = []
     for a0 in range(0, A, tile_a):
         a1 = min(A, a0 + tile_a)
@@ -169,9 +179,9 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
             if checkpoint and grad:
                 # Reentrant: keeps only the tile's inputs (measured: 0.67 vs 1.33 GB at a batch of 256,
                 # and 3x faster than use_reentrant=False); it needs .backward(), not autograd.grad.
-                cols.append(torch_checkpoint(_tile_scores, *args, cfg, cdtype, use_reentrant=True))
+                cols.append(torch_checkpoint(tile_fn, *args, cfg, cdtype, use_reentrant=True))
             else:
-                cols.append(_tile_scores(*args, cfg, cdtype))
+                cols.append(tile_fn(*args, cfg, cdtype))
         rows.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0])
     return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
 
@@ -225,6 +235,70 @@ def _tile_scores(ctx: Tensor, gram: Tensor, ctx_mask: Tensor | None, qry: Tensor
     return _aggregate(r, qry_mask, cfg)
 
 
+def _fused_tile_scores(ctx: Tensor, gram: Tensor, ctx_mask: Tensor | None, qry: Tensor,
+                       q_norm: Tensor, qry_mask: Tensor | None, cfg: XAttnConfig,
+                       cdtype: torch.dtype) -> Tensor:
+    """``_tile_scores`` with the per-pair passes compiled into fused kernels (``cfg.fused``).
+
+    The compiled graph depends only on the first normalisation, whether the max is subtracted,
+    the dtypes and the device: λ1 travels as a 0-d tensor, the masks are always given (all
+    valid where nothing is padded) and every size is symbolic (``dynamic=True``), so new batch
+    shapes, caption lengths and λ1 values reuse it. The aggregation over the q queries of each
+    pair ((A, B, q) numbers, not (A, c, B, q)) stays eager."""
+    A, c, _ = ctx.shape
+    B, q, _ = qry.shape
+    ctx_valid = torch.ones(A, c, dtype=torch.bool, device=ctx.device) if ctx_mask is None else ctx_mask
+    qry_valid = torch.ones(B, q, dtype=torch.bool, device=qry.device) if qry_mask is None else qry_mask
+    lam = torch.tensor(cfg.lambda_softmax, dtype=cdtype, device=ctx.device)
+    shift = not (cfg.raw_feature_norm in _BOUNDED_NORMS and cfg.lambda_softmax <= _MAX_UNSHIFTED)
+    args = (ctx, gram, ctx_valid, qry, q_norm, qry_valid, lam, cfg.raw_feature_norm, shift, cdtype)
+    r = _compiled_tile()(*args) if _COMPILE_STATE["ok"] else None
+    if r is None:
+        r = _tile_per_query(*args)
+    return _aggregate(r, qry_mask, cfg)
+
+
+def _tile_per_query(ctx: Tensor, gram: Tensor, ctx_valid: Tensor, qry: Tensor, q_norm: Tensor,
+                    qry_valid: Tensor, lam: Tensor, norm: str, shift: bool,
+                    cdtype: torch.dtype) -> Tensor:
+    """Per-query similarities R (A, B, q) of one tile, written for torch.compile: no in-place
+    buffers, no data-dependent shapes (padded contexts are masked, not indexed)."""
+    A, c, d = ctx.shape
+    B, q, _ = qry.shape
+    s = torch.mm(ctx.reshape(A * c, d), qry.reshape(B * q, d).t()).to(cdtype).view(A, c, B, q)
+    qry_bias = torch.zeros(B, q, dtype=cdtype, device=s.device).masked_fill(~qry_valid, -math.inf)
+    x = _scaled_first_norm(s, norm, lam, qry_bias.view(1, 1, B, q), None)
+    x = x.masked_fill(~ctx_valid.view(A, c, 1, 1), -math.inf)
+    if shift:
+        x = x - x.amax(dim=1, keepdim=True)
+    e = x.exp()
+    ge = torch.bmm(gram, e.view(A, c, B * q)).view(A, c, B, q)
+    qa, aa, z = (s * e).sum(1), (ge * e).sum(1), e.sum(1)
+    a_norm = (aa / (z * z)).clamp_min(_TINY).sqrt()
+    return (qa / z) / (q_norm[None] * a_norm).clamp_min(_EPS)
+
+
+# One compiled _tile_per_query per process; "ok" turns False (eager from then on) when compiling
+# fails, e.g. without a C++ compiler for inductor's CPU kernels.
+_COMPILE_STATE: dict = {"fn": None, "ok": True}
+
+
+def _compiled_tile():
+    if _COMPILE_STATE["fn"] is None:
+        _COMPILE_STATE["fn"] = torch.compile(_tile_per_query, dynamic=True)
+    compiled = _COMPILE_STATE["fn"]
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, say so once
+            _COMPILE_STATE["ok"] = False
+            logger.warning("xattn.fused: torch.compile failed (%s: %s); the eager passes run instead",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return None
+    return call
+
+
 def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """0 where valid, -inf where padded (same shape as mask)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
@@ -240,7 +314,7 @@ def _attention_exp(s: Tensor, cfg: XAttnConfig, ctx_pad_rows: Tensor | None,
     With ``out`` (inference only) every step writes into that buffer instead of allocating.
     """
     inplace = out is not None
-    x = _scaled_first_norm(s, cfg, qry_bias, out)
+    x = _scaled_first_norm(s, cfg.raw_feature_norm, cfg.lambda_softmax, qry_bias, out)
     if ctx_pad_rows is not None:
         A, c, B, q = x.shape
         x = x.view(A * c, B * q)
@@ -252,11 +326,10 @@ def _attention_exp(s: Tensor, cfg: XAttnConfig, ctx_pad_rows: Tensor | None,
     return x.exp_() if inplace else x.exp()
 
 
-def _scaled_first_norm(s: Tensor, cfg: XAttnConfig, qry_bias: Tensor | None,
+def _scaled_first_norm(s: Tensor, kind: str, lam: float | Tensor, qry_bias: Tensor | None,
                        out: Tensor | None) -> Tensor:
-    """λ1 · (first normalisation of s over the query axis, the last one); into ``out`` if given."""
-    lam = cfg.lambda_softmax
-    kind = cfg.raw_feature_norm
+    """λ1 · (first normalisation ``kind`` of s over the query axis, the last one); into ``out``
+    if given. ``lam`` may be a 0-d tensor (the fused path: one compiled graph for every λ1)."""
     if kind == "softmax":
         return torch.mul(torch.softmax(s if qry_bias is None else s + qry_bias, dim=-1), lam, out=out)
     if kind == "no_norm":
@@ -265,7 +338,7 @@ def _scaled_first_norm(s: Tensor, cfg: XAttnConfig, qry_bias: Tensor | None,
     if kind.startswith("clipped"):
         base = F.leaky_relu(s, 0.1) if out is None else torch.ops.aten.leaky_relu.out(s, 0.1, out=out)
     if kind.endswith("l2norm"):
-        factor: Tensor | float = lam / (torch.linalg.vector_norm(base, dim=-1, keepdim=True) + _EPS)
+        factor = lam / (torch.linalg.vector_norm(base, dim=-1, keepdim=True) + _EPS)
     elif kind.endswith("l1norm"):
         factor = lam / (torch.linalg.vector_norm(base, ord=1, dim=-1, keepdim=True) + _EPS)
     else:  # clipped

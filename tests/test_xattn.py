@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from reference_scan import reference_attention, reference_scores
+import scan.xattn as xattn_module
 from scan.xattn import Aggregation, Direction, RawFeatureNorm, XAttnConfig, xattn_scores
 
 NORMS = get_args(RawFeatureNorm)
@@ -170,12 +171,14 @@ def test_lambda_lse_20_half_inputs_finite(dtype, direction):
     torch.testing.assert_close(scores.double(), want, rtol=0, atol=0.05)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA fp16/bf16 path needs a GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_matches_reference(dtype):
+def test_cuda_half_matches_reference(dtype, fused):
     images, captions, cap_lens, img_lens = make_inputs(n_img=4, n_cap=5, k=10, n=8, d=64,
                                                        dtype=torch.float32, seed=8)
-    cfg = XAttnConfig(direction="t2i", agg="lse", lambda_lse=20.0)
+    cfg = XAttnConfig(direction="t2i", agg="lse", lambda_lse=20.0, fused=fused)  # fused: Triton
     got = xattn_scores(images.cuda().to(dtype), captions.cuda().to(dtype), cap_lens.cuda(), cfg,
                        img_lens.cuda())
     want = reference_scores(images.to(dtype).double(), captions.to(dtype).double(), cap_lens, cfg,
@@ -255,6 +258,7 @@ def test_bad_attention_pairs_raise():
     ("raw_feature_norm", "l3norm", "XAttnConfig.raw_feature_norm='l3norm'.*'clipped_l2norm'"),
     ("lambda_softmax", 0.0, "XAttnConfig.lambda_softmax=0.0 is not allowed; it must be a finite"),
     ("lambda_lse", math.inf, "XAttnConfig.lambda_lse=inf"),
+    ("fused", "yes", "XAttnConfig.fused='yes' is not allowed; it must be true or false"),
 ])
 def test_config_validate(field, value, message):
     cfg = XAttnConfig(**{field: value})
@@ -263,3 +267,88 @@ def test_config_validate(field, value, message):
     images, captions, cap_lens, _ = make_inputs()
     with pytest.raises(ValueError, match=message):
         xattn_scores(images, captions, cap_lens, cfg)
+
+
+# The fused path (xattn.fused: each tile's passes compiled by torch.compile / inductor) is held to
+# the same oracle: all 56 variants, gradients, checkpointing, and one graph across shapes.
+@pytest.mark.parametrize("direction,agg,norm", list(itertools.product(DIRECTIONS, AGGS, NORMS)))
+def test_fused_matches_reference_float64(direction, agg, norm):
+    images, captions, cap_lens, img_lens = make_inputs()
+    cfg = XAttnConfig(direction=direction, agg=agg, lambda_softmax=4.0, lambda_lse=6.0,
+                      raw_feature_norm=norm, fused=True)
+    got = xattn_scores(images, captions, cap_lens, cfg, img_lens, validate=True)
+    want = reference_scores(images, captions, cap_lens, cfg, img_lens)
+    assert xattn_module._COMPILE_STATE["ok"], "the fused path fell back to eager"
+    assert got.dtype == torch.float64 and got.shape == (3, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction,agg,norm", [("t2i", "mean", "clipped_l2norm"),
+                                                ("i2t", "lse", "softmax")])
+def test_fused_gradcheck(direction, agg, norm):
+    # gradcheck runs backward several times over one graph (retain_graph); training never does,
+    # and inductor's backward may then write into the forward's saved buffers (donated buffers,
+    # in-place reuse). Both are turned off for this test's graphs only.
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    images, captions, cap_lens, img_lens = make_inputs(n_img=2, n_cap=3, k=4, n=5, d=4, seed=3)
+    images.requires_grad_(True)
+    captions.requires_grad_(True)
+    cfg = XAttnConfig(direction=direction, agg=agg, lambda_softmax=4.0, lambda_lse=5.0,
+                      raw_feature_norm=norm, fused=True)
+    with functorch_config.patch(donated_buffer=False), inductor_config.patch(inplace_buffers=False):
+        assert torch.autograd.gradcheck(lambda im, cap: xattn_scores(im, cap, cap_lens, cfg, img_lens),
+                                        (images, captions), eps=1e-6, atol=1e-6)
+    assert xattn_module._COMPILE_STATE["ok"]
+
+
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_fused_fp32_training_equals_eager(use_checkpoint):
+    """The training path in fp32 (what the loss runs): scores and gradients of the fused tiles equal
+    the eager ones up to fp32 rounding, checkpointed (reentrant recompute) or not."""
+    images, captions, cap_lens, img_lens = make_inputs(n_img=5, n_cap=6, k=9, n=8, d=16, seed=6,
+                                                       dtype=torch.float32)
+    out = []
+    for fused in (False, True):
+        im = images.clone().requires_grad_(True)
+        cap = captions.clone().requires_grad_(True)
+        cfg = XAttnConfig(direction="t2i", fused=fused)
+        scores = xattn_scores(im, cap, cap_lens, cfg, img_lens, checkpoint=use_checkpoint,
+                              memory_budget_mb=1e-3)
+        scores.square().sum().backward()
+        out.append((scores.detach(), im.grad, cap.grad))
+    for eager, fused in zip(*out):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_compiles_once_across_shapes_and_lambdas():
+    """New batch shapes, caption lengths, tile sizes and λ1 reuse the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    cfg = XAttnConfig(direction="t2i", fused=True)
+    xattn_scores(*make_inputs(n_img=3, n_cap=4, k=5, n=6, dtype=torch.float32)[:3], cfg)  # warm
+    before = counters["stats"]["unique_graphs"]
+    for n_img, n_cap, k, n, lam in ((5, 2, 7, 3, 9.0), (2, 5, 3, 5, 4.0), (4, 3, 6, 4, 15.0)):
+        images, captions, cap_lens, _ = make_inputs(n_img=n_img, n_cap=n_cap, k=k, n=n,
+                                                    dtype=torch.float32, seed=n_img)
+        got = xattn_scores(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam, fused=True))
+        want = xattn_scores(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_fused_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(xattn_module._COMPILE_STATE, "fn", broken)
+    monkeypatch.setitem(xattn_module._COMPILE_STATE, "ok", True)
+    images, captions, cap_lens, img_lens = make_inputs()
+    cfg = XAttnConfig(fused=True)
+    with caplog.at_level("WARNING", logger="scan.xattn"):
+        got = xattn_scores(images, captions, cap_lens, cfg, img_lens)
+    assert "torch.compile failed (RuntimeError: no C++ compiler)" in caplog.text
+    assert not xattn_module._COMPILE_STATE["ok"]
+    torch.testing.assert_close(got, reference_scores(images, captions, cap_lens, cfg, img_lens),
+                               rtol=0, atol=1e-9)
