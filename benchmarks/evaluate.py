@@ -156,9 +156,12 @@ def gpu_table(sizes: list[int]) -> None:
         emb = split_embeddings(n_img, "cuda", torch.bfloat16)
         protocol = "coco5k" if n_img == 5000 else "split"
         time_sharded(split_embeddings(64, "cuda", torch.bfloat16), memory_budget_mb=8192)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
         seconds, metrics = time_sharded(emb, protocol=protocol, memory_budget_mb=8192)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
         floor_s = floor_flops(n_img, n_img * CPI) / gemm_rate
-        print(row(f"sharded ({protocol})", n_img, "1", "bf16", seconds, floor_s, None))
+        print(row(f"sharded ({protocol})", n_img, "1", "bf16", seconds, floor_s, None)
+              + f" peak GPU memory {peak_gib:.2f} GiB")
         del emb
         torch.cuda.empty_cache()
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 VOCAB = 10_000
+BUILD_S: dict[str, float] = {}  # seconds to build the engine (optimizer ops included), this process
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Case:
     cross_device: bool = True
     batch: int = 128  # captions per rank
     partition: str = "rows"  # loss.partition of global mining: rows | rows_and_columns
+    fused: bool = False  # xattn.fused: the score tiles' passes compiled (torch.compile)
 
     @property
     def mining(self) -> str:
@@ -63,6 +65,9 @@ class Case:
 
 CASES = {
     "fp32-1": Case(1, "fp32"),
+    "fp32-1-fused": Case(1, "fp32", fused=True),
+    # Not a training step: the step's matrix products alone, same shapes (floor_step).
+    "floor": Case(1, "floor"),
     "bf16-1": Case(1, "bf16"),
     "fp16-1": Case(1, "fp16"),
     "fp32-2-cross": Case(2, "fp32"),
@@ -85,6 +90,8 @@ CPU_DEFAULT = ["fp32-1", "bf16-1", "fp32-2-local", "fp32-2-cross", "fp32-2-rowsc
 MINING = ["fp32-2-local", "fp32-2-cross", "fp32-2-ring", "fp32-2-rowscols",
           "fp32-4-local", "fp32-4-cross", "fp32-4-ring", "fp32-4-rowscols"]
 GPU_DEFAULT = ["reference", "fp32-1", "bf16-1", "fp16-1", "global1024-1x1024"]
+# The fp32 step against the reference-style step and its matrix-product floor (issue 14).
+STEP = ["reference", "fp32-1", "fp32-1-fused", "floor"]
 
 
 def make_batch(batch: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -105,7 +112,8 @@ def experiment(case: Case):
     cfg.data.batch_size = case.batch
     cfg.loss.cross_device = case.cross_device
     cfg.loss.partition = case.partition
-    cfg.train.precision = "fp32" if case.precision == "reference" else case.precision
+    cfg.train.precision = case.precision if case.precision in ("fp32", "bf16", "fp16") else "fp32"
+    cfg.xattn.fused = case.fused
     return cfg
 
 
@@ -128,6 +136,8 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
     batch = make_batch(case.batch, env.rank, env.device)
     if case.precision == "reference":
         step, label = _reference_step(cfg, model, env.device)
+    elif case.precision == "floor":
+        step, label = _floor_step(cfg, batch, env.device), "-"
     else:
         init_process_group(env)
         step, label = _engine_step(cfg, model, env)
@@ -140,13 +150,14 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
         times.append(time.perf_counter() - t0)
     median = statistics.median(times[warmup:])
     peak = torch.tensor(float(peak_memory_bytes(env.device)))
-    if case.precision != "reference" and env.world > 1:
+    if case.precision not in ("reference", "floor") and env.world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     if env.rank == 0:
         print("RESULT " + json.dumps({
             "case": name, "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
             "precision": case.precision, "ranks": env.world, "global_batch": case.batch * env.world,
             "mining": case.mining, "pairs_per_rank": case.pairs_per_rank(), "optimizer": label,
+            "engine_build_s": BUILD_S.get("engine"),
             "median_step_s": median, "samples_per_s": case.batch * env.world / median,
             "peak_mem_gb": float(peak) / 2**30, "threads": torch.get_num_threads()}), flush=True)
 
@@ -155,7 +166,9 @@ def _engine_step(cfg, model, env):
     from trainer.engine import build_engine
     from scan.loss import batch_loss
 
-    engine = build_engine(cfg, model, env)
+    t0 = time.perf_counter()
+    engine = build_engine(cfg, model, env)  # builds (JIT-compiles) DeepSpeed's fused optimizer ops
+    BUILD_S["engine"] = time.perf_counter() - t0
     ds = engine.ds
     dtype = next(ds.module.parameters()).dtype
 
@@ -189,6 +202,47 @@ def _reference_step(cfg, model, device):
         opt.step()
 
     return step, "torch.optim.Adam"
+
+
+def _floor_step(cfg, batch: dict[str, torch.Tensor], device: torch.device):
+    """The step's matrix products alone, at its shapes, fp32: what no implementation of this step
+    can avoid. Forward and the backward products that training needs: the region encoder's
+    (B·k × D) @ (D × E) and its weight gradient (the regions need none); the BiGRU's input
+    projection (B·L × w → 3E per direction) with its two gradients and, per time step, the
+    recurrent (B × E → 3E) per direction with its two; the scores' one product
+    (B·k × E) @ (E × B·n) with both gradients; the Gram matrices and G·e (B × k × k times
+    k × B·n) with both gradients. Elementwise work, the GRU's gates, the loss and Adam are not in it."""
+    B, k, D = batch["regions"].shape
+    E, w = cfg.model.embed_size, cfg.model.word_dim
+    L = int(batch["cap_lens"].max())
+    h = E  # hidden size per direction (the reference's GRU; the two directions are averaged)
+    dirs = 2 if cfg.model.bidirectional else 1
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    regions, w_img = r(B * k, D), r(D, E)
+    words, w_in = r(B * L, w), r(w, 3 * h)
+    state, w_hh = r(B, h), r(h, 3 * h)
+    img, cap = r(B * k, E), r(B * L, E)
+    gram, e = r(B, k, k), r(B, k, B * L)
+    products = [
+        lambda: regions @ w_img, lambda: regions.t() @ (regions @ w_img),  # forward, weight grad
+        *[f for _ in range(dirs) for f in (lambda: words @ w_in, lambda: words.t() @ (words @ w_in),
+                                          lambda: (words @ w_in) @ w_in.t())],
+        lambda: img @ cap.t(), lambda: (img @ cap.t()) @ cap, lambda: (img @ cap.t()).t() @ img,
+        lambda: torch.bmm(img.view(B, k, E), img.view(B, k, E).transpose(1, 2)),
+        lambda: torch.bmm(gram, e), lambda: torch.bmm(gram, e), lambda: torch.bmm(e, e.transpose(1, 2)),
+    ]
+
+    def step(_: dict[str, torch.Tensor]) -> None:
+        for f in products:
+            f()
+        for _ in range(dirs * L):  # recurrent products: forward, input grad, weight grad
+            state @ w_hh, (state @ w_hh) @ w_hh.t(), state.t() @ (state @ w_hh)
+
+    return step
 
 
 def launch(name: str, steps: int, warmup: int) -> dict | None:
@@ -240,7 +294,8 @@ def print_memory_table(global_batches=(1024, 8192, 65536), per_rank: int = 128, 
 def print_table(rows: list[dict]) -> None:
     ref = next((r for r in rows if r["precision"] == "reference"), None)
     head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "pairs/rank",
-            "median step s", "samples/s", "peak mem/rank GiB", "vs reference", "vs W x per-rank step"]
+            "median step s", "samples/s", "peak mem/rank GiB", "vs reference", "vs floor",
+            "vs W x per-rank step", "optimizer (build s)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -250,15 +305,21 @@ def print_table(rows: list[dict]) -> None:
                       and x["global_batch"] == r["global_batch"] and x["precision"] == r["precision"]), None)
         inherent = (f"{r['median_step_s'] / (r['ranks'] * local['median_step_s']):.2f}x"
                     if local and r["mining"].startswith("global") else "")
+        floor = next((x for x in rows if x["precision"] == "floor"), None)
+        vs_floor = f"{r['median_step_s'] / floor['median_step_s']:.2f}x" if floor and r["ranks"] == 1 else ""
+        build = r.get("engine_build_s")
+        optimizer = r["optimizer"] + (f" ({build:.1f})" if build is not None else "")
         print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['ranks']} | {r['global_batch']} | "
               f"{r['mining']} | {r['pairs_per_rank']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{r['peak_mem_gb']:.2f} | {speedup} | {inherent} |")
+              f"{r['peak_mem_gb']:.2f} | {speedup} | {vs_floor} | {inherent} | {optimizer} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="default: the machine's set")
     p.add_argument("--mining", action="store_true", help="the cross-device mining cases at W = 2 and 4")
+    p.add_argument("--step", action="store_true",
+                   help="the fp32 step: reference-style, unfused, fused (xattn.fused) and the floor")
     p.add_argument("--memory-table", action="store_true",
                    help="print the per-rank memory of the mined embeddings at large global batches")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
@@ -273,7 +334,8 @@ def main() -> None:
         print_memory_table()
         return
     gpus = torch.cuda.device_count()
-    names = args.cases or (MINING if args.mining else GPU_DEFAULT if gpus else CPU_DEFAULT)
+    names = args.cases or (MINING if args.mining else STEP if args.step
+                           else GPU_DEFAULT if gpus else CPU_DEFAULT)
     rows = []
     for name in names:
         if gpus and CASES[name].world > gpus:

@@ -19,7 +19,8 @@ import torch
 
 from helpers_dist import ACCUM_STAGES, ACCUM_STEPS, cpu_env, free_port
 
-pytestmark = pytest.mark.integration
+# gpu: the fp16 rows (and every row on a CUDA device) run only where a GPU is.
+pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 
 HELPER = Path(__file__).with_name("helpers_dist.py")
 CUDA = torch.cuda.is_available()

@@ -98,6 +98,7 @@ def test_unknown_backbones_are_refused(tmp_path):
         load_backbone(f"hf:{tmp_path}")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast path needs a CUDA GPU")
 def test_gpu_bf16_matches_cpu():
     cpu = load_backbone("efficientnet-lite0", device="cpu")

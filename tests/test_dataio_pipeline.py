@@ -238,6 +238,7 @@ def test_brace_pattern_needs_committed_records(tmp_path):
         resolve_shards(str(tmp_path / "{a,b}.tar"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and device copies need a CUDA GPU")
 def test_pinned_batches_move_to_the_gpu(generated_shards, vocab):
     (b, *_) = caption_batches(generated_shards, batch_size=16, encode=vocab, seed=0, epoch=0, rank=0, world=1,

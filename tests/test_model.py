@@ -317,6 +317,7 @@ def test_scan_model_hf_uses_lengths_as_mask(tiny_bert_dir):
         SCANModel(cfg, vocab_size=0, embeddings=torch.zeros(3, 50))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast path)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scan_model_cuda_autocast_step(dtype):

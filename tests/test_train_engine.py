@@ -39,6 +39,7 @@ def test_fp16_run_on_cpu_stops_with_a_clear_message(generated_shards, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason="fp16 (dynamic loss scaling) needs a CUDA GPU")
 @pytest.mark.integration
 def test_fp16_trains_on_gpu(generated_shards, tmp_path):
