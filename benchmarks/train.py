@@ -149,6 +149,8 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
         _sync(env.device)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times[warmup:])
+    if os.environ.get("BENCH_PROFILE") and env.rank == 0:
+        print_profile(step, batch)
     peak = torch.tensor(float(peak_memory_bytes(env.device)))
     if case.precision not in ("reference", "floor") and env.world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -160,6 +162,16 @@ def run_worker(name: str, steps: int, warmup: int) -> None:
             "engine_build_s": BUILD_S.get("engine"),
             "median_step_s": median, "samples_per_s": case.batch * env.world / median,
             "peak_mem_gb": float(peak) / 2**30, "threads": torch.get_num_threads()}), flush=True)
+
+
+def print_profile(step, batch: dict[str, torch.Tensor], rows: int = 18) -> None:
+    """Where one step's time goes (torch.profiler): operators by self CPU time, one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    print("PROFILE\n" + table, file=sys.stderr, flush=True)
 
 
 def _engine_step(cfg, model, env):
@@ -222,25 +234,26 @@ def _floor_step(cfg, batch: dict[str, torch.Tensor], device: torch.device):
     def r(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    regions, w_img = r(B * k, D), r(D, E)
-    words, w_in = r(B * L, w), r(w, 3 * h)
-    state, w_hh = r(B, h), r(h, 3 * h)
-    img, cap = r(B * k, E), r(B * L, E)
+    # Operands and output-gradients of the step's products (each product is timed once).
+    regions, w_img, g_img = r(B * k, D), r(D, E), r(B * k, E)
+    words, w_in, g_in = r(B * L, w), r(w, 3 * h), r(B * L, 3 * h)
+    state, w_hh, g_h = r(B, h), r(h, 3 * h), r(B, 3 * h)
+    img, cap, g_s = r(B * k, E), r(B * L, E), r(B * k, B * L)
     gram, e = r(B, k, k), r(B, k, B * L)
     products = [
-        lambda: regions @ w_img, lambda: regions.t() @ (regions @ w_img),  # forward, weight grad
-        *[f for _ in range(dirs) for f in (lambda: words @ w_in, lambda: words.t() @ (words @ w_in),
-                                          lambda: (words @ w_in) @ w_in.t())],
-        lambda: img @ cap.t(), lambda: (img @ cap.t()) @ cap, lambda: (img @ cap.t()).t() @ img,
-        lambda: torch.bmm(img.view(B, k, E), img.view(B, k, E).transpose(1, 2)),
+        lambda: regions @ w_img, lambda: regions.t() @ g_img,  # region encoder: forward, weight grad
+        *[f for _ in range(dirs)  # GRU input projection: forward, weight grad, input grad
+          for f in (lambda: words @ w_in, lambda: words.t() @ g_in, lambda: g_in @ w_in.t())],
+        lambda: img @ cap.t(), lambda: g_s @ cap, lambda: g_s.t() @ img,  # scores and both grads
+        lambda: torch.bmm(img.view(B, k, E), img.view(B, k, E).transpose(1, 2)),  # Gram
         lambda: torch.bmm(gram, e), lambda: torch.bmm(gram, e), lambda: torch.bmm(e, e.transpose(1, 2)),
     ]
 
     def step(_: dict[str, torch.Tensor]) -> None:
         for f in products:
             f()
-        for _ in range(dirs * L):  # recurrent products: forward, input grad, weight grad
-            state @ w_hh, (state @ w_hh) @ w_hh.t(), state.t() @ (state @ w_hh)
+        for _ in range(dirs * L):  # recurrent products per time step: forward, input grad, weight grad
+            state @ w_hh, g_h @ w_hh.t(), state.t() @ g_h
 
     return step
 
@@ -263,6 +276,8 @@ def launch(name: str, steps: int, warmup: int) -> dict | None:
     result, failed = None, False
     for rank, p in enumerate(procs):
         out, err = p.communicate()
+        if "PROFILE\n" in err:
+            print(f"case {name}, rank {rank}: " + err[err.index("PROFILE\n"):], file=sys.stderr)
         if p.returncode != 0:
             print(f"case {name}: rank {rank} failed (exit {p.returncode}):\n{err[-2000:]}", file=sys.stderr)
             failed = True
@@ -324,8 +339,12 @@ def main() -> None:
                    help="print the per-rank memory of the mined embeddings at large global batches")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's operator table of one step per case")
     p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.profile:
+        os.environ["BENCH_PROFILE"] = "1"  # the workers inherit it
     if args.worker:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         run_worker(args.worker, args.steps, args.warmup)
