@@ -323,18 +323,28 @@ def test_fused_fp32_training_equals_eager(use_checkpoint):
 
 
 def test_fused_compiles_once_across_shapes_and_lambdas():
-    """New batch shapes, caption lengths, tile sizes and λ1 reuse the compiled graph."""
+    """New batch shapes, caption lengths, tile sizes and λ1 reuse the compiled graphs, forward
+    and backward."""
     from torch._dynamo.utils import counters
 
-    cfg = XAttnConfig(direction="t2i", fused=True)
-    xattn_scores(*make_inputs(n_img=3, n_cap=4, k=5, n=6, dtype=torch.float32)[:3], cfg)  # warm
+    def both_passes(images, captions, cap_lens, cfg):
+        """Scores without grad, and with grad plus the backward (the training graph)."""
+        with torch.no_grad():
+            scores = xattn_scores(images, captions, cap_lens, cfg)
+        im, cap = images.clone().requires_grad_(True), captions.clone().requires_grad_(True)
+        xattn_scores(im, cap, cap_lens, cfg).sum().backward()
+        return scores, im.grad, cap.grad
+
+    both_passes(*make_inputs(n_img=3, n_cap=4, k=5, n=6, dtype=torch.float32)[:3],
+                XAttnConfig(direction="t2i", fused=True))  # warm: both graphs compile here
     before = counters["stats"]["unique_graphs"]
     for n_img, n_cap, k, n, lam in ((5, 2, 7, 3, 9.0), (2, 5, 3, 5, 4.0), (4, 3, 6, 4, 15.0)):
         images, captions, cap_lens, _ = make_inputs(n_img=n_img, n_cap=n_cap, k=k, n=n,
                                                     dtype=torch.float32, seed=n_img)
-        got = xattn_scores(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam, fused=True))
-        want = xattn_scores(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got = both_passes(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam, fused=True))
+        want = both_passes(images, captions, cap_lens, XAttnConfig(lambda_softmax=lam))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == before
 
 
