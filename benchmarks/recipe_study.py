@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "batch64": ("64 captions per batch (hardest negatives among 63)", ["data.batch_size=64"]),
     "no_decay": ("no lr decay (lr 5e-4 throughout)", ["optim.lr_update=[100]"]),
     "lr2e-4": ("lr 2e-4 (the paper's)", ["optim.lr=2e-4"]),
+    "t2i_global": ("t2i AVG + the global cosine of the mean region and mean word (weight 1)",
+                   ["xattn.global_weight=1.0"]),
+    "i2t_global": ("i2t AVG, λ1 = 4, + the global cosine (weight 1)",
+                   ["xattn.direction=i2t", "xattn.lambda_softmax=4", "xattn.global_weight=1.0"]),
     # The models the field compares (model.kind), on the same features, data and training.
     "vse": ("VSE++ global baseline: mean-pooled sides, cosine (configs/demo_vse.yaml)", ["model.kind=vse"]),
     "vse_no_warmup": ("VSE++, hardest negatives from the first step", ["model.kind=vse", "loss.warmup_epochs=0"]),
@@ -65,7 +69,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 # Variants whose runs read the shards with saliency.npy (--sal-shards) instead of --shards.
 SALIENCY_VARIANTS = {"scan_sal"}
-ENSEMBLES = {"t2i+i2t": ("t2i", "i2t")}
+ENSEMBLES = {"t2i+i2t": ("t2i", "i2t"), "t2i_global+i2t_global": ("t2i_global", "i2t_global")}
 # The side-by-side table of the family (issue 13): row → its name in the table.
 FAMILY = {"t2i": "SCAN t2i AVG", "i2t": "SCAN i2t AVG", "t2i+i2t": "SCAN t2i + i2t ensemble",
           "vse": "VSE++ (mean pooling)", "vse_gpo": "VSE++ with GPO pooling", "dvsa": "DVSA",

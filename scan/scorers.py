@@ -65,6 +65,20 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _l2_mean(x: Tensor, lens: Tensor | None) -> Tensor:
+    """(B, L, d) → (B, d): the l2-normalised mean over the valid positions."""
+    valid = x.shape[1] if lens is None else lens.to(x.device).clamp(min=1)[:, None].to(x.dtype)
+    mean = _masked(x, lens).sum(dim=1) / valid
+    return mean / mean.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def global_cosine(images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None) -> Tensor:
+    """(N, M) cosine of each image's mean region with each caption's mean word (VSE++'s mean
+    pooling of the embeddings a cross-attention scorer sees)."""
+    cdtype = _compute_dtype(images)
+    return _l2_mean(images.to(cdtype), img_lens) @ _l2_mean(captions.to(cdtype), cap_lens).t()
+
+
 @dataclass(frozen=True)
 class CrossAttentionScorer:
     """SCAN: t2i or i2t stacked cross attention with AVG / LSE pooling (``XAttnConfig``)."""
@@ -78,12 +92,16 @@ class CrossAttentionScorer:
 
     @property
     def label(self) -> str:
-        return f"{self.xattn.direction}, {self.xattn.agg}"
+        extra = f" + {self.xattn.global_weight:g} global" if self.xattn.global_weight else ""
+        return f"{self.xattn.direction}, {self.xattn.agg}{extra}"
 
     def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
                  *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor:
-        return xattn_scores(images, captions, cap_lens, self.xattn, img_lens,
-                            memory_budget_mb=memory_budget_mb, checkpoint=checkpoint)
+        scores = xattn_scores(images, captions, cap_lens, self.xattn, img_lens,
+                              memory_budget_mb=memory_budget_mb, checkpoint=checkpoint)
+        if self.xattn.global_weight:
+            scores = scores + self.xattn.global_weight * global_cosine(images, captions, cap_lens, img_lens)
+        return scores
 
     def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
                   pairs: Tensor) -> Tensor:

@@ -65,6 +65,12 @@ class XAttnConfig:
     # fused kernels (torch.compile / inductor: C++/OpenMP on CPU, Triton on CUDA). Same scores;
     # falls back to the eager passes, with a warning, where compilation fails (docs/DESIGN.md §2.5).
     fused: bool = False
+    # Weight w of a global alignment term added to the cross-attention score (0: SCAN alone):
+    # S(i, j) = S_xattn(i, j) + w · cos(mean of image i's regions, mean of caption j's words), both
+    # means over the same (projected, normalised) embeddings the attention sees, so no parameter is
+    # added. Grid cells of a classifier (unlike object regions) carry a strong whole-image signal
+    # that per-word attention averages away; this keeps it (docs/DESIGN.md §2.9).
+    global_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and the allowed values."""
@@ -80,6 +86,9 @@ class XAttnConfig:
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"XAttnConfig.{name}={value!r} is not allowed; "
                                  "it must be a finite number > 0")
+        gw = self.global_weight
+        if isinstance(gw, bool) or not isinstance(gw, (int, float)) or not math.isfinite(gw) or gw < 0:
+            raise ValueError(f"XAttnConfig.global_weight={gw!r} is not allowed; it must be a finite number >= 0")
         if not isinstance(self.fused, bool):
             raise ValueError(f"XAttnConfig.fused={self.fused!r} is not allowed; it must be true or false")
 

@@ -134,3 +134,34 @@ def test_models_of_each_kind_train_through_the_common_loss(kind, pooling):
 def test_unknown_kind_names_the_key():
     with pytest.raises(ValueError, match="model.kind"):
         build_scorer("clip", XAttnConfig())
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_global_weight_adds_the_mean_pooled_cosine(direction):
+    """xattn.global_weight w: S = S_xattn + w · cos(mean valid region, mean valid word), checked
+    against a float64 per-pair loop, with junk in the padding; w = 0 is SCAN alone."""
+    images, img_lens, captions, cap_lens = _inputs(3)
+    images[1, img_lens[1]:] = 1e3  # padding must not reach the means
+    captions[2, cap_lens[2]:] = -1e3
+    base = build_scorer("scan", XAttnConfig(direction=direction))(images, captions, cap_lens, img_lens)
+    mixed = build_scorer("scan", XAttnConfig(direction=direction, global_weight=0.7))(
+        images, captions, cap_lens, img_lens)
+    expected = torch.empty_like(base)
+    for i in range(images.shape[0]):
+        for j in range(captions.shape[0]):
+            v = images[i, : img_lens[i]].mean(0)
+            s = captions[j, : cap_lens[j]].mean(0)
+            expected[i, j] = base[i, j] + 0.7 * torch.dot(v, s) / (v.norm() * s.norm())
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-12)
+    assert "global" in build_scorer("scan", XAttnConfig(global_weight=0.7)).label
+
+
+def test_global_weight_gradients_and_bad_values():
+    images, img_lens, captions, cap_lens = _inputs(4, N=3, M=4, k=4, n=5, d=6)
+    scorer = build_scorer("scan", XAttnConfig(global_weight=1.0))
+    images.requires_grad_(True)
+    captions.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: scorer(a, b, cap_lens, img_lens), (images, captions))
+    for bad in (-0.1, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="global_weight"):
+            XAttnConfig(global_weight=bad).validate()
