@@ -317,6 +317,9 @@ def print_table(rows: list[dict]) -> None:
     head = ["case", "device", "precision", "ranks", "global batch", "negatives mined", "pairs/rank",
             "median step s", "samples/s", "peak mem/rank GiB", "vs reference", "vs floor",
             "vs W x per-rank step", "optimizer (build s)"]
+    rounds = any(len(r.get("rounds_s", ())) > 1 for r in rows)
+    if rounds:
+        head.append("each round's step s")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -332,7 +335,8 @@ def print_table(rows: list[dict]) -> None:
         optimizer = r["optimizer"] + (f" ({build:.1f})" if build is not None else "")
         print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['ranks']} | {r['global_batch']} | "
               f"{r['mining']} | {r['pairs_per_rank']} | {r['median_step_s']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{r['peak_mem_gb']:.2f} | {speedup} | {vs_floor} | {inherent} | {optimizer} |")
+              f"{r['peak_mem_gb']:.2f} | {speedup} | {vs_floor} | {inherent} | {optimizer} |"
+              + (f" {', '.join(f'{t:.3f}' for t in r.get('rounds_s', ()))} |" if rounds else ""))
 
 
 def main() -> None:
@@ -345,6 +349,8 @@ def main() -> None:
                    help="print the per-rank memory of the mined embeddings at large global batches")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the case list this often, interleaved; each case reports its median round")
     p.add_argument("--threads", type=int, default=0,
                    help="threads per process (OMP_NUM_THREADS); default: the cores over the ranks")
     p.add_argument("--profile", action="store_true",
@@ -363,7 +369,7 @@ def main() -> None:
     gpus = torch.cuda.device_count()
     names = args.cases or (MINING if args.mining else STEP if args.step
                            else GPU_DEFAULT if gpus else CPU_DEFAULT)
-    rows = []
+    runnable = []
     for name in names:
         if gpus and CASES[name].world > gpus:
             print(f"case {name}: needs {CASES[name].world} GPUs, this machine has {gpus}; skipped",
@@ -372,10 +378,24 @@ def main() -> None:
         if not gpus and CASES[name].precision == "fp16":
             print(f"case {name}: fp16 needs a GPU; skipped", file=sys.stderr)
             continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        result = launch(name, args.steps, args.warmup, args.threads)
-        if result:
-            rows.append(result)
+        runnable.append(name)
+    # Rounds interleave the cases (a shared machine's load drifts over minutes); each case's row
+    # is its round with the median step time.
+    results: dict[str, list[dict]] = {name: [] for name in runnable}
+    for r in range(args.rounds):
+        for name in runnable:
+            print(f"running {name}" + (f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else "")
+                  + " ...", file=sys.stderr, flush=True)
+            result = launch(name, args.steps, args.warmup, args.threads)
+            if result:
+                results[name].append(result)
+    rows = []
+    for name in runnable:
+        done = sorted(results[name], key=lambda x: x["median_step_s"])
+        if done:
+            row = dict(done[(len(done) - 1) // 2])
+            row["rounds_s"] = [x["median_step_s"] for x in results[name]]
+            rows.append(row)
     print_table(rows)
 
 
