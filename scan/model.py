@@ -13,13 +13,14 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
-from scan.config import ModelConfig
+from scan.config import GRUImpl, ModelConfig
 from scan.gru import gru as fused_gru
 from scan.pooling import build_pool, length_mask  # noqa: F401  (length_mask: part of this API)
 from scan.saliency_scorer import SaliencyGuidance
@@ -116,9 +117,9 @@ class GRUTextEncoder(nn.Module):
                  bidirectional: bool = True, no_txtnorm: bool = False,
                  embeddings: torch.Tensor | None = None, gru_impl: str = "auto") -> None:
         super().__init__()
-        if gru_impl not in ("auto", "fused", "torch"):
+        if gru_impl not in get_args(GRUImpl):
             raise ValueError(f"config key 'model.gru_impl': {gru_impl!r} is not allowed; "
-                             "expected one of 'auto', 'fused', 'torch'")
+                             f"expected one of {', '.join(map(repr, get_args(GRUImpl)))}")
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.embed = nn.Embedding(vocab_size, word_dim)

@@ -21,11 +21,19 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
 
 
+def masked_mean(x: Tensor, lens: Tensor | None) -> Tensor:
+    """(B, L, d), (B,) → (B, d): the mean over the valid positions (all L when ``lens`` is None)."""
+    if lens is None:
+        return x.mean(dim=1)
+    lens = lens.to(x.device)
+    mask = length_mask(lens, x.shape[1])[..., None].to(x.dtype)
+    return (x * mask).sum(1) / lens.to(x.dtype).clamp(min=1)[:, None]
+
+
 class MeanPool(nn.Module):
     def forward(self, x: Tensor, lens: Tensor) -> Tensor:
         """(B, L, d), (B,) → (B, d): the mean over the valid positions."""
-        mask = length_mask(lens, x.shape[1])[..., None].to(x.dtype)
-        return (x * mask).sum(1) / lens.to(x.dtype).clamp(min=1)[:, None]
+        return masked_mean(x, lens)
 
 
 def positional_encoding(length: int, dim: int, device: torch.device) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from scan.pooling import length_mask
+from scan.pooling import length_mask, masked_mean
 from scan.saliency_scorer import SaliencyScorer
 from scan.xattn import XAttnConfig, xattn_scores
 
@@ -66,9 +66,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _l2_mean(x: Tensor, lens: Tensor | None) -> Tensor:
-    """(B, L, d) → (B, d): the l2-normalised mean over the valid positions."""
-    valid = x.shape[1] if lens is None else lens.to(x.device).clamp(min=1)[:, None].to(x.dtype)
-    mean = _masked(x, lens).sum(dim=1) / valid
+    """(B, L, d) → (B, d): the l2-normalised mean over the valid positions (MeanPool's mean)."""
+    mean = masked_mean(x, lens)
     return mean / mean.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
