@@ -295,9 +295,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
     p.description = ("The whole system end to end: Flickr8k's photos (or generated scenes) → Ray "
                      "extraction → frozen text features once → DeepSpeed training of SCAN t2i and "
-                     "i2t → val evaluation and their ensemble → the VSE++ baseline → a report "
-                     "(report.md in the demo folder). About 17 minutes on 2 CPU cores; --quick "
-                     "about 4. A rerun reuses the shards and resumes the trainings.")
+                     "i2t side by side → val evaluation and their ensemble → the VSE++ baseline → "
+                     "a report (report.md in the demo folder). About 20 minutes on 2 CPU cores; "
+                     "--quick about 4. A rerun reuses the shards and resumes the trainings.")
     p.add_argument("--out", default=None,
                    help="demo folder: shards/, t2i/, i2t/ and report.md go here "
                         "(default: runs/demo, or runs/demo-quick with --quick)")
@@ -312,6 +312,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray extraction actors")
     p.add_argument("--pictures", type=int, default=4, help="attention pictures / retrieval queries")
     p.add_argument("--no-baseline", action="store_true", help="skip the VSE++ baseline comparison")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="SCAN trainings at once, each its own process with cores / jobs threads "
+                        "(default: one per direction, up to the number of cores; 1: one after the other)")
     _overrides(p)
 
 
@@ -321,7 +324,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
     print(run_demo(out=out, data=args.data, generated=args.generated, config=args.config,
                    workers=args.workers, pictures=args.pictures, baseline=not args.no_baseline,
-                   overrides=args.overrides, quick=args.quick, directions=args.directions))
+                   overrides=args.overrides, quick=args.quick, directions=args.directions,
+                   jobs=args.jobs))
     return 0
 
 

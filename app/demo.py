@@ -4,11 +4,13 @@
    val 1,000 images, 5 captions each; ``--quick``: the first 1,000 train and 500 val images), or
    ``--data DIR``; without them the generated captioned-image set (rendered coloured shapes);
 2. extraction with a local Ray (EfficientNet-Lite0 grid features, 7 × 7 cells at 224 px) into shards;
-3. the frozen MiniLM token features of every caption, once (``scan.text_features``), then SCAN
-   trained with DeepSpeed in this process, t2i and i2t, each validated on val (fp32);
-4. their ensemble (the mean of the two val similarity matrices) and the VSE++ global baseline
-   (``configs/demo_vse.yaml``: ``model.kind: vse``) trained and validated the same way, on the
-   same shards and text features;
+3. the frozen MiniLM token features of every caption, once (``scan.text_features``), shared by
+   every training below;
+4. SCAN trained with DeepSpeed, t2i and i2t at once, each in its own ``scan train`` process with
+   cores / 2 threads (``--jobs 1``: one after the other in this process), each validated on val
+   (fp32); their ensemble (the mean of the two val similarity matrices); then the VSE++ global
+   baseline (``configs/demo_vse.yaml``: ``model.kind: vse``) trained and validated the same way, on
+   the same shards and text features, on all cores;
 5. a report in the demo folder: recalls beside the published Flickr8K rows, loss and recall plots,
    per-word attention pictures, a retrieval page, ``report.md`` / ``report.json``.
 
@@ -20,28 +22,36 @@ Why this budget (2 CPU cores, about 20 minutes from a fresh clone): Lite0 at 224
 makes every cross-attention pair 40% cheaper; an epoch over the 30,000 training captions then takes
 about 90 s and an fp32 evaluation of the 1,000 × 5,000 val matrix about 80 s, so each direction
 trains for 3 epochs (warm-up with all negatives, hardest negatives, the last at lr / 10) and is
-validated once at the end.
+validated once at the end. The two directions train side by side because the step is made of
+small operators that two threads barely speed up: two 1-thread trainings at once end in about the
+time of one on two threads.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from tqdm import tqdm
 
 from cluster.extract import run_job
 from cluster.extract_config import JobConfig
 from cluster.metrics import build_telemetry
 from dataio import storage
+from dataio.shards import read_manifest
 from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
 from scan.scorers import scorer_for
-from trainer.train import train
+from trainer.train import prepare_text_features, train
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,11 +115,76 @@ def extract(items: list[ImageItem], shards: Path, workers: int) -> dict:
     return summary.to_dict()
 
 
+def _resume_tag(cfg: ExperimentConfig) -> str | None:
+    return "latest" if (Path(cfg.train.output_dir) / "checkpoints" / "latest").is_file() else None
+
+
 def train_model(cfg: ExperimentConfig) -> dict:
     """DeepSpeed training in this process; resumes the run's latest checkpoint when there is one."""
-    ckpt = Path(cfg.train.output_dir) / "checkpoints" / "latest"
     telemetry = build_telemetry(cfg, rank=0, local_rank=0)
-    return train(cfg, resume="latest" if ckpt.is_file() else None, telemetry=telemetry)
+    return train(cfg, resume=_resume_tag(cfg), telemetry=telemetry)
+
+
+def expected_steps(cfg: ExperimentConfig) -> int:
+    """Optimizer steps of a whole one-process training of ``cfg`` (a progress bar's total)."""
+    shards = read_manifest(cfg.data.train_shards)["shards"]
+    cap = cfg.data.caps_per_image
+    captions = sum(min(c, cap) if cap else c for s in shards for c in s["caption_counts"])
+    per_epoch = math.ceil(captions / cfg.data.batch_size) // max(cfg.train.grad_accum, 1)
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def steps_logged(run_dir: Path) -> int:
+    """The last optimizer step in the run's log so far (0 before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines  # a line being written has no newline yet
+             if line.endswith(b"\n") and line.startswith(b'{"kind": "step"')]
+    return max(steps, default=0)
+
+
+def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: str) -> dict[str, dict]:
+    """Each config trained by its own ``scan train`` process with ``threads`` torch threads, all at
+    once (on few cores, two 1-thread trainings finish sooner than the same two one after the other
+    on all threads: the step's small operators do not scale across threads). One progress bar over
+    their optimizer steps; a failed training stops the others and its log is named. Returns each
+    run's training summary."""
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_DISABLE": "1"}  # the children's own epoch bars would only fill their logs
+    total = sum(expected_steps(cfg) for cfg in cfgs.values())  # a bad manifest fails before any start
+    try:
+        for name, cfg in cfgs.items():
+            run_dir = Path(cfg.train.output_dir)
+            cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(run_dir / "config.yaml")]
+            if _resume_tag(cfg):
+                cmd += ["--resume", "latest"]
+            with open(run_dir / "train.log", "ab") as err, open(run_dir / "train.stdout", "wb") as out:
+                procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), run_dir)
+        with tqdm(total=total, desc=what, unit="step", mininterval=2.0, dynamic_ncols=True,
+                  postfix="each run validates after its last step") as bar:
+            while True:
+                codes = {name: p.poll() for name, (p, _) in procs.items()}
+                bar.update(sum(steps_logged(d) for _, d in procs.values()) - bar.n)
+                for name, code in codes.items():
+                    if code not in (None, 0):
+                        log_path = procs[name][1] / "train.log"
+                        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                        raise RuntimeError(f"training {name} failed (exit status {code}); the end of "
+                                           f"{log_path}:\n" + "\n".join(tail))
+                if all(code == 0 for code in codes.values()):
+                    break
+                time.sleep(2.0)
+    finally:
+        for p, _ in procs.values():  # after a failure or an interrupt: no orphan trainings
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    return {name: json.loads((d / "train.stdout").read_text().strip().splitlines()[-1])
+            for name, (_, d) in procs.items()}
 
 
 def final_sims(run_dir: Path):
@@ -250,13 +325,19 @@ def val_recalls(run_dir: Path) -> dict | None:
 
 def run_demo(*, out: str, data: str | None, generated: int, config: str, workers: int, pictures: int,
              baseline: bool, overrides: Sequence[str], quick: bool = False,
-             directions: Sequence[str] = ("t2i", "i2t")) -> str:
+             directions: Sequence[str] = ("t2i", "i2t"), jobs: int | None = None) -> str:
     """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the trainings);
-    returns the report's text."""
+    returns the report's text. ``jobs``: SCAN trainings at once, each with cores / jobs threads
+    (default: one per direction, as many as there are cores); the baseline then trains alone."""
     out = Path(out).resolve()
     shards, features = out / "shards", out / "text_features"
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(directions), cores))
+    # training groups: (names trained at once, torch threads each)
+    groups = ([(list(directions), cores // jobs)] if jobs > 1 else [([d], cores) for d in directions])
+    groups += [(["vse"], cores)] if baseline else []
     timings: dict[str, float] = {}
-    stages = 2 + len(directions) + int(baseline)
+    stages = 3 + len(groups)
     stage = iter(range(1, stages + 1))
 
     t = time.time()
@@ -267,36 +348,51 @@ def run_demo(*, out: str, data: str | None, generated: int, config: str, workers
     timings["extract"] = time.time() - t
 
     val_spec = str(shards / "val" / "manifest.json")
-    runs: dict[str, dict] = {}
     # name → (config, overrides, what is trained)
     models = {d: (config, DIRECTIONS[d], f"SCAN {d}") for d in directions}
     if baseline:
         models["vse"] = (str(BASELINE_CONFIG), [], "the VSE++ global baseline")
-    cfg = None
-    for name, (model_config, extra, what) in models.items():
-        t = time.time()
+    cfgs: dict[str, ExperimentConfig] = {}
+    for name, (model_config, extra, _) in models.items():
         run_dir = out / name
-        cfg_m = load_experiment(model_config, [*extra,
-                                               f"data.train_shards={shards / 'train' / 'manifest.json'}",
-                                               f"data.val_shards={val_spec}", f"train.output_dir={run_dir}",
-                                               f"model.hf_feature_cache={features}", "eval.save_sims=true",
-                                               *overrides])
+        cfgs[name] = load_experiment(model_config, [
+            *extra, f"data.train_shards={shards / 'train' / 'manifest.json'}", f"data.val_shards={val_spec}",
+            f"train.output_dir={run_dir}", f"model.hf_feature_cache={features}", "eval.save_sims=true",
+            *overrides])
         run_dir.mkdir(parents=True, exist_ok=True)
-        configfile.save(cfg_m, run_dir / "config.yaml")
-        print(f"[{next(stage)}/{stages}] training {what} for {cfg_m.train.epochs} epochs "
-              f"({cfg_m.train.precision}, DeepSpeed, 1 process), then validating on val; run folder "
-              f"{run_dir}", flush=True)
-        summary = train_model(cfg_m)
-        val = val_recalls(run_dir)
-        if val is None:
-            raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
-        sims = final_sims(run_dir)
-        val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
-        runs[name] = {"run_dir": str(run_dir), "summary": summary, "val": val}
-        cfg = cfg if cfg is not None else cfg_m  # the first SCAN direction's: the report's settings
-        timings[f"train {name}"] = time.time() - t
+        configfile.save(cfgs[name], run_dir / "config.yaml")
+    cfg = cfgs[directions[0]]  # the first SCAN direction's: the report's settings
+
+    t = time.time()
+    print(f"[{next(stage)}/{stages}] the frozen text encoder's token features of every caption, "
+          f"once ({features}; every training reads them)", flush=True)
+    prepare_text_features(cfg)
+    timings["text features"] = time.time() - t
+
+    runs: dict[str, dict] = {}
+    for names, threads in groups:
+        t = time.time()
+        what = " and ".join(models[n][2] for n in names)
+        epochs = cfgs[names[0]].train.epochs
+        how = (f"at once, {len(names)} processes x {threads} thread{'s' * (threads > 1)}" if len(names) > 1
+               else "in this process")
+        print(f"[{next(stage)}/{stages}] training {what} for {epochs} epochs ({cfg.train.precision}, "
+              f"DeepSpeed, {how}), then validating on val; run folder(s) "
+              + ", ".join(str(out / n) for n in names), flush=True)
+        if len(names) > 1:
+            summaries = train_concurrently({n: cfgs[n] for n in names}, threads, "training " + "+".join(names))
+        else:
+            summaries = {names[0]: train_model(cfgs[names[0]])}
+        for name in names:
+            run_dir = out / name
+            val = val_recalls(run_dir)
+            if val is None:
+                raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
+            sims = final_sims(run_dir)
+            val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
+            runs[name] = {"run_dir": str(run_dir), "summary": summaries[name], "val": val}
+        timings["train " + "+".join(names)] = time.time() - t
     baseline_result = runs.pop("vse", None)
-    assert cfg is not None
 
     ensemble, sims = None, final_sims(out / directions[0])
     if len(directions) > 1:

@@ -163,6 +163,29 @@ def test_demo_on_the_generated_set(tmp_path):
     assert json.loads((out / "report.json").read_text())["runs"]["t2i"]["val"] == report["runs"]["t2i"]["val"]
 
 
+@pytest.mark.integration  # trains
+def test_concurrent_trainings_report_a_failure_with_its_log(trained, tmp_path):
+    """The demo's trainings at once: one that fails stops the others and names its log's end."""
+    from app.demo import expected_steps, steps_logged, train_concurrently
+    from scan import configfile
+    from scan.config import load_experiment
+
+    common = [f"data.train_shards={trained['train']}", "data.batch_size=32", "model.embed_size=64",
+              "model.word_dim=32", f"data.vocab={trained['root'] / 'vocab.json'}"]
+    cfgs = {"good": load_experiment(TINY, [*common, f"train.output_dir={tmp_path / 'good'}", "train.epochs=50"]),
+            "bad": load_experiment(TINY, [*common, f"train.output_dir={tmp_path / 'bad'}",
+                                          f"data.vocab={tmp_path / 'no-such-vocab.json'}"])}
+    captions = sum(s["captions"] for s in read_manifest(trained["train"])["shards"])
+    total = 50 * -(-captions // 32)
+    assert expected_steps(cfgs["good"]) == total
+    for name, cfg in cfgs.items():
+        (tmp_path / name).mkdir()
+        configfile.save(cfg, tmp_path / name / "config.yaml")
+    with pytest.raises(RuntimeError, match=r"(?s)training bad failed.*bad/train.log.*no-such-vocab.json"):
+        train_concurrently(cfgs, 1, "training good+bad")
+    assert steps_logged(tmp_path / "good") < total  # stopped, not left to finish
+
+
 def test_demo_quick_selects_the_first_flickr8k_images(flickr8k, tmp_path):
     """--quick: the first 1,000 train and 500 val photos of dataset_flickr8k.json (no training here)."""
     from app.demo import FLICKR8K, demo_items

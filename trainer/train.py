@@ -104,6 +104,19 @@ def precompute_text_features(cfg: ExperimentConfig, enc: TextEncoder, env: DistE
                    trained_top_layers=cfg.model.hf_finetune_layers)
 
 
+def prepare_text_features(cfg: ExperimentConfig) -> None:
+    """``cfg``'s frozen text features computed now, in this one process, into
+    ``model.hf_feature_cache``: trainings started afterwards (``scan demo`` runs several at once)
+    then read one cache instead of each computing it. Nothing to do for other text encoders."""
+    if cfg.model.text_encoder != "hf" or not cfg.model.hf_freeze:
+        return
+    env = read_env(None)
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    enc, _ = text_encoder(cfg, env, run_dir)
+    precompute_text_features(cfg, enc, env, run_dir)
+
+
 def per_rank_batch(cfg: ExperimentConfig, world: int) -> int:
     """Captions per rank per micro-batch: ``data.global_batch_size / world`` when that is set."""
     g = cfg.data.global_batch_size
