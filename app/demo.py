@@ -155,7 +155,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TQDM_DISABLE": "1"}  # the children's own epoch bars would only fill their logs
-    total = sum(expected_steps(cfg) for cfg in cfgs.values())  # a bad manifest fails before any start
+    totals = {name: expected_steps(cfg) for name, cfg in cfgs.items()}  # a bad manifest fails here
     try:
         for name, cfg in cfgs.items():
             run_dir = Path(cfg.train.output_dir)
@@ -164,11 +164,15 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
                 cmd += ["--resume", "latest"]
             with open(run_dir / "train.log", "ab") as err, open(run_dir / "train.stdout", "wb") as out:
                 procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), run_dir)
-        with tqdm(total=total, desc=what, unit="step", mininterval=2.0, dynamic_ncols=True,
-                  postfix="each run validates after its last step") as bar:
+        with tqdm(total=sum(totals.values()), desc=what, unit="step", mininterval=2.0,
+                  dynamic_ncols=True, postfix="each run validates after its last step") as bar:
             while True:
                 codes = {name: p.poll() for name, (p, _) in procs.items()}
-                bar.update(sum(steps_logged(d) for _, d in procs.values()) - bar.n)
+                done = {name: steps_logged(d) for name, (_, d) in procs.items()}
+                bar.update(sum(done.values()) - bar.n)
+                validating = [n for n, c in codes.items() if c is None and done[n] >= totals[n]]
+                if validating:  # no steps to count while a run validates: say so
+                    bar.set_postfix_str(" and ".join(validating) + " validating on val", refresh=False)
                 for name, code in codes.items():
                     if code not in (None, 0):
                         log_path = procs[name][1] / "train.log"

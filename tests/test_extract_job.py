@@ -20,24 +20,15 @@ from dataio.shard_reader import read_shard
 from dataio.shards import read_manifest
 from dataio.sources import ImageItem
 from dataio.sources.synthetic import synthetic_items
+from helpers_ray import local_ray as start_local_ray
 
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
     """One local Ray for the module (its workers inherit the S3 test environment)."""
-    import ray
-
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    for attempt in range(2):  # a start-up RPC deadline can pass on a saturated machine: once more
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
-    yield
-    ray.shutdown()
+    with start_local_ray():
+        yield
 
 
 def _cfg(dest, backbone: str, **kw) -> JobConfig:

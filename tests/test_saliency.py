@@ -19,6 +19,7 @@ from dataio.shard_writer import ShardWriter, write_manifest
 from dataio.shards import manifest_url
 from dataio.sources.synthetic import synthetic_samples
 from helpers_dist import run_train
+from helpers_ray import local_ray as start_local_ray
 from scan.config import load_experiment
 from scan.configfile import ConfigError
 from scan.loss import batch_loss
@@ -241,18 +242,8 @@ def test_pool_boxes_is_the_mean_inside_each_box():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    for attempt in range(2):  # a start-up RPC deadline can pass on a saturated machine: once more
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
-    yield
-    ray.shutdown()
+    with start_local_ray():
+        yield
 
 
 def test_real_extraction_writes_saliency_and_a_rerun_resumes(local_ray, flickr8k, tmp_path):
