@@ -153,8 +153,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
     their optimizer steps; a failed training stops the others and its log is named. Returns each
     run's training summary."""
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TQDM_DISABLE": "1"}  # the children's own epoch bars would only fill their logs
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     totals = {name: expected_steps(cfg) for name, cfg in cfgs.items()}  # a bad manifest fails here
     try:
         for name, cfg in cfgs.items():
