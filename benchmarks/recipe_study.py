@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    ["xattn.global_weight=1.0"]),
     "i2t_global": ("i2t AVG, λ1 = 4, + the global cosine (weight 1)",
                    ["xattn.direction=i2t", "xattn.lambda_softmax=4", "xattn.global_weight=1.0"]),
+    "t2i_lse": ("t2i LSE pooling, λ2 = 6 (the paper's LSE)", ["xattn.agg=lse", "xattn.lambda_lse=6"]),
+    "t2i_lambda4": ("t2i AVG, λ1 = 4 (a softer attention)", ["xattn.lambda_softmax=4"]),
     # The models the field compares (model.kind), on the same features, data and training.
     "vse": ("VSE++ global baseline: mean-pooled sides, cosine (configs/demo_vse.yaml)", ["model.kind=vse"]),
     "vse_no_warmup": ("VSE++, hardest negatives from the first step", ["model.kind=vse", "loss.warmup_epochs=0"]),
