@@ -309,7 +309,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                    help="SCAN models to train (both: also their ensemble)")
     p.add_argument("--generated", type=int, default=600, help="generated train scenes when no photos")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML of the demo")
-    p.add_argument("--workers", type=int, default=1, help="Ray extraction actors")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray extraction actors (0: one per CPU core with one thread each, or one per GPU)")
     p.add_argument("--pictures", type=int, default=4, help="attention pictures / retrieval queries")
     p.add_argument("--no-baseline", action="store_true", help="skip the VSE++ baseline comparison")
     p.add_argument("--jobs", type=int, default=None,
