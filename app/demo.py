@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import subprocess
@@ -46,7 +45,8 @@ from cluster.extract import run_job
 from cluster.extract_config import JobConfig
 from cluster.metrics import build_telemetry
 from dataio import storage
-from dataio.shards import read_manifest
+from dataio.epoch_plan import epoch_plan
+from dataio.pipeline import resolve_shards
 from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
@@ -134,10 +134,10 @@ def train_model(cfg: ExperimentConfig) -> dict:
 
 def expected_steps(cfg: ExperimentConfig) -> int:
     """Optimizer steps of a whole one-process training of ``cfg`` (a progress bar's total)."""
-    shards = read_manifest(cfg.data.train_shards)["shards"]
-    cap = cfg.data.caps_per_image
-    captions = sum(min(c, cap) if cap else c for s in shards for c in s["caption_counts"])
-    per_epoch = math.ceil(captions / cfg.data.batch_size) // max(cfg.train.grad_accum, 1)
+    d = cfg.data  # the batch count of the trainer's own epoch plan (one rank)
+    plan = epoch_plan(resolve_shards(d.train_shards), batch_size=d.batch_size, seed=cfg.train.seed,
+                      epoch=0, rank=0, world=1, resampled=d.resampled, caps_per_image=d.caps_per_image)
+    per_epoch = plan.num_batches // max(cfg.train.grad_accum, 1)
     total = per_epoch * cfg.train.epochs
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
