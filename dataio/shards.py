@@ -25,6 +25,7 @@ import numpy as np
 
 from dataio import storage
 from dataio.errors import DataError
+from dataio.npy import load_npy
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def encode_sample(s: ImageSample) -> dict[str, bytes | str]:
 
 def _load_npy(data: bytes, shard: str, key: str, name: str) -> np.ndarray:
     try:  # never unpickle what a shard contains
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return load_npy(data)
     except ValueError as e:
         raise DataError(shard, key, f"{name} is not a plain numeric .npy: {e}", "bad_array") from e
     except Exception as e:  # truncated header, bad magic
