@@ -348,11 +348,21 @@ class CaptionLoader:
 
     def __iter__(self) -> Iterator[CaptionBatch]:
         skipped = SkipCounter()  # this epoch's, for the summary line
-        for b in self._loader:
-            if b.skipped:
-                SKIPS.merge(b.skipped)
-                skipped.merge(b.skipped)
-            yield b
+        batches = iter(self._loader)
+        try:
+            for b in batches:
+                if b.skipped:
+                    SKIPS.merge(b.skipped)
+                    skipped.merge(b.skipped)
+                yield b
+        finally:
+            # An epoch left by an error stops its workers now. Left to the garbage collector (the
+            # error's traceback holds this frame in a cycle), the iterator would be copied into the
+            # next loader's forked workers and finalized there, where joining processes that are not
+            # the worker's children fails: an exception inside a collection, at any allocation.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own __del__ calls it
+            if shutdown is not None:
+                shutdown()
         if skipped.total():
             log.warning("rank %d epoch %d: skipped %d bad samples %s (replaced by repeats)",
                         self.plan.rank, self.plan.epoch, skipped.total(), skipped.get())

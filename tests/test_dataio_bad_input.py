@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import tarfile
 
@@ -98,6 +99,9 @@ def test_bad_sample_in_pipeline_stops_with_named_error(tmp_path):
     spec, shard, key = _dataset(tmp_path, SAMPLE_CASES[4][1])  # NaN/inf
     with pytest.raises(DataError, match=rf"shard-000000.tar.*{key}.*NaN or inf"):
         list(caption_batches(spec, batch_size=4, encode=Vocab([]), seed=0, epoch=0, rank=0, world=1, num_workers=2))
+    # The workers stopped with the error, not later in a garbage collection (which could run in
+    # another loader's forked worker and fail there, inside whatever that worker was doing).
+    assert multiprocessing.active_children() == []
 
 
 def test_skip_keeps_batch_counts_equal_and_counts_skips(tmp_path, caplog):
