@@ -27,17 +27,19 @@ import ray  # noqa: E402  (after the flag, see the module docstring)
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None, num_cpus: int | None) -> None:
-    """Join the given cluster, or RAY_ADDRESS (set by `ray job submit`), or start a local Ray."""
+def connect(address: str | None, num_cpus: int | None) -> bool:
+    """Join the given cluster, or RAY_ADDRESS (set by `ray job submit`), or start a local Ray.
+    True when this call started a local Ray (the caller's to shut down when done with it)."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return
+        return False
     # No dashboard (nothing here serves it); its host would default to 127.0.0.1 anyway.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     _warn_unless_loopback()
+    return True
 
 
 def _warn_unless_loopback() -> None:
