@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
+from cluster.local_ray import ray, session  # ray through local_ray: a local Ray stays on loopback
 from scan.config import EvalConfig
 from scan.eval.sharded import run_tiles
 from scan.eval.store import TileStore, write_outputs
@@ -47,12 +47,12 @@ def evaluate_on_ray(members: Sequence[Member], ev: EvalConfig, *, out_dir: str, 
     """``scan evaluate-ray``: connects to Ray (``address``, else RAY_ADDRESS, else a local Ray) and
     evaluates on ``actors`` actors (0: one per GPU of the cluster, else one per ``num_cpus`` CPUs)
     with the settings of ``ev``; returns the result and the number of actors."""
-    connect(address, None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
-    result = run_on_actors(members, out_dir=out_dir, protocol=ev.protocol, image_block=ev.image_block,
-                           topk=ev.topk, memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
-                           actors=actors, num_cpus=num_cpus, num_gpus=1 if gpus else 0)
+    with session(address, None):
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        actors = actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
+        result = run_on_actors(members, out_dir=out_dir, protocol=ev.protocol, image_block=ev.image_block,
+                               topk=ev.topk, memory_budget_mb=ev.memory_budget_mb, save_sims=ev.save_sims,
+                               actors=actors, num_cpus=num_cpus, num_gpus=1 if gpus else 0)
     return result, actors
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from cluster.extract_config import JobConfig, SourceConfig
 from cluster.extract_unit import (UNITS_DIR, ExitFault, ExtractWorker, UnitResult, WorkUnit, plan_units,
                                   split_dest, unit_stats_url)
-from cluster.local_ray import connect, ray  # ray through local_ray: a local Ray stays on loopback
+from cluster.local_ray import ray, session  # ray through local_ray: a local Ray stays on loopback
 from dataio import storage
 from dataio.shard_writer import committed_shards, shard_filename, write_manifest
 from dataio.sources import ImageItem
@@ -237,8 +237,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     results, failed, workers = [], [], 0
     t1 = t2 = time.time()
     if todo:
-        started = connect(cfg.address, cfg.num_cpus)
-        try:
+        with session(cfg.address, cfg.num_cpus):
             workers, cpus, gpus = _cluster_shape(cfg)
             workers = min(workers, len(todo))
             log.info("%d workers x (%d CPU, %d GPU)", workers, cpus, gpus)
@@ -251,9 +250,6 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
                                              progress)
             t2 = time.time()
             pool.close()
-        finally:
-            if started:  # a local Ray of this job's own: idle, its ~9 processes still took 7% of a core
-                ray.shutdown()
         stats.update({r.name: r for r in results})
     else:
         extractor = stats[units[0].name].extractor
