@@ -45,7 +45,7 @@ def _header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int] | None:
         dtype = np.dtype(m[1])
     except TypeError:
         return None
-    if dtype.hasobject or dtype.fields is not None:
+    if dtype.hasobject:  # '|O' fits the pattern; structured descrs (lists) do not
         return None
     shape = tuple(int(x) for x in m[3].split(",") if x.strip())
     return dtype, m[2] == "True", shape, start + size
