@@ -9,6 +9,9 @@ each method runs once in a fresh subprocess; the figure is the growth of the pea
 (VmHWM in /proc/self/status, reset with ``clear_refs`` 5 after the inputs exist) during one
 call, so it counts every byte torch's CPU allocator touched, not only tensors still alive.
 With CUDA it also times bf16 at 1,000 × 5,000 and reports TFLOP/s against the matmul floor.
+``--lengths`` times inference on captions of a real val split's lengths (the demo's: MiniLM word
+pieces, mean 14.4, at most 36; 49 regions, d = 256), every tile padded to the longest caption
+against length-sorted tiles (``xattn_scores(length_sorted=...)``), in both directions.
 """
 from __future__ import annotations
 
@@ -193,12 +196,41 @@ def gpu_table(n_img: int, n_cap: int, repeats: int) -> None:
               f"{name}/floor {t[name] / t['floor_matmul']:.2f}x")
 
 
+def val_length_inputs(n_img: int, n_cap: int, k: int = 49, n: int = 36, d: int = 256, seed: int = 0):
+    """Normalised inputs whose caption lengths follow the demo's val split (MiniLM word pieces of
+    Flickr8k's val captions: mean 14.4, 90th percentile 20, at most 36), one caption at the most."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n_img, k, d, generator=g), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(n_cap, n, d, generator=g), dim=-1)
+    cap_lens = (torch.randn(n_cap, generator=g) * 3.6 + 14.4).round().clamp(7, n).long()
+    cap_lens[0] = n
+    return images, captions, cap_lens
+
+
+def length_table(n_img: int, n_cap: int, repeats: int) -> None:
+    """Inference scores of val-like caption lengths: padded tiles vs length-sorted tiles."""
+    images, captions, cap_lens = val_length_inputs(n_img, n_cap)
+    print(f"float32 CPU, {torch.get_num_threads()} threads, {n_img} x {n_cap}, k=49, d=256, caption "
+          f"lengths mean {cap_lens.float().mean():.1f} (max {int(cap_lens.max())}); median of {repeats}")
+    print(f"{'direction':>9} {'padded s':>9} {'sorted s':>9} {'speed-up':>9} {'max |diff|':>11}")
+    for direction, lam in (("t2i", 9.0), ("i2t", 4.0)):
+        cfg = XAttnConfig(direction=direction, lambda_softmax=lam)
+        fns = {flag: (lambda flag=flag: xattn_scores(images, captions, cap_lens, cfg, length_sorted=flag))
+               for flag in (False, True)}
+        wall, _ = median_times(fns, repeats)
+        with torch.no_grad():
+            diff = (fns[False]() - fns[True]()).abs().max().item()
+        print(f"{direction:>9} {wall[False]:9.3f} {wall[True]:9.3f} {wall[False] / wall[True]:8.2f}x {diff:11.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a CI smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu-only", action="store_true", help="only the CUDA table (benchmarks/gpu_check.sh)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--lengths", action="store_true",
+                        help="only inference on val-like caption lengths: padded vs length-sorted tiles")
     parser.add_argument("--peak-child", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
@@ -212,8 +244,12 @@ def main() -> None:
             parser.error("--gpu-only needs a CUDA device")
         gpu_table(1000, 5000, repeats=args.repeats)
         return
+    if args.lengths:
+        length_table(1000, 1250, repeats=args.repeats)  # one evaluator block of the demo's val
+        return
     if args.quick:
         cpu_table([(4, 8), (8, 8)], repeats=2, measure_memory=False, train_shapes=[(4, 8)])
+        length_table(8, 40, repeats=1)
         return
     cpu_table([(32, 160), (128, 128)], repeats=args.repeats, measure_memory=True,
               train_shapes=[(128, 128)])
