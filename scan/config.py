@@ -93,6 +93,10 @@ class LossConfig:
     # its own captions: 2·B·G − B² pairs, the earlier scheme).
     partition: Literal["rows", "ring", "rows_and_columns"] = "rows"
     caption_chunk: int = 0  # captions scored per tile in the loss (0: automatic from memory budget)
+    # Captions of a batch sorted by length into this many equal groups, each scored cut to its own
+    # longest caption instead of the batch's (the same scores and gradients; less padding to
+    # attend over). 1: one group, padded to the batch's longest.
+    length_groups: int = 1
 
     def at_epoch(self, epoch: int) -> "LossConfig":
         """The loss of ``epoch``: all negatives during the warm-up epochs, then as configured."""
@@ -171,7 +175,8 @@ class ExperimentConfig:
                               "when model.text_encoder is 'hf'")
         for key, value in (("data.batch_size", self.data.batch_size),
                            ("train.grad_accum", self.train.grad_accum),
-                           ("train.epochs", self.train.epochs)):
+                           ("train.epochs", self.train.epochs),
+                           ("loss.length_groups", self.loss.length_groups)):
             if value < 1:
                 raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected >= 1")
         for key, value in (("data.global_batch_size", self.data.global_batch_size),

@@ -86,13 +86,24 @@ def hardest_negative_loss(scores: torch.Tensor, margin: float = 0.2, max_violati
 
 
 def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Tensor,
-                cap_lens: torch.Tensor, scorer: Scorer | XAttnConfig, caption_chunk: int) -> torch.Tensor:
+                cap_lens: torch.Tensor, scorer: Scorer | XAttnConfig, caption_chunk: int,
+                length_groups: int = 1) -> torch.Tensor:
     """(N, M) scores, each tile recomputed in backward; ``caption_chunk`` > 0 bounds the
-    captions per scorer call (0: the scorer tiles by its memory budget alone)."""
+    captions per scorer call (0: the scorer tiles by its memory budget alone). ``length_groups``
+    > 1: the captions sorted by length into that many equal groups, each cut to its own longest
+    caption (padding adds nothing to a score, so only the work changes); columns in input order."""
     scorer = as_scorer(scorer)
-    step = caption_chunk if caption_chunk > 0 else captions.shape[0]
+    M = captions.shape[0]
+    if length_groups > 1 and M > 1:
+        order = torch.argsort(cap_lens, stable=True)
+        groups = [g for g in order.tensor_split(min(length_groups, M)) if g.numel()]
+        widths = [int(w) for w in torch.stack([cap_lens[g].max() for g in groups]).tolist()]
+        parts = [pair_scores(images, img_lens, captions[g, :w], cap_lens[g], scorer, caption_chunk)
+                 for g, w in zip(groups, widths)]
+        return torch.cat(parts, dim=1)[:, torch.argsort(order)]
+    step = caption_chunk if caption_chunk > 0 else M
     parts = [scorer(images, captions[c:c + step], cap_lens[c:c + step], img_lens, checkpoint=True)
-             for c in range(0, captions.shape[0], step)]
+             for c in range(0, M, step)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -114,7 +125,8 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
     ids = image_ids if loss_cfg.mask_same_image else None
     margin, hardest = loss_cfg.margin, loss_cfg.max_violation
     if not (loss_cfg.cross_device and is_distributed()):
-        scores = pair_scores(img_emb, img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk)
+        scores = pair_scores(img_emb, img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk,
+                             loss_cfg.length_groups)
         diagonal = torch.arange(img_emb.shape[0], device=img_emb.device)
         loss = contrastive_hinge(scores, scores.t(), diagonal, margin, hardest, ids, ids)
         return loss, all_reduce_sum(loss)
@@ -142,8 +154,10 @@ def _rows_and_columns_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_em
     all_img_lens, all_cap_lens = gather_padded(img_lens, counts), gather_padded(cap_lens, counts)
     all_ids = gather_padded(ids, counts) if ids is not None else None
     positive = sum(counts[:rank]) + torch.arange(B, device=img_emb.device)  # our pairs in G
-    i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
-    t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk)  # (G, B)
+    i2t = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk,
+                      loss_cfg.length_groups)  # (B, G)
+    t2i = pair_scores(all_img, all_img_lens, cap_emb, cap_lens, scorer, loss_cfg.caption_chunk,
+                      loss_cfg.length_groups)  # (G, B)
     return contrastive_hinge(i2t, t2i.t(), positive, loss_cfg.margin, loss_cfg.max_violation,
                              ids, all_ids)
 
@@ -172,7 +186,8 @@ def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb
         scores = ring_row_scores(img_emb, img_lens, cap_emb, all_cap_lens, counts, n_sizes, scorer)
     else:
         all_cap = gather_padded(cap_emb, counts, max(n_sizes))  # (G, n_max, d), differentiable
-        scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk)  # (B, G)
+        scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk,
+                      loss_cfg.length_groups)  # (B, G)
     margin, hardest = loss_cfg.margin, loss_cfg.max_violation
     local_ids = image_ids if mask_same_image else None
     all_ids = gather_padded(image_ids, counts, differentiable=False) if mask_same_image else None

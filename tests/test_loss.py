@@ -142,3 +142,38 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="row_ids/col_ids"):
         directional_hinge(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), 0.2, True,
                           row_ids=torch.zeros(3), col_ids=torch.zeros(3))
+
+
+@pytest.mark.parametrize("kind,direction", [("scan", "t2i"), ("scan", "i2t"), ("dvsa", "t2i")])
+@pytest.mark.parametrize("caption_chunk", [0, 2])
+def test_length_groups_give_the_same_loss_and_gradients(kind, direction, caption_chunk):
+    """loss.length_groups sorts the batch's captions by length into groups, each cut to its own
+    longest caption: the same loss and gradients as one group padded to the batch's longest
+    (float64; shuffled lengths 1..9, garbage in the padding)."""
+    from scan.config import ExperimentConfig
+    from scan.loss import batch_loss
+    from scan.scorers import scorer_for
+
+    g = torch.Generator().manual_seed(3)
+    cfg = ExperimentConfig()
+    cfg.model.kind, cfg.xattn.direction = kind, direction
+    cfg.loss.caption_chunk = caption_chunk
+    images = torch.randn(11, 6, 8, generator=g, dtype=torch.float64)
+    captions = torch.randn(11, 9, 8, generator=g, dtype=torch.float64)
+    cap_lens = torch.tensor([3, 9, 1, 5, 2, 7, 4, 9, 6, 2, 8])
+    img_lens = torch.tensor([6, 4, 6, 1, 5, 6, 3, 6, 2, 6, 6])
+    for j, n in enumerate(cap_lens.tolist()):
+        captions[j, n:] = 7.0
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0])  # the last caption shares image 0
+    results = []
+    for groups in (1, 3, 11):
+        cfg.loss.length_groups = groups
+        img, cap = images.clone().requires_grad_(True), captions.clone().requires_grad_(True)
+        loss, _ = batch_loss(img, img_lens, cap, cap_lens, ids, cfg.loss, scorer_for(cfg))
+        loss.backward()
+        results.append((loss.detach(), img.grad, cap.grad))
+    for loss, img_grad, cap_grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(img_grad, results[0][1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cap_grad, results[0][2], rtol=0, atol=1e-12)
+    assert float(results[0][0]) > 0
