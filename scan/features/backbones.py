@@ -87,9 +87,11 @@ class Backbone:
     """
 
     def __init__(self, name: str, net: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
-                 preprocess: Preprocess, digest: str, device: torch.device, version: str = ""):
+                 preprocess: Preprocess, digest: str, device: torch.device, version: str = "",
+                 channels_last: bool = False):
         self.name = name
         self.net = net
+        self.channels_last = channels_last  # inputs in NHWC, as the convolutions' weights are
         self.preprocess = preprocess
         self.digest = digest
         self.device = device
@@ -118,6 +120,8 @@ class Backbone:
     def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, S, S, 3) uint8 -> (B, k, D) float32 on CPU and the (rows, cols) grid."""
         x = self.preprocess.normalise(pixels.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
@@ -168,6 +172,9 @@ class _HFFeatureMap(torch.nn.Module):
         return grid.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
 
 
+LITE_MEMORY_FORMAT = "channels_last"
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,11 +205,14 @@ def _load_lite(name: str, image_size: int | None, device: torch.device) -> Backb
     with contextlib.redirect_stdout(io.StringIO()):
         # image_size fixes the TF-"same" static padding of every convolution for this input size.
         model = EfficientNet.from_pretrained(name, weights_path=str(weights), image_size=size)
-    model.eval().to(device)
+    # NHWC: the depthwise convolutions run 1.41x faster on this CPU (Lite0, 224 px, 1 thread: 35.5
+    # against 50.2 ms per image); the features move by at most 2.3e-5 (the fp16 shards keep 1e-3).
+    model.eval().to(device, memory_format=torch.channels_last)
     # The TF Lite models were trained on (x - 127) / 128 of uint8 x, i.e. mean 127/255, std 128/255.
     pre = Preprocess(image_size=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
     return Backbone(name, model.extract_features, pre, file_digest([weights]), device,
-                    version=f"efficientnet-lite-pytorch {efficientnet_lite_pytorch.__version__}")
+                    version=f"efficientnet-lite-pytorch {efficientnet_lite_pytorch.__version__}, "
+                            f"{LITE_MEMORY_FORMAT}", channels_last=True)
 
 
 def _hf_preprocess(path: Path, config, image_size: int | None) -> Preprocess:
@@ -250,10 +260,11 @@ def identify(spec: str, image_size: int | None = None) -> dict:
     a digest over its weights (and, for transformers, its config and preprocessing files)."""
     kind, path = _parse_spec(spec)
     if kind == "lite":
-        files = [_lite_weights(spec)]
-    else:
-        files = _hf_weights(path) + [p for p in (path / "config.json", path / "preprocessor_config.json")
-                                     if p.exists()]
+        # the layout moves the features' last bits, so shards of the other layout are not reused
+        return {"backbone": spec, "image_size": image_size,
+                "files_digest": file_digest([_lite_weights(spec)]), "memory_format": LITE_MEMORY_FORMAT}
+    files = _hf_weights(path) + [p for p in (path / "config.json", path / "preprocessor_config.json")
+                                 if p.exists()]
     return {"backbone": spec, "image_size": image_size, "files_digest": file_digest(files)}
 
 
