@@ -142,15 +142,36 @@ def expected_steps(cfg: ExperimentConfig) -> int:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
+class StepProgress:
+    """The last optimizer step in a run's ``metrics.jsonl`` so far (0 before the first), read
+    incrementally: each poll parses only the lines appended since the one before (the log grows to
+    about 1 MB over a demo training, and the bar polls every 2 s beside the trainings)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.offset = 0  # bytes of whole lines read so far
+        self.step = 0
+
+    def poll(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # replaced by a shorter file: anew
+                    self.offset, self.step = 0, 0
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self.step
+        whole = chunk.rfind(b"\n") + 1  # a line being written has no newline yet
+        for line in chunk[:whole].splitlines():
+            if line.startswith(b'{"kind": "step"'):
+                self.step = max(self.step, json.loads(line)["step"])
+        self.offset += whole
+        return self.step
+
+
 def steps_logged(run_dir: Path) -> int:
     """The last optimizer step in the run's log so far (0 before the first)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
-    except FileNotFoundError:
-        return 0
-    steps = [json.loads(line)["step"] for line in lines  # a line being written has no newline yet
-             if line.endswith(b"\n") and line.startswith(b'{"kind": "step"')]
-    return max(steps, default=0)
+    return StepProgress(run_dir).poll()
 
 
 def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: str) -> dict[str, dict]:
@@ -162,6 +183,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     totals = {name: expected_steps(cfg) for name, cfg in cfgs.items()}  # a bad manifest fails here
+    progress = {name: StepProgress(Path(cfg.train.output_dir)) for name, cfg in cfgs.items()}
     try:
         for name, cfg in cfgs.items():
             run_dir = Path(cfg.train.output_dir)
@@ -174,7 +196,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
                   dynamic_ncols=True, postfix="each run validates after its last step") as bar:
             while True:
                 codes = {name: p.poll() for name, (p, _) in procs.items()}
-                done = {name: steps_logged(d) for name, (_, d) in procs.items()}
+                done = {name: progress[name].poll() for name in procs}
                 bar.update(sum(done.values()) - bar.n)
                 validating = [n for n, c in codes.items() if c is None and done[n] >= totals[n]]
                 if validating:  # no steps to count while a run validates: say so

@@ -186,6 +186,27 @@ def test_concurrent_trainings_report_a_failure_with_its_log(trained, tmp_path):
     assert steps_logged(tmp_path / "good") < total  # stopped, not left to finish
 
 
+def test_step_progress_reads_only_whole_new_lines(tmp_path):
+    """The demo's bar polls each training's metrics.jsonl: only lines appended since the last poll
+    are parsed, a line still being written is left for the next, a replaced log is read anew."""
+    from app.demo import StepProgress, steps_logged
+
+    log = tmp_path / "metrics.jsonl"
+    progress = StepProgress(tmp_path)
+    assert progress.poll() == 0  # no log yet
+    with open(log, "wb") as f:
+        f.write(b'{"kind": "step", "step": 1, "loss": 3.0}\n{"kind": "eval", "step": 9}\n')
+        f.write(b'{"kind": "step", "step": 2')  # half a line
+        f.flush()
+        assert progress.poll() == 1
+        offset = progress.offset
+        f.write(b', "loss": 2.5}\n{"kind": "step", "step": 3, "loss": 2.0}\n')
+    assert progress.poll() == 3 and progress.offset > offset
+    assert progress.poll() == 3 and steps_logged(tmp_path) == 3
+    log.write_bytes(b'{"kind": "step", "step": 1}\n')  # a fresh run's shorter log
+    assert progress.poll() == 1
+
+
 def test_demo_quick_selects_the_first_flickr8k_images(flickr8k, tmp_path):
     """--quick: the first 1,000 train and 500 val photos of dataset_flickr8k.json (no training here)."""
     from app.demo import FLICKR8K, demo_items
