@@ -17,10 +17,11 @@
 Every stage is idempotent: rerunning reuses committed shards and cached text features, and resumes
 each training's latest checkpoint (a finished one is not retrained).
 
-Why this budget (2 CPU cores, about 20 minutes from a fresh clone): Lite0 at 224 px extracts the
-7,000 photos in under 4 minutes (Lite2 at 260 px: about 9) and gives 49 cells instead of 81, which
-makes every cross-attention pair 40% cheaper; an epoch over the 30,000 training captions then takes
-about 90 s and an fp32 evaluation of the 1,000 × 5,000 val matrix about 80 s, so each direction
+Why this budget (2 CPU cores, at most 20 minutes from a fresh clone; 17.5 measured): Lite0 at 224 px
+extracts the 7,000 photos in under 3.5 minutes (Lite2 at 260 px: about 9) and gives 49 cells instead
+of 81, which makes every cross-attention pair 40% cheaper; an epoch over the 30,000 training captions
+then takes about 90 s of one thread and an fp32 evaluation of the 1,000 × 5,000 val matrix about 50 s
+(each tile cut to its own longest caption), so each direction
 trains for 3 epochs (warm-up with all negatives, hardest negatives, the last at lr / 10) and is
 validated once at the end. The two directions train side by side because the step is made of
 small operators that two threads barely speed up: two 1-thread trainings at once end in about the
