@@ -17,7 +17,7 @@
 Every stage is idempotent: rerunning reuses committed shards and cached text features, and resumes
 each training's latest checkpoint (a finished one is not retrained).
 
-Why this budget (2 CPU cores, at most 20 minutes from a fresh clone; 17.5 measured): Lite0 at 224 px
+Why this budget (2 CPU cores, at most 20 minutes from a fresh clone; 15.7-17.5 measured): Lite0 at 224 px
 extracts the 7,000 photos in under 3.5 minutes (Lite2 at 260 px: about 9) and gives 49 cells instead
 of 81, which makes every cross-attention pair 40% cheaper; an epoch over the 30,000 training captions
 then takes about 90 s of one thread and an fp32 evaluation of the 1,000 × 5,000 val matrix about 50 s
