@@ -95,11 +95,11 @@ def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Te
     scorer = as_scorer(scorer)
     M = captions.shape[0]
     if length_groups > 1 and M > 1:
-        order = torch.argsort(cap_lens, stable=True)
-        groups = [g for g in order.tensor_split(min(length_groups, M)) if g.numel()]
-        widths = [int(w) for w in torch.stack([cap_lens[g].max() for g in groups]).tolist()]
+        sorted_lens, order = torch.sort(cap_lens, stable=True)
+        n = min(length_groups, M)  # groups of sorted neighbours, none empty; the last is the longest
+        widths = [int(lens[-1]) for lens in sorted_lens.tensor_split(n)]
         parts = [pair_scores(images, img_lens, captions[g, :w], cap_lens[g], scorer, caption_chunk)
-                 for g, w in zip(groups, widths)]
+                 for g, w in zip(order.tensor_split(n), widths)]
         return torch.cat(parts, dim=1)[:, torch.argsort(order)]
     step = caption_chunk if caption_chunk > 0 else M
     parts = [scorer(images, captions[c:c + step], cap_lens[c:c + step], img_lens, checkpoint=True)
@@ -187,7 +187,7 @@ def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb
     else:
         all_cap = gather_padded(cap_emb, counts, max(n_sizes))  # (G, n_max, d), differentiable
         scores = pair_scores(img_emb, img_lens, all_cap, all_cap_lens, scorer, loss_cfg.caption_chunk,
-                      loss_cfg.length_groups)  # (B, G)
+                             loss_cfg.length_groups)  # (B, G)
     margin, hardest = loss_cfg.margin, loss_cfg.max_violation
     local_ids = image_ids if mask_same_image else None
     all_ids = gather_padded(image_ids, counts, differentiable=False) if mask_same_image else None

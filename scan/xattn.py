@@ -182,12 +182,12 @@ def _tiled_scores(ctx: Tensor, ctx_mask: Tensor | None, qry: Tensor, qry_mask: T
     gram = torch.bmm(ctx, ctx.transpose(1, 2)).to(cdtype)
     grad = torch.is_grad_enabled() and (ctx.requires_grad or qry.requires_grad)
     # A checkpointed tile holds the training intermediates while it is recomputed in backward.
-    tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
-                                 grad, ctx.device.type == "cpu")
     tile_fn = _fused_tile_scores if cfg.fused else _tile_scores
     if length_sorted and not grad and (ctx_mask is not None or qry_mask is not None):
         return _length_sorted_scores(ctx, gram, ctx_mask, qry, q_norm, qry_mask, cfg, cdtype,
                                      memory_budget_mb, tile_fn)
+    tile_a, tile_b = _tile_shape(A, B, c * q * torch.finfo(cdtype).bits // 8, memory_budget_mb,
+                                 grad, ctx.device.type == "cpu")
     rows = []
     for a0 in range(0, A, tile_a):
         a1 = min(A, a0 + tile_a)
@@ -221,8 +221,8 @@ def _length_sorted_scores(ctx: Tensor, gram: Tensor, ctx_mask: Tensor | None, qr
     B, q, _ = qry.shape
     ctx_order, ctx_width = _length_order(ctx_mask, A, c, ctx.device)
     qry_order, qry_width = _length_order(qry_mask, B, q, qry.device)
-    ctx, gram, ctx_mask = ctx[ctx_order], gram[ctx_order], _rows(ctx_mask, ctx_order)
-    qry, q_norm, qry_mask = qry[qry_order], q_norm[qry_order], _rows(qry_mask, qry_order)
+    ctx, gram, ctx_mask = ctx[ctx_order], gram[ctx_order], _index(ctx_mask, ctx_order)
+    qry, q_norm, qry_mask = qry[qry_order], q_norm[qry_order], _index(qry_mask, qry_order)
     on_cpu = ctx.device.type == "cpu"
     elem = torch.finfo(cdtype).bits // 8
     scores = torch.empty(A, B, dtype=cdtype, device=ctx.device)
@@ -253,10 +253,6 @@ def _length_order(mask: Tensor | None, count: int, width: int,
         return torch.arange(count, device=device), [width] * count
     sorted_lens, order = torch.sort(mask.sum(1), stable=True)
     return order, sorted_lens.tolist()
-
-
-def _rows(mask: Tensor | None, order) -> Tensor | None:
-    return None if mask is None else mask[order]
 
 
 def _tile_mask(mask: Tensor | None, i0: int, i1: int, width: int) -> Tensor | None:
