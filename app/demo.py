@@ -279,8 +279,13 @@ def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec:
 
 
 def machine() -> str:
-    """The CPU (or GPU) the figures were computed on, in words."""
+    """The CPU (or GPU) the figures were computed on, in words. On a CPU it also names the kernels
+    torch dispatches to and whether bf16 is native: fp32 sums differ in their last bits between
+    kernel families (MKL picks its sgemm by vendor and ISA), and a 3-epoch training amplifies that
+    to recalls that differ within a seed's spread (docs/RESULTS.md, "Recall across machines")."""
     import torch
+
+    from trainer.engine import native_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -292,7 +297,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} CPU cores"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return f"{name}, {os.cpu_count()} CPU cores (torch {kernels} kernels, {bf16})"
 
 
 def _row(name: str, m: dict) -> str:
