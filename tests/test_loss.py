@@ -144,12 +144,17 @@ def test_bad_inputs_raise():
                           row_ids=torch.zeros(3), col_ids=torch.zeros(3))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,direction", [("scan", "t2i"), ("scan", "i2t"), ("dvsa", "t2i")])
 @pytest.mark.parametrize("caption_chunk", [0, 2])
-def test_length_groups_give_the_same_loss_and_gradients(kind, direction, caption_chunk):
+def test_length_groups_give_the_same_loss_and_gradients(kind, direction, caption_chunk, device):
     """loss.length_groups sorts the batch's captions by length into groups, each cut to its own
     longest caption: the same loss and gradients as one group padded to the batch's longest
-    (float64; shuffled lengths 1..9, garbage in the padding)."""
+    (float64; shuffled lengths 1..9, garbage in the padding), on the CPU and on CUDA."""
     from scan.config import ExperimentConfig
     from scan.loss import batch_loss
     from scan.scorers import scorer_for
@@ -165,6 +170,8 @@ def test_length_groups_give_the_same_loss_and_gradients(kind, direction, caption
     for j, n in enumerate(cap_lens.tolist()):
         captions[j, n:] = 7.0
     ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0])  # the last caption shares image 0
+    images, captions, cap_lens, img_lens, ids = (x.to(device) for x in (images, captions, cap_lens,
+                                                                        img_lens, ids))
     results = []
     for groups in (1, 3, 11):
         cfg.loss.length_groups = groups

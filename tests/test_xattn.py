@@ -65,13 +65,9 @@ def test_tiled_equals_untiled(direction):
                                rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("direction,norm", [("t2i", "clipped_l2norm"), ("i2t", "clipped_l2norm"),
-                                            ("t2i", "softmax"), ("i2t", "no_norm")])
-@pytest.mark.parametrize("budget_mb", [1024, 1e-3], ids=["one-tile-rows", "tiny-tiles"])
-def test_length_sorted_inference_matches_reference(direction, norm, budget_mb):
-    """Inference sorts the padded owners by length and cuts each tile to its longest owner: 70
-    captions of shuffled lengths 1..12 (three query groups and a part in t2i) and images of 1..9
-    regions, garbage in all padding, against the per-pair reference, rows and columns in input order."""
+def ragged_inputs(device: str = "cpu"):
+    """9 images of 1..9 regions and 70 captions of shuffled lengths 1..12 (three query groups and a
+    part on a CPU), float64, garbage in all padding."""
     g = torch.Generator().manual_seed(11)
     images = torch.randn(9, 9, 8, generator=g, dtype=torch.float64)
     captions = torch.randn(70, 12, 8, generator=g, dtype=torch.float64)
@@ -82,10 +78,56 @@ def test_length_sorted_inference_matches_reference(direction, norm, budget_mb):
         captions[j, n:] = 1e3
     for i, k in enumerate(img_lens.tolist()):
         images[i, k:] = -1e3
+    return images.to(device), captions.to(device), cap_lens.to(device), img_lens.to(device)
+
+
+LENGTH_SORTED_VARIANTS = [("t2i", "clipped_l2norm"), ("i2t", "clipped_l2norm"), ("t2i", "softmax"),
+                          ("i2t", "no_norm")]
+
+
+@pytest.mark.parametrize("direction,norm", LENGTH_SORTED_VARIANTS)
+@pytest.mark.parametrize("budget_mb", [1024, 1e-3], ids=["one-tile-rows", "tiny-tiles"])
+def test_length_sorted_inference_matches_reference(direction, norm, budget_mb):
+    """Inference sorts the padded owners by length and cuts each tile to its longest owner: the
+    scores of ragged inputs against the per-pair reference, rows and columns in input order."""
+    images, captions, cap_lens, img_lens = ragged_inputs()
     cfg = XAttnConfig(direction=direction, agg="mean", lambda_softmax=4.0, raw_feature_norm=norm)
     got = xattn_scores(images, captions, cap_lens, cfg, img_lens, memory_budget_mb=budget_mb)
     want = reference_scores(images, captions, cap_lens, cfg, img_lens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction,norm", LENGTH_SORTED_VARIANTS[:2])
+def test_length_sorted_fused_inference_matches_reference(direction, norm):
+    """The fused (compiled) tile through the length-sorted path: every tile has its own widths,
+    which the one dynamic-shape graph takes (or the eager fallback, which computes the same)."""
+    images, captions, cap_lens, img_lens = ragged_inputs()
+    cfg = XAttnConfig(direction=direction, agg="mean", lambda_softmax=4.0, raw_feature_norm=norm,
+                      fused=True)
+    got = xattn_scores(images, captions, cap_lens, cfg, img_lens, memory_budget_mb=1e-3)
+    want = reference_scores(images, captions, cap_lens, cfg, img_lens)
+    assert xattn_module._COMPILE_STATE["ok"], "the fused path fell back to eager"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA tile shapes need a GPU")
+@pytest.mark.parametrize("direction,norm,fused",
+                         [(d, n, False) for d, n in LENGTH_SORTED_VARIANTS]
+                         + [(d, n, True) for d, n in LENGTH_SORTED_VARIANTS[:2]])
+def test_cuda_length_sorted_inference_matches_reference(direction, norm, fused):
+    """The length-sorted path on CUDA, where query owners are not grouped by 32 and tiles are
+    sized for the GPU (eager, and fused through Triton), float64 against the CPU reference. The
+    fused case keeps to one first normalisation: each is its own Triton graph to compile, inside
+    gpu_check.sh's budget."""
+    images, captions, cap_lens, img_lens = ragged_inputs("cuda")
+    cfg = XAttnConfig(direction=direction, agg="mean", lambda_softmax=4.0, raw_feature_norm=norm,
+                      fused=fused)
+    for budget_mb in (1024, 1e-3):
+        got = xattn_scores(images, captions, cap_lens, cfg, img_lens, memory_budget_mb=budget_mb)
+        want = reference_scores(images.cpu(), captions.cpu(), cap_lens.cpu(), cfg, img_lens.cpu())
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-9)
+    assert not fused or xattn_module._COMPILE_STATE["ok"], "the fused path fell back to eager"
 
 
 GRAD_VARIANTS = [
