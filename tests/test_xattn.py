@@ -100,7 +100,7 @@ def test_length_sorted_inference_matches_reference(direction, norm, budget_mb):
 @pytest.mark.parametrize("direction,norm", LENGTH_SORTED_VARIANTS[:2])
 def test_length_sorted_fused_inference_matches_reference(direction, norm):
     """The fused (compiled) tile through the length-sorted path: every tile has its own widths,
-    which the one dynamic-shape graph takes (or the eager fallback, which computes the same)."""
+    which the dynamic-shape graph takes, compiled (no fall back to eager)."""
     images, captions, cap_lens, img_lens = ragged_inputs()
     cfg = XAttnConfig(direction=direction, agg="mean", lambda_softmax=4.0, raw_feature_norm=norm,
                       fused=True)
