@@ -123,9 +123,9 @@ def test_cuda_length_sorted_inference_matches_reference(direction, norm, fused):
     images, captions, cap_lens, img_lens = ragged_inputs("cuda")
     cfg = XAttnConfig(direction=direction, agg="mean", lambda_softmax=4.0, raw_feature_norm=norm,
                       fused=fused)
+    want = reference_scores(images.cpu(), captions.cpu(), cap_lens.cpu(), cfg, img_lens.cpu())
     for budget_mb in (1024, 1e-3):
         got = xattn_scores(images, captions, cap_lens, cfg, img_lens, memory_budget_mb=budget_mb)
-        want = reference_scores(images.cpu(), captions.cpu(), cap_lens.cpu(), cfg, img_lens.cpu())
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-9)
     assert not fused or xattn_module._COMPILE_STATE["ok"], "the fused path fell back to eager"
 
