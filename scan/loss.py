@@ -96,8 +96,9 @@ def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Te
     M = captions.shape[0]
     if length_groups > 1 and M > 1:
         sorted_lens, order = torch.sort(cap_lens, stable=True)
-        n = min(length_groups, M)  # groups of sorted neighbours, none empty; the last is the longest
-        widths = [int(lens[-1]) for lens in sorted_lens.tensor_split(n)]
+        n = min(length_groups, M)  # groups of sorted neighbours, none empty
+        # each group's last length is its longest; one host sync for all groups (a CUDA step)
+        widths = torch.stack([lens[-1] for lens in sorted_lens.tensor_split(n)]).tolist()
         parts = [pair_scores(images, img_lens, captions[g, :w], cap_lens[g], scorer, caption_chunk)
                  for g, w in zip(order.tensor_split(n), widths)]
         return torch.cat(parts, dim=1)[:, torch.argsort(order)]
