@@ -41,6 +41,7 @@ from dataio import storage
 from dataio.shard_writer import committed_shards, shard_filename, write_manifest
 from dataio.sources import ImageItem
 from scan.features.backbones import identify
+from scan.features.proposals import identify_regions
 from scan.features.saliency import identify_saliency
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class _Pool:
     def __init__(self, cfg: JobConfig, workers: int, cpus: int, gpus: int, fault: ExitFault | None):
         self.options = {"num_cpus": cpus, "num_gpus": gpus}
         self.args = (cfg.backbone, cfg.image_size, cpus, cfg.batch_size, cfg.decode_threads,
-                     cfg.max_pixels, fault, cfg.saliency)
+                     cfg.max_pixels, fault, cfg.saliency, cfg.regions, cfg.proposal_config())
         self.actors = [self._new() for _ in range(workers)]
 
     def _new(self):
@@ -216,7 +217,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     units = plan_units(items, cfg.images_per_shard)
     if not units:
         raise ValueError("the source has no images")
-    identity = identify(cfg.backbone, cfg.image_size)
+    identity = {**identify(cfg.backbone, cfg.image_size), **identify_regions(cfg.regions, cfg.proposal_config())}
     if cfg.saliency != "none":  # the same units compute it: what they hold includes the saliency model
         identity["saliency"] = identify_saliency(cfg.saliency)
     fingerprints = {u.name: u.fingerprint(identity) for u in units}

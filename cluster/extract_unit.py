@@ -30,7 +30,9 @@ from dataio.pipeline import batched
 from dataio.shard_writer import shard_filename, write_shard
 from dataio.shards import RECORD_SUFFIX, ImageSample, check_sample
 from dataio.sources import ImageItem
-from scan.features.backbones import Backbone, load_backbone
+from scan.features.backbones import Backbone
+from scan.features.proposal_boxes import ProposalConfig
+from scan.features.proposals import ProposalRegions, load_regions
 from scan.features.saliency import SaliencyModel, load_saliency
 
 log = logging.getLogger(__name__)
@@ -180,14 +182,14 @@ def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.
                        saliency=None if saliency is None else saliency.numpy())
 
 
-def describe_extractor(backbone: Backbone, saliency: SaliencyModel | None) -> dict:
+def describe_extractor(backbone: Backbone | ProposalRegions, saliency: SaliencyModel | None) -> dict:
     """What made every feature (meta.json, the unit stats, the manifest): the backbone's
     description, with the saliency model's under ``saliency`` when it runs."""
     out = backbone.describe()
     return out if saliency is None else {**out, "saliency": saliency.describe()}
 
 
-def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode_threads: int,
+def _unit_samples(backbone: Backbone | ProposalRegions, unit: WorkUnit, *, batch_size: int, decode_threads: int,
                   max_pixels: int, ulog: _UnitLog,
                   on_first_sample: Callable[[], None] | None = None,
                   saliency: SaliencyModel | None = None) -> Iterator[ImageSample]:
@@ -233,7 +235,7 @@ def _unit_samples(backbone: Backbone, unit: WorkUnit, *, batch_size: int, decode
                     on_first_sample = None
 
 
-def extract_unit(backbone: Backbone, unit: WorkUnit, dest: str, *, fingerprint: str, run_id: str,
+def extract_unit(backbone: Backbone | ProposalRegions, unit: WorkUnit, dest: str, *, fingerprint: str, run_id: str,
                  attempt: int = 0,
                  batch_size: int = 32, decode_threads: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_first_sample: Callable[[], None] | None = None,
@@ -278,10 +280,11 @@ class ExtractWorker:
     one unit per call."""
 
     def __init__(self, backbone: str, image_size: int | None, threads: int, batch_size: int,
-                 decode_threads: int, max_pixels: int, fault: ExitFault | None, saliency: str = "none"):
+                 decode_threads: int, max_pixels: int, fault: ExitFault | None, saliency: str = "none",
+                 regions: str = "grid", proposals: ProposalConfig | None = None):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)
-        self.backbone = load_backbone(backbone, image_size=image_size)
+        self.backbone = load_regions(backbone, image_size=image_size, regions=regions, proposals=proposals)
         self.saliency = load_saliency(saliency, threads=threads)
         self.batch_size, self.decode_threads, self.max_pixels = batch_size, decode_threads, max_pixels
         self.fault = fault
