@@ -14,8 +14,6 @@ from scan.features.backbones import load_backbone
 from scan.features.proposal_boxes import ProposalConfig, crop_pixels, selective_search_boxes
 from scan.features.proposals import ProposalRegions, identify_regions, load_regions
 
-pytest.importorskip("cv2", reason="opencv-contrib-python-headless is not installed (scripts/setup.sh installs it)")
-
 SIZE, CROP = 64, 32  # a small Lite0: 2 × 2 grid cells at 64 px, 1 × 1 at 32 px
 
 

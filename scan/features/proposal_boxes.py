@@ -63,12 +63,8 @@ def selective_search_boxes(pixels: np.ndarray, cfg: ProposalConfig) -> np.ndarra
             kept.append(box)
             if len(kept) == cfg.count:
                 break
-    for box in _fill_boxes():
-        if len(kept) >= cfg.count:
-            break
-        kept.append(box)
-    while len(kept) < cfg.count:  # counts above the fixed boxes' 17: repeat the whole image
-        kept.append((0.0, 0.0, 1.0, 1.0))
+    # topped up with the fixed boxes; counts above their 17 repeat the whole image
+    kept += _fill_boxes() + [(0.0, 0.0, 1.0, 1.0)] * cfg.count
     return np.asarray(kept[:cfg.count], dtype=np.float32)
 
 

@@ -14,8 +14,8 @@ the nearest object-level region set that does. Per image (`ProposalRegions`):
   map is mean-pooled to one D-vector;
 - with ``mode="grid+proposals"`` the grid cells come first (h * w of them), then the above.
 
-docs/RESULTS.md ("Object-like regions") measured it on Flickr8k: grid + proposals raise VSE++
-and SCAN alike, and the global model more.
+docs/RESULTS.md ("Object-like regions raise both models") measured it on Flickr8k: grid +
+proposals raise SCAN and VSE++ by 13 to 15 val rsum, and VSE++ stays ahead.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from scan.features.proposal_boxes import (MODES, ProposalConfig, check_opencv, c
                                           selective_search_boxes)
 
 log = logging.getLogger(__name__)
+
 
 class ProposalRegions:
     """A `Backbone`'s interface (preprocess, describe(), __call__ -> Regions) over two copies of
