@@ -11,7 +11,7 @@ from cluster.extract_config import JobConfig
 from dataio.sources.synthetic import synthetic_items
 from scan.configfile import ConfigError
 from scan.features.backbones import load_backbone
-from scan.features.proposal_boxes import ProposalConfig, crop_pixels, selective_search_boxes
+from scan.features.proposal_boxes import BoxSearch, ProposalConfig, _libc, crop_pixels, selective_search_boxes
 from scan.features.proposals import ProposalRegions, identify_regions, load_regions
 
 SIZE, CROP = 64, 32  # a small Lite0: 2 × 2 grid cells at 64 px, 1 × 1 at 32 px
@@ -33,6 +33,44 @@ def test_boxes_are_valid_and_do_not_depend_on_earlier_images():
     for other in pixels[1:]:  # OpenCV's ranking draws from rand(): reset per image
         selective_search_boxes(other, cfg)
     np.testing.assert_array_equal(selective_search_boxes(pixels[0], cfg), first)
+
+
+def test_box_search_is_immune_to_other_threads_drawing_from_rand():
+    """Ray's core worker calls the C library's rand() on its own threads; a thread doing the same
+    here stands in for it. The helper process's boxes equal a quiet in-process search's."""
+    import threading
+
+    pixels = _pixels(8, 96)
+    cfg = ProposalConfig(count=12)
+    quiet = [selective_search_boxes(p, cfg) for p in pixels]
+    stop = threading.Event()
+
+    def draw():  # ctypes releases the GIL, so these calls run beside the searches
+        rand = _libc().rand
+        while not stop.is_set():
+            rand()
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    search = BoxSearch(cfg)
+    try:
+        for _ in range(2):
+            for got, want in zip(search(pixels), quiet):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        stop.set()
+        drawer.join()
+        search.close()
+
+
+def test_box_search_names_a_failure_in_its_helper():
+    search = BoxSearch(ProposalConfig(count=4))
+    try:
+        with pytest.raises(RuntimeError, match="selective search failed in its helper process"):
+            search(np.zeros((1, 8, 8), dtype=np.uint8))  # no colour channels
+        assert search(_pixels(1, 96))[0].shape == (4, 4)  # the helper still serves
+    finally:
+        search.close()
 
 
 def test_boxes_keep_the_area_and_aspect_limits_and_top_up_with_fixed_boxes():

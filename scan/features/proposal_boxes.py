@@ -1,10 +1,23 @@
 """Selective-search boxes and their crops (numpy and OpenCV only; no torch, so the extraction
-config can name `ProposalConfig` without loading a model). `scan.features.proposals` encodes them."""
+config can name `ProposalConfig` without loading a model). `scan.features.proposals` encodes them.
+
+OpenCV ranks selective search's regions by level × the C library's `rand()`, whose state is one
+per process and shared by every thread. Resetting it per image (`selective_search_boxes`) makes an
+image's boxes independent of the images searched before, but not of other threads: Ray's core
+worker (`_raylet.so` imports `rand`) draws from it on its own threads, and measured with Ray running
+in the process, 1 to 3 of 40 photos got other boxes on each pass. `BoxSearch` therefore runs the
+search in a helper process of its own, where nothing else draws from `rand()`.
+"""
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,6 +81,77 @@ def selective_search_boxes(pixels: np.ndarray, cfg: ProposalConfig) -> np.ndarra
     return np.asarray(kept[:cfg.count], dtype=np.float32)
 
 
+class BoxSearch:
+    """`selective_search_boxes` in a one-thread helper process (see the module docstring), started
+    on first use; one request per batch, so the caller can encode the grid while it searches."""
+
+    def __init__(self, cfg: ProposalConfig):
+        self.cfg = cfg
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            root = str(Path(__file__).resolve().parents[2])  # the folder that holds `scan`
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+                   "OMP_NUM_THREADS": "1"}
+            self._proc = subprocess.Popen([sys.executable, "-m", "scan.features.proposal_boxes"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        return self._proc
+
+    def submit(self, pixels: np.ndarray) -> None:
+        """(B, S, S, 3) uint8: start searching every image; `result` collects the boxes."""
+        proc = self._start()
+        pickle.dump((self.cfg, np.ascontiguousarray(pixels)), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        proc.stdin.flush()
+
+    def result(self) -> list[np.ndarray]:
+        """The submitted batch's boxes, one (cfg.count, 4) float32 array per image."""
+        try:
+            status, value = pickle.load(self._proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"the selective-search helper process exited (code {self._proc.wait()}); "
+                               "its error is on stderr above") from None
+        if status != "ok":
+            raise RuntimeError(f"selective search failed in its helper process: {value}")
+        return value
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        self.submit(pixels)
+        return self.result()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.stdin.close()  # the helper exits at end of input
+            self._proc.wait()
+            self._proc = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the helper exits with its closed stdin anyway
+            pass
+
+
+def _serve() -> None:
+    """The helper's loop: (cfg, (B, S, S, 3) uint8) requests in, ("ok", boxes) replies out."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but replies on the pipe
+    while True:
+        try:
+            cfg, pixels = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", [selective_search_boxes(p, cfg) for p in pixels])
+        except Exception as err:  # reported to the caller, which names it
+            reply = ("error", f"{type(err).__name__}: {err}")
+        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+
 def crop_pixels(pixels: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """(S, S, 3) uint8 and (n, 4) normalised boxes -> (n, size, size, 3) uint8 crops (bilinear)."""
     s = pixels.shape[0]
@@ -91,3 +175,7 @@ def check_opencv() -> str:
         raise ImportError(f"OpenCV {cv2.__version__} has no ximgproc (selective search): install "
                           "opencv-contrib-python-headless, not opencv-python")
     return cv2.__version__
+
+
+if __name__ == "__main__":
+    _serve()

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from scan.features.backbones import Backbone, Regions, load_backbone
-from scan.features.proposal_boxes import (MODES, ProposalConfig, check_opencv, crop_pixels,
-                                          selective_search_boxes)
+from scan.features.proposal_boxes import MODES, BoxSearch, ProposalConfig, check_opencv, crop_pixels
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,7 @@ class ProposalRegions:
             raise ValueError(f"regions {mode!r}: expected one of {MODES[1:]}")
         self.grid, self.crops, self.mode, self.cfg = grid, crops, mode, cfg
         self.opencv = check_opencv()
-        import cv2
-
-        # OpenCV's own thread pool would take every core beside torch's threads: keep to the
-        # worker's share (an actor's cpus_per_worker is its torch thread count).
-        cv2.setNumThreads(torch.get_num_threads())
+        self.search = BoxSearch(cfg)  # a helper process, one thread: see proposal_boxes
         self.preprocess = grid.preprocess
         self.feature_dim = grid.feature_dim
         self.num_regions = (grid.num_regions if mode == "grid+proposals" else 0) + 1 + cfg.count
@@ -62,10 +57,12 @@ class ProposalRegions:
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> Regions:
         """pixels (B, S, S, 3) uint8 -> Regions with k = num_regions (every image the same k)."""
         pixels = np.asarray(pixels)
+        self.search.submit(pixels)  # the helper searches while the grid is encoded here
         cells = self.grid(pixels)  # features (B, h*w, D)
+        found = self.search.result()
         feats, boxes = [], []
         for b in range(pixels.shape[0]):
-            props = selective_search_boxes(pixels[b], self.cfg)  # (count, 4)
+            props = found[b]  # (count, 4)
             crop = self.crops(crop_pixels(pixels[b], props, self.cfg.crop_size)).features.mean(1)  # (count, D)
             whole = cells.features[b].mean(0, keepdim=True)  # (1, D)
             f = [whole, crop]
@@ -98,4 +95,7 @@ def identify_regions(regions: str, proposals: ProposalConfig) -> dict:
     """What the region mode adds to the extraction's identity (empty for the grid)."""
     if regions == "grid":
         return {}
-    return {"regions": regions, "proposals": asdict(proposals), "opencv": check_opencv()}
+    # "search": shards written before the search moved to its helper process (where some boxes
+    # depended on Ray's threads) are not reused as if they were these
+    return {"regions": regions, "proposals": asdict(proposals), "opencv": check_opencv(),
+            "search": "helper process"}
