@@ -92,8 +92,8 @@ class BoxSearch:
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             root = str(Path(__file__).resolve().parents[2])  # the folder that holds `scan`
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-                   "OMP_NUM_THREADS": "1"}
+            path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
             self._proc = subprocess.Popen([sys.executable, "-m", "scan.features.proposal_boxes"],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         return self._proc
