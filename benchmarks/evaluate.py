@@ -109,6 +109,16 @@ HEADER = (f"{'method':<23} {'N x M':>13} {'ranks':>5} {'prec':>5} {'time s':>10}
           f"{'x floor':>8} {'vs loop':>10}")
 
 
+def loop_and_floor_seconds(n_img: int, slice_cap: int) -> tuple[float, float]:
+    """The reference loop's and the one matrix product's seconds for n_img x n_img * CPI, timed on
+    n_img x slice_cap and scaled by captions (its inputs are freed on return)."""
+    scale = n_img * CPI / slice_cap
+    images, captions, cap_lens = make_inputs(n_img, slice_cap, K_REGIONS, N_WORDS, DIM, seed=1)
+    loop_s = scale * time_slice(lambda: reference_loop_scores(images, captions, cap_lens, CFG), 1)
+    a, b = images.reshape(-1, DIM), captions.reshape(-1, DIM)
+    return loop_s, scale * time_slice(lambda: a @ b.t())
+
+
 def cpu_table(n_img: int, slice_cap: int) -> None:
     threads = torch.get_num_threads()
     print(f"CPU, {os.cpu_count()} cores ({threads} threads for 1 rank, split between ranks), "
@@ -116,12 +126,7 @@ def cpu_table(n_img: int, slice_cap: int) -> None:
     print("load average at start (other processes share these cores): "
           + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     print("TFLOP/s counts only the floor's regions x words product; 'x floor' = time / floor time")
-    scale = n_img * CPI / slice_cap
-    images, captions, cap_lens = make_inputs(n_img, slice_cap, K_REGIONS, N_WORDS, DIM, seed=1)
-    loop_s = scale * time_slice(lambda: reference_loop_scores(images, captions, cap_lens, CFG), 1)
-    a, b = images.reshape(-1, DIM), captions.reshape(-1, DIM)
-    floor_s = scale * time_slice(lambda: a @ b.t())
-    del images, captions, a, b
+    loop_s, floor_s = loop_and_floor_seconds(n_img, slice_cap)
     print(HEADER)
     print(row("reference loop*", n_img, "1", "fp32", loop_s, floor_s, None))
     time_sharded(split_embeddings(8))  # warm-up
@@ -142,14 +147,18 @@ def cpu_table(n_img: int, slice_cap: int) -> None:
           f"{one_m == two_m}; rsum {one_m['rsum']:.2f} (random embeddings)")
 
 
-def gpu_table(sizes: list[int]) -> None:
-    name = torch.cuda.get_device_name()
-    # The floor on this device: a dense bf16 GEMM with the FLOPs of 1,000 images x 1,000 captions.
+def gpu_gemm_rate() -> float:
+    """FLOP/s of the floor on this device: a dense bf16 GEMM with the FLOPs of 1,000 images x
+    1,000 captions (its operands are freed on return)."""
     a = torch.randn(1000 * K_REGIONS, DIM, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(1000 * N_WORDS, DIM, device="cuda", dtype=torch.bfloat16)
     a @ b.t()
-    gemm_rate = floor_flops(1000, 1000) / time_slice(lambda: a @ b.t(), repeats=5)
-    del a, b
+    return floor_flops(1000, 1000) / time_slice(lambda: a @ b.t(), repeats=5)
+
+
+def gpu_table(sizes: list[int]) -> None:
+    name = torch.cuda.get_device_name()
+    gemm_rate = gpu_gemm_rate()
     print(f"GPU {name}, bf16, GEMM floor rate {gemm_rate / 1e12:.0f} TFLOP/s")
     print(HEADER)
     for n_img in sizes:

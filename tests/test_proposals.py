@@ -23,26 +23,42 @@ def _pixels(n: int, size: int = SIZE) -> np.ndarray:
                      for item in synthetic_items(n, split="train", size=96)])
 
 
+def _searched(pixels: np.ndarray, cfg: ProposalConfig) -> list[np.ndarray]:
+    """Reference boxes from a helper process of their own: an in-process search could be disturbed
+    by threads that an earlier test left in this process drawing from the same rand() (Ray's)."""
+    search = BoxSearch(cfg)
+    try:
+        return search(pixels)
+    finally:
+        search.close()
+
+
 def test_boxes_are_valid_and_do_not_depend_on_earlier_images():
+    """OpenCV's ranking draws from rand(), reset per image. Searched in a helper process, so that
+    threads an earlier test left in this process cannot draw from the same rand() meanwhile."""
     pixels = _pixels(3, 96)
     cfg = ProposalConfig(count=12)
-    first = selective_search_boxes(pixels[0], cfg)
-    assert first.shape == (12, 4) and first.dtype == np.float32
-    assert (first >= 0).all() and (first <= 1).all()
-    assert (first[:, 2] > first[:, 0]).all() and (first[:, 3] > first[:, 1]).all()
-    for other in pixels[1:]:  # OpenCV's ranking draws from rand(): reset per image
-        selective_search_boxes(other, cfg)
-    np.testing.assert_array_equal(selective_search_boxes(pixels[0], cfg), first)
+    search = BoxSearch(cfg)
+    try:
+        first = search(pixels[:1])[0]
+        assert first.shape == (12, 4) and first.dtype == np.float32
+        assert (first >= 0).all() and (first <= 1).all()
+        assert (first[:, 2] > first[:, 0]).all() and (first[:, 3] > first[:, 1]).all()
+        search(pixels[1:])
+        np.testing.assert_array_equal(search(pixels[:1])[0], first)
+    finally:
+        search.close()
 
 
 def test_box_search_is_immune_to_other_threads_drawing_from_rand():
     """Ray's core worker calls the C library's rand() on its own threads; a thread doing the same
-    here stands in for it. The helper process's boxes equal a quiet in-process search's."""
+    here stands in for it. The helper process's boxes equal those of a search made before the
+    drawing starts."""
     import threading
 
     pixels = _pixels(8, 96)
     cfg = ProposalConfig(count=12)
-    quiet = [selective_search_boxes(p, cfg) for p in pixels]
+    quiet = _searched(pixels, cfg)
     stop = threading.Event()
 
     def draw():  # ctypes releases the GIL, so these calls run beside the searches
@@ -104,8 +120,9 @@ def test_regions_are_the_whole_image_then_each_box_encoded_alone(lite0_pair, mod
     k_grid = cells.features.shape[1] if mode == "grid+proposals" else 0
     assert out.features.shape == (2, k_grid + 1 + 5, 1280) and out.lengths.tolist() == [k_grid + 6] * 2
     assert regions.num_regions == k_grid + 6
+    searched = _searched(pixels, cfg)
     for b in range(2):
-        boxes = selective_search_boxes(pixels[b], cfg)
+        boxes = searched[b]
         if k_grid:
             torch.testing.assert_close(out.features[b, :k_grid], cells.features[b])
             torch.testing.assert_close(out.boxes[b, :k_grid], cells.boxes[b])
