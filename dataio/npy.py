@@ -1,4 +1,4 @@
-"""The ``.npy`` fields of shard samples, read without Python's ``ast``.
+"""``.npy`` arrays read without Python's ``ast``: shard fields, memory-mapped files, ``.npz`` records.
 
 ``np.load`` parses an ``.npy`` header with ``ast.literal_eval``. On CPython 3.11 that fails now and
 then with ``SystemError: AST constructor recursion depth mismatch``: the interpreter keeps one
@@ -10,13 +10,18 @@ worker, where the parent's garbage is inherited at fork, that turned a good samp
 
 The headers ``np.save`` writes have one fixed form; it is parsed here with a regular expression.
 Any other header (another writer's spacing, a structured or object dtype, a size that does not
-match) goes to ``np.load``, which gives the same arrays and the same errors as before.
+match) goes to ``np.load``, which gives the same arrays and the same errors as before. The same
+parse serves files mapped from disk (``open_npy``: the evaluator's saved similarities, GloVe,
+precomp features) and the evaluator's ``.npz`` resume records (``load_npz``).
 """
 from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -61,3 +66,32 @@ def load_npy(data: bytes) -> np.ndarray:
             flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
             return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")`` without ``ast``: a read-only memory map of an ``.npy`` file.
+    Empty arrays, other headers and a size that does not match go to ``np.load`` and its errors."""
+    with open(path, "rb") as f:
+        prefix = f.read(12)
+        if len(prefix) == 12 and prefix[:6] == _MAGIC:
+            width = 2 if prefix[6] == 1 else 4
+            prefix += f.read(int.from_bytes(prefix[8:8 + width], "little") - (12 - 8 - width))
+        size = os.fstat(f.fileno()).st_size
+    head = _header(prefix)
+    if head is not None:
+        dtype, fortran, shape, offset = head
+        count = math.prod(shape)
+        if count and size - offset == count * dtype.itemsize:
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``np.savez`` file by name, each read by ``load_npy``. Anything that is not a
+    whole such file (empty, cut short, not a zip, a damaged member) raises ValueError naming it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {name.removesuffix(".npy"): load_npy(z.read(name)) for name in z.namelist()}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a whole .npz file ({type(err).__name__}: {err})") from err

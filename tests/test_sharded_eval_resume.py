@@ -64,3 +64,23 @@ def test_kill_mid_way_then_rerun_computes_only_the_rest(tmp_path: Path) -> None:
     again = subprocess.run(_cli(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
     last = json.loads(again.stdout.strip().splitlines()[-1])
     assert (last["tiles_computed"], last["tiles_loaded"]) == (0, total)
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut_short", "garbage"])
+def test_a_damaged_resume_record_is_recomputed_not_fatal(tmp_path: Path, caplog, damage: str) -> None:
+    """Records are renamed into place without fsync (store.py), so after a machine crash one can be
+    empty or cut short; the rerun names it and recomputes that tile, with the same figures."""
+    emb = tied_embeddings(blocks=3, block=4, k=8, n=6, d=32)
+    members = [Member(emb, XAttnConfig())]
+    work = tmp_path / "work"
+    first = evaluate_embeddings(members, image_block=4, work_dir=work)
+    assert (first.tiles_computed, first.tiles_loaded) == (9, 0)
+    record = sorted((work / "records").glob("*.npz"))[4]
+    data = record.read_bytes()
+    record.write_bytes({"empty": b"", "cut_short": data[: len(data) // 2],
+                        "garbage": b"\0" * len(data)}[damage])
+    with caplog.at_level("WARNING", logger="scan.eval.store"):
+        again = evaluate_embeddings(members, image_block=4, work_dir=work)
+    assert (again.tiles_computed, again.tiles_loaded) == (1, 8)
+    assert again.metrics == first.metrics
+    assert f"resume record {record} is unreadable" in caplog.text

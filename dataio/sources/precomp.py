@@ -18,6 +18,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from dataio.npy import open_npy
 from dataio.shard_writer import ShardWriter, write_manifest
 from dataio.shards import ImageSample, manifest_url
 from dataio.text import tokenize
@@ -74,7 +75,7 @@ def import_precomp(data_dir: str, split: str, dest: str, *, max_samples: int = 1
     """Write ``split`` of a precomp directory as shards + manifest at ``dest``; returns the manifest URL."""
     ims_path = os.path.join(data_dir, f"{split}_ims.npy")
     caps_path = os.path.join(data_dir, f"{split}_caps.txt")
-    ims = np.load(ims_path, mmap_mode="r", allow_pickle=False)  # (rows, k, D), stays on disk
+    ims = open_npy(ims_path)  # (rows, k, D), stays on disk
     if ims.ndim != 3 or ims.dtype.kind != "f":
         raise ValueError(f"{ims_path}: expected a float (N, k, D) array, got {ims.dtype} {ims.shape}")
     caps = _read_lines(caps_path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dataio import storage
+from dataio.npy import load_npz, open_npy
 from scan.eval.encode import Embeddings
 from scan.eval.tiles import EvalResult, TilePlan, TileRecord
 
@@ -67,9 +68,8 @@ class TileStore:
         if self.sims_dir and not (self.sims_dir / _tile_name(a, b)).exists():
             return None  # resumed with save_sims on: this tile's scores are still needed
         try:
-            with np.load(path) as z:
-                return TileRecord(a, b, **{k: z[k] for k in z.files})
-        except (OSError, ValueError, TypeError) as err:  # e.g. truncated by a machine crash
+            return TileRecord(a, b, **load_npz(path))
+        except (OSError, ValueError, TypeError) as err:  # e.g. empty or cut short by a machine crash
             log.warning("resume record %s is unreadable (%s); recomputing the tile", path, err)
             return None
 
@@ -124,10 +124,10 @@ def load_sims(sims_dir: str | os.PathLike) -> np.ndarray:
                 if not path.exists():
                     raise FileNotFoundError(f"similarity tile {path} listed in {index_path} is missing")
                 (r0, r1), (c0, c1) = tile["rows"], tile["cols"]
-                out[r0:r1, c0:c1] = np.load(path, mmap_mode="r")
+                out[r0:r1, c0:c1] = open_npy(path)
             out.flush()
             del out
-    return np.load(full, mmap_mode="r")
+    return open_npy(full)
 
 
 def write_topk(path: str | os.PathLike, result: EvalResult, emb: Embeddings) -> None:
