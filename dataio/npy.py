@@ -31,14 +31,21 @@ _HEADER = re.compile(r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True
                      r"'shape': \(((?:\d+, )*\d*,?)\), \} *\n")
 
 
-def _header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int] | None:
-    """(dtype, fortran order, shape, offset of the array data) of an ``np.save`` header, or None."""
+def _header_span(data: bytes) -> tuple[int, int] | None:
+    """(start, length) of the header text of ``.npy`` bytes (from their first 12 on), or None."""
     if len(data) < 10 or data[:6] != _MAGIC or data[6] not in (1, 2, 3):
         return None
     if data[6] == 1:
-        start, size = 10, int.from_bytes(data[8:10], "little")
-    else:
-        start, size = 12, int.from_bytes(data[8:12], "little")
+        return 10, int.from_bytes(data[8:10], "little")
+    return 12, int.from_bytes(data[8:12], "little")
+
+
+def _header(data: bytes) -> tuple[np.dtype, bool, tuple[int, ...], int] | None:
+    """(dtype, fortran order, shape, offset of the array data) of an ``np.save`` header, or None."""
+    span = _header_span(data)
+    if span is None:
+        return None
+    start, size = span
     try:
         text = data[start:start + size].decode("latin1" if data[6] < 3 else "utf8")
     except UnicodeDecodeError:
@@ -73,9 +80,9 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     Empty arrays, other headers and a size that does not match go to ``np.load`` and its errors."""
     with open(path, "rb") as f:
         prefix = f.read(12)
-        if len(prefix) == 12 and prefix[:6] == _MAGIC:
-            width = 2 if prefix[6] == 1 else 4
-            prefix += f.read(int.from_bytes(prefix[8:8 + width], "little") - (12 - 8 - width))
+        span = _header_span(prefix)
+        if span is not None:
+            prefix += f.read(max(0, sum(span) - len(prefix)))
         size = os.fstat(f.fileno()).st_size
     head = _header(prefix)
     if head is not None:
