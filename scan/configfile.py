@@ -8,6 +8,7 @@ so an error names the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,12 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema; ``key``: the dotted key at fault,
+    when one is."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _describe(tp: Any) -> str:
@@ -43,7 +49,7 @@ def _describe(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Returns ``value`` converted to type ``tp`` or raises ConfigError naming ``key``."""
     origin = get_origin(tp)
-    bad = ConfigError(f"config key '{key}': {value!r} is not allowed; expected {_describe(tp)}")
+    bad = ConfigError(f"config key '{key}': {value!r} is not allowed; expected {_describe(tp)}", key)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -107,8 +113,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(sorted(names))}"
-        )
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(sorted(names))}",
+            prefix + unknown[0])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -148,23 +154,29 @@ def keys(cls: type, prefix: str = "") -> list[Key]:
     return out
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Applies one ``a.b.c=value`` override to a nested mapping in place (value parsed as YAML)."""
+def apply_override(data: dict[str, Any], override: str) -> str:
+    """Applies one ``a.b.c=value`` override to a nested mapping in place (value parsed as YAML);
+    returns its dotted key."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. optim.lr=5e-4)")
     key, raw = override.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {override!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value {raw!r} is not valid YAML "
+                          f"({getattr(err, 'problem', None) or err})", key) from None
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+            raise ConfigError(f"override {override!r}: '{part}' is not a section", key)
         node = child
     node[parts[-1]] = value
+    return key
 
 
 BASE_KEY = "base"  # a config file may start from another: `base: demo.yaml` (relative to itself)
@@ -177,9 +189,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open(path, encoding="utf-8") as f:  # a stream: the parser's marks name the file
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop(BASE_KEY, None)
@@ -204,14 +217,43 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Loads ``cls`` from an optional YAML file, then applies ``key=value`` overrides in order."""
     data = read_yaml(path) if path else {}
+    given: list[tuple[str, str]] = []  # (dotted key, override) of the command line, in order
     for override in overrides:
-        apply_override(data, override)
+        try:
+            given.append((apply_override(data, override), override))
+        except ConfigError as err:
+            raise ConfigError(f"command-line {err}", err.key) from None  # "override 'k=v': ..."
     try:
         return from_dict(cls, data)
     except ConfigError as err:
+        culprit = _override_of(err, given)
+        if culprit:  # the command line's value, not the file's, is at fault
+            raise ConfigError(f"command-line override {culprit!r}: {err}", err.key) from None
         if path:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {err}", err.key) from None
         raise
+
+
+_NAMED_KEY = re.compile(r"config key '([^']+)'")
+
+
+def _override_of(err: ConfigError, given: list[tuple[str, str]]) -> str | None:
+    """The last override that set the key ``err`` is about (or its section, or a key inside it)."""
+    named = err.key or next(iter(_NAMED_KEY.findall(str(err))), None)
+    if not named:
+        return None
+    named = re.sub(r"\[\d+\]", "", named)  # optim.lr_update[0] -> optim.lr_update
+    for key, override in reversed(given):
+        if key == named or named.startswith(key + ".") or key.startswith(named + "."):
+            return override
+    return None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: <problem>`` of a parser error (PyYAML's text names no file for a string)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def save(obj: Any, path: str | Path) -> None:

@@ -80,3 +80,28 @@ def test_validation_follows_every_n_epochs_and_always_the_last():
     assert after(1, 3) == [1, 2, 3]
     assert after(2, 5) == [2, 4, 5]
     assert after(0, 3) == [3]
+
+
+def test_a_bad_override_is_named_as_the_command_lines_not_the_files(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 5e-4\n")
+    for override, key in (("xattn.agg=median", "xattn.agg"), ("optim.learning_rate=1", "optim.learning_rate"),
+                          ("optim.lr_update=[1", "optim.lr_update")):
+        with pytest.raises(ConfigError) as err:
+            load_experiment(good, [override])
+        message = str(err.value)
+        assert message.startswith(f"command-line override {override!r}"), message
+        assert key in message and "good.yaml" not in message
+    bad = tmp_path / "bad.yaml"  # a bad value in the file stays the file's, overrides or not
+    bad.write_text("xattn:\n  agg: median\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad\.yaml: config key 'xattn\.agg'"):
+        load_experiment(bad, ["optim.lr=1e-3"])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: 5e-4\n  lr_update: [10\nxattn:\n  agg: lse\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    message = str(err.value)
+    assert str(path) in message and "line " in message and "<unicode string>" not in message
