@@ -291,7 +291,9 @@ def _run_evaluate_ray(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    from app.demo import DEMO_CONFIG, DIRECTIONS, FLICKR8K, QUICK
+    from app.demo import DIRECTIONS, QUICK, DemoOptions
+
+    default = DemoOptions()
 
     p.description = ("The whole system end to end: Flickr8k's photos (or generated scenes) → Ray "
                      "extraction → frozen text features once → DeepSpeed training of SCAN t2i and "
@@ -301,17 +303,19 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="demo folder: shards/, t2i/, i2t/ and report.md go here "
                         "(default: runs/demo, or runs/demo-quick with --quick)")
-    p.add_argument("--data", default=str(FLICKR8K),
+    p.add_argument("--data", default=str(default.data),
                    help="folder with dataset_flickr8k.json and images/; when missing, generated scenes")
     p.add_argument("--quick", action="store_true",
                    help=f"a first look: the first {QUICK['train']} train and {QUICK['val']} val images")
     p.add_argument("--directions", nargs="+", choices=list(DIRECTIONS), default=list(DIRECTIONS),
                    help="SCAN models to train (both: also their ensemble)")
-    p.add_argument("--generated", type=int, default=600, help="generated train scenes when no photos")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML of the demo")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--generated", type=int, default=default.generated,
+                   help="generated train scenes when no photos")
+    p.add_argument("--config", default=str(default.config), help="experiment YAML of the demo")
+    p.add_argument("--workers", type=int, default=default.workers,
                    help="Ray extraction actors (0: one per CPU core with one thread each, or one per GPU)")
-    p.add_argument("--pictures", type=int, default=4, help="attention pictures / retrieval queries")
+    p.add_argument("--pictures", type=int, default=default.pictures,
+                   help="attention pictures / retrieval queries")
     p.add_argument("--no-baseline", action="store_true", help="skip the VSE++ baseline comparison")
     p.add_argument("--jobs", type=int, default=None,
                    help="SCAN trainings at once, each its own process with cores / jobs threads "
@@ -320,13 +324,15 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from app.demo import run_demo
+    from pathlib import Path
 
-    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-    print(run_demo(out=out, data=args.data, generated=args.generated, config=args.config,
-                   workers=args.workers, pictures=args.pictures, baseline=not args.no_baseline,
-                   overrides=args.overrides, quick=args.quick, directions=args.directions,
-                   jobs=args.jobs))
+    from app.demo import DemoOptions, run_demo
+
+    print(run_demo(DemoOptions(
+        out=Path(args.out) if args.out else None, data=Path(args.data) if args.data else None,
+        quick=args.quick, generated=args.generated, config=Path(args.config),
+        baseline=not args.no_baseline, directions=args.directions, jobs=args.jobs,
+        workers=args.workers, pictures=args.pictures, overrides=args.overrides)))
     return 0
 
 

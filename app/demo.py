@@ -1,6 +1,9 @@
 """``scan demo``: the whole system on real photos, from pixels to explained, evaluated models.
 
-1. source: Flickr8k's photos in ``../shared/data/flickr8k`` (``dataset_flickr8k.json``: train 6,000,
+The command line fills a `DemoOptions`; `run_demo` runs the stages in turn:
+
+1. source: Flickr8k's photos in ``DemoOptions.data`` (by default ``../shared/data/flickr8k`` beside
+   the repository; ``dataset_flickr8k.json``: train 6,000,
    val 1,000 images, 5 captions each; ``--quick``: the first 1,000 train and 500 val images), or
    ``--data DIR``; without them the generated captioned-image set (rendered coloured shapes);
 2. extraction with a local Ray (EfficientNet-Lite0 grid features, 7 × 7 cells at 224 px) into shards;
@@ -11,7 +14,7 @@
    (fp32); their ensemble (the mean of the two val similarity matrices); then the VSE++ global
    baseline (``configs/demo_vse.yaml``: ``model.kind: vse``) trained and validated the same way, on
    the same shards and text features, on all cores;
-5. a report in the demo folder: recalls beside the published Flickr8K rows, loss and recall plots,
+5. a report in the demo folder (``app.demo_report``): recalls beside the published Flickr8K rows, loss and recall plots,
    per-word attention pictures, a retrieval page, ``report.md`` / ``report.json``.
 
 Every stage is idempotent: rerunning reuses committed shards and cached text features, and resumes
@@ -33,10 +36,11 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -51,7 +55,6 @@ from dataio.pipeline import resolve_shards
 from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
-from scan.scorers import scorer_for
 from trainer.train import prepare_text_features, train
 
 if TYPE_CHECKING:
@@ -60,24 +63,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-BASELINE_CONFIG = REPO / "configs" / "demo_vse.yaml"  # VSE++ on the demo's features and budget
-FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 FLICKR8K_JSON = "dataset_flickr8k.json"
 BACKBONE = "efficientnet-lite0"
 QUICK = {"train": 1000, "val": 500}  # images of each split with --quick
 # The i2t model: the demo's config with the paper's i2t temperature (λ1 = 4).
 DIRECTIONS = {"t2i": [], "i2t": ["xattn.direction=i2t", "xattn.lambda_softmax=4"]}
-
-# Published Flickr8K rows (official TEST split, the features each paper used), from
-# ../shared/data/flickr8k/README.md: i2t R@1/5/10, t2i R@1/5/10, rsum.
-PUBLISHED = [
-    ("DVSA (Karpathy & Fei-Fei 2015)", "RCNN", (16.5, 40.6, 54.2, 11.8, 32.1, 44.7), 199.9),
-    ("m-CNN (ensemble)", "VggNet", (24.8, 53.7, 67.1, 20.3, 47.6, 61.7), 275.2),
-    ("FV (Klein et al. 2015)", "GMM+HGLMM", (31.0, 59.3, 73.7, 21.2, 50.0, 64.8), 300.0),
-    ("SCAN (ensemble, t2i + i2t)", "bottom-up regions (BUTD)", (52.2, 81.0, 89.2, 38.3, 67.8, 78.9), 407.4),
-]
-
 
 def demo_items(data: Path | None, generated: int, images_dir: Path, seed: int = 0,
                quick: bool = False) -> tuple[str, list[ImageItem]]:
@@ -241,115 +231,6 @@ def ensemble_recalls(run_dirs: Sequence[Path], caps_per_image: int) -> tuple[dic
     return recall_metrics(sims, caps_per_image), sims.astype(np.float32)
 
 
-def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec: str, count: int,
-                  gallery_runs: Sequence[Path], sims) -> dict:
-    """Per-word attention pictures (``run_dir``'s model) of the first val images with their first
-    caption, and a retrieval page over the val split scored by ``gallery_runs`` (``sims``)."""
-    from dataio.pipeline import image_records
-    from tools.explain import explain_pair
-    from tools.inference import load_run
-    from tools.retrieve import ImageQuery, TextQuery, build_gallery, format_results, retrieve, write_html
-
-    run = load_run(run_dir)
-    out = out_dir / "attention"
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for record in image_records(val_spec):
-        records.append(record)
-        if len(records) == count:
-            break
-    explained = []
-    for i, r in enumerate(records):
-        png = out / f"{i:02d}_{r.key}.png"
-        res = explain_pair(run.model, r.regions, r.captions[0], run.text, scorer_for(run.cfg), png,
-                           boxes=r.boxes, image=r.meta.get("file"), saliency=r.saliency)
-        explained.append({"png": str(png.relative_to(out_dir)), "key": r.key, "caption": r.captions[0],
-                          "score": res["score"], "words": res["words"]})
-    members = [load_run(d) for d in gallery_runs]
-    gallery = build_gallery([(m.model, scorer_for(m.cfg)) for m in members], image_records(val_spec),
-                            encode_text=run.text.encode, caps_per_image=cfg.eval.caps_per_image,
-                            precision=cfg.eval.precision, sims=sims)
-    queries = [TextQuery(r.captions[1]) for r in records] + [ImageQuery(r.key) for r in records]
-    results = [retrieve(gallery, q, 5) for q in queries]
-    print(format_results(results))
-    page = write_html(results, out_dir / "retrieval.html", gallery.image_files)
-    return {"attention": explained, "retrieval_page": str(page.relative_to(out_dir)),
-            "text_queries_own_image_in_top5": sum(1 for r in results[:len(records)]
-                                                  if r.first_relevant is not None and r.first_relevant <= 5)}
-
-
-def machine() -> str:
-    """The CPU (or GPU) the figures were computed on, in words. On a CPU it also names the kernels
-    torch dispatches to and whether bf16 is native: fp32 sums differ in their last bits between
-    kernel families (MKL picks its sgemm by vendor and ISA), and a 3-epoch training amplifies that
-    to recalls that differ within a seed's spread (docs/RESULTS.md, "Recall across machines")."""
-    import torch
-
-    from trainer.engine import native_bf16
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kernels = torch.backends.cpu.get_cpu_capability()
-    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
-    return f"{name}, {os.cpu_count()} CPU cores (torch {kernels} kernels, {bf16})"
-
-
-def _row(name: str, m: dict) -> str:
-    return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
-            + f" | {m['rsum']:.1f} |")
-
-
-def write_report(out_dir: Path, source: str, timings: dict, extraction: dict, runs: dict,
-                 ensemble: dict | None, baseline: dict | None, shown: dict, precision: str) -> Path:
-    """``report.md`` and ``report.json`` in the demo folder."""
-    head = "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |"
-    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
-    any_run = next(iter(runs.values()))
-    lines = ["# SCAN demo report", "", f"- source: {source}",
-             f"- machine: {machine()}; training and evaluation precision: {precision}",
-             f"- features: {BACKBONE} grid, {extraction['images_written']} images, "
-             + (f"{extraction['images_per_second']:.1f} images/s" if extraction["images_computed"]
-                else "shards reused from an earlier run") + f", {len(extraction['skipped'])} skipped",
-             "- training: " + "; ".join(f"{d} {r['summary']['steps']} steps" for d, r in runs.items())
-             + f", optimizer {any_run['summary'].get('optimizer')}",
-             "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-             + f"; total {sum(timings.values()):.0f}", "",
-             f"## Val recalls ({any_run['val']['images']} images, {any_run['val']['captions']} captions)", "",
-             head, rule]
-    for d, r in runs.items():
-        lines.append(_row(f"SCAN {d} (after {r['val']['epoch'] + 1} epochs)", r["val"]))
-    if ensemble:
-        lines.append(_row("SCAN ensemble t2i + i2t (mean of the two similarity matrices)", ensemble))
-    if baseline:
-        lines.append(_row(f"VSE++ global baseline (model.kind vse), same features and training "
-                          f"(after {baseline['val']['epoch'] + 1} epochs)", baseline["val"]))
-    lines += ["", "## Published Flickr8K rows, for orientation", "",
-              "Another split (the official **test** 1,000 images, held out here) and other features: "
-              "not comparable number for number with the val figures above.", "", head, rule]
-    for name, features, r, rsum in PUBLISHED:
-        lines.append(f"| {name}, {features} | " + " | ".join(f"{v:.1f}" for v in r) + f" | {rsum:.1f} |")
-    plotted = [*runs, *(["vse"] if baseline else [])]
-    lines += ["", "Plots: " + ", ".join(f"`{d}/loss.png`, `{d}/recall.png`" for d in plotted)
-              + f". Retrieval page: `{shown['retrieval_page']}`. Per-word attention pictures:", ""]
-    lines += [f"- `{a['png']}`: {a['caption']} (score {a['score']:.3f})" for a in shown["attention"]]
-    report = out_dir / "report.md"
-    storage.write_text_atomic(report, "\n".join(lines) + "\n")
-    storage.write_text_atomic(out_dir / "report.json", json.dumps(
-        {"source": source, "machine": machine(), "precision": precision, "timings_s": timings,
-         "extraction": extraction, "runs": runs, "ensemble": ensemble, "baseline": baseline,
-         "published_test_rows": [dict(zip(("method", "features", "recalls", "rsum"), p)) for p in PUBLISHED],
-         **shown}, indent=1))
-    return report
-
-
 def val_recalls(run_dir: Path) -> dict | None:
     """The run's last val evaluation as a recall dict with its epoch, or None."""
     from trainer.telemetry import read_run_log
@@ -363,91 +244,140 @@ def val_recalls(run_dir: Path) -> dict | None:
             "rsum": flat["rsum"], "epoch": epoch}
 
 
-def run_demo(*, out: str, data: str | None, generated: int, config: str, workers: int, pictures: int,
-             baseline: bool, overrides: Sequence[str], quick: bool = False,
-             directions: Sequence[str] = ("t2i", "i2t"), jobs: int | None = None) -> str:
-    """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the trainings);
-    returns the report's text. ``jobs``: SCAN trainings at once, each with cores / jobs threads
-    (default: one per direction, as many as there are cores); the baseline then trains alone."""
-    out = Path(out).resolve()
-    shards, features = out / "shards", out / "text_features"
-    cores = os.cpu_count() or 1
-    jobs = max(1, min(jobs or cores, len(directions), cores))
-    # training groups: (names trained at once, torch threads each)
-    groups = ([(list(directions), cores // jobs)] if jobs > 1 else [([d], cores) for d in directions])
-    groups += [(["vse"], cores)] if baseline else []
-    timings: dict[str, float] = {}
-    stages = 3 + len(groups)
-    stage = iter(range(1, stages + 1))
 
-    t = time.time()
-    source, items = demo_items(Path(data) if data else None, generated, out / "images", quick=quick)
-    print(f"[{next(stage)}/{stages}] extracting {len(items)} images of {source} with {BACKBONE} "
-          "on a local Ray", flush=True)
-    extraction = extract(items, shards, workers)
-    timings["extract"] = time.time() - t
 
-    val_spec = str(shards / "val" / "manifest.json")
-    # name → (config, overrides, what is trained)
-    models = {d: (config, DIRECTIONS[d], f"SCAN {d}") for d in directions}
-    if baseline:
-        models["vse"] = (str(BASELINE_CONFIG), [], "the VSE++ global baseline")
+@dataclass
+class DemoOptions:
+    """Every choice of ``scan demo`` (its command line's flags), typed, with its default."""
+    out: Path | None = None  # the demo folder (None: runs/demo, or runs/demo-quick with quick)
+    # Flickr8k (dataset_flickr8k.json and images/): the shared folder beside the repository; when
+    # it is missing, generated scenes
+    data: Path | None = REPO.parent / "shared" / "data" / "flickr8k"
+    quick: bool = False  # the first QUICK images of each split
+    generated: int = 600  # generated train scenes when there are no photos
+    config: Path = REPO / "configs" / "demo.yaml"  # the SCAN experiment
+    baseline_config: Path = REPO / "configs" / "demo_vse.yaml"  # VSE++ on the same features and budget
+    baseline: bool = True  # also train and report the VSE++ baseline
+    directions: Sequence[str] = tuple(DIRECTIONS)  # SCAN models trained (both: also their ensemble)
+    jobs: int | None = None  # SCAN trainings at once (None: one per direction, up to the cores)
+    workers: int = 0  # Ray extraction actors (0: one per CPU core, or one per GPU)
+    pictures: int = 4  # attention pictures / retrieval queries
+    overrides: Sequence[str] = ()  # key=value overrides of every experiment
+
+    def folder(self) -> Path:
+        return Path(self.out or ("runs/demo-quick" if self.quick else "runs/demo")).resolve()
+
+    def groups(self) -> list[tuple[list[str], int]]:
+        """The trainings in order: (names trained at once, torch threads each)."""
+        cores = os.cpu_count() or 1
+        jobs = max(1, min(self.jobs or cores, len(self.directions), cores))
+        groups = ([(list(self.directions), cores // jobs)] if jobs > 1
+                  else [([d], cores) for d in self.directions])
+        return groups + ([(["vse"], cores)] if self.baseline else [])
+
+
+class _Stages:
+    """The demo's numbered stage lines (``[2/6] ...``) and each stage's time in seconds."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.done, self.timings = count, 0, {}
+
+    def announce(self, line: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.count}] {line}", flush=True)
+
+    @contextmanager
+    def timed(self, key: str):
+        t = time.time()
+        yield
+        self.timings[key] = time.time() - t
+
+
+def _what(name: str) -> str:
+    return "the VSE++ global baseline" if name == "vse" else f"SCAN {name}"
+
+
+def experiment_configs(opts: DemoOptions, out: Path) -> dict[str, ExperimentConfig]:
+    """Each training's experiment (SCAN per direction, then the baseline) on the demo's shards and
+    text features, saved as its run folder's ``config.yaml``."""
+    shards = out / "shards"
+    models = {d: (opts.config, DIRECTIONS[d]) for d in opts.directions}
+    if opts.baseline:
+        models["vse"] = (opts.baseline_config, [])
     cfgs: dict[str, ExperimentConfig] = {}
-    for name, (model_config, extra, _) in models.items():
+    for name, (model_config, extra) in models.items():
         run_dir = out / name
-        cfgs[name] = load_experiment(model_config, [
-            *extra, f"data.train_shards={shards / 'train' / 'manifest.json'}", f"data.val_shards={val_spec}",
-            f"train.output_dir={run_dir}", f"model.hf_feature_cache={features}", "eval.save_sims=true",
-            *overrides])
+        cfgs[name] = load_experiment(str(model_config), [
+            *extra, f"data.train_shards={shards / 'train' / 'manifest.json'}",
+            f"data.val_shards={shards / 'val' / 'manifest.json'}", f"train.output_dir={run_dir}",
+            f"model.hf_feature_cache={out / 'text_features'}", "eval.save_sims=true", *opts.overrides])
         run_dir.mkdir(parents=True, exist_ok=True)
         configfile.save(cfgs[name], run_dir / "config.yaml")
-    cfg = cfgs[directions[0]]  # the first SCAN direction's: the report's settings
+    return cfgs
 
-    t = time.time()
-    print(f"[{next(stage)}/{stages}] the frozen text encoder's token features of every caption, "
-          f"once ({features}; every training reads them)", flush=True)
-    prepare_text_features(cfg)
-    timings["text features"] = time.time() - t
+
+def train_group(cfgs: dict[str, ExperimentConfig], names: list[str], threads: int) -> dict[str, dict]:
+    """One training group (at once when several), then each run's val recalls: name → run entry."""
+    if len(names) > 1:
+        summaries = train_concurrently({n: cfgs[n] for n in names}, threads, "training " + "+".join(names))
+    else:
+        summaries = {names[0]: train_model(cfgs[names[0]])}
+    runs = {}
+    for name in names:
+        run_dir = Path(cfgs[name].train.output_dir)
+        val = val_recalls(run_dir)
+        if val is None:
+            raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
+        sims = final_sims(run_dir)
+        val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
+        runs[name] = {"run_dir": str(run_dir), "summary": summaries[name], "val": val}
+    return runs
+
+
+def run_demo(opts: DemoOptions) -> str:
+    """``scan demo``: every stage in turn (a rerun reuses the shards and resumes the trainings);
+    returns the report's text."""
+    from app.demo_report import DemoResults, make_pictures, write_report
+    from tools.plots import plot_run
+
+    out, directions = opts.folder(), list(opts.directions)
+    groups = opts.groups()
+    stages = _Stages(3 + len(groups))
+    with stages.timed("extract"):
+        source, items = demo_items(opts.data, opts.generated, out / "images", quick=opts.quick)
+        stages.announce(f"extracting {len(items)} images of {source} with {BACKBONE} on a local Ray")
+        extraction = extract(items, out / "shards", opts.workers)
+
+    cfgs = experiment_configs(opts, out)
+    cfg = cfgs[directions[0]]  # the first SCAN direction's: the report's settings
+    with stages.timed("text features"):
+        stages.announce("the frozen text encoder's token features of every caption, once "
+                        f"({out / 'text_features'}; every training reads them)")
+        prepare_text_features(cfg)
 
     runs: dict[str, dict] = {}
     for names, threads in groups:
-        t = time.time()
-        what = " and ".join(models[n][2] for n in names)
-        epochs = cfgs[names[0]].train.epochs
         how = (f"at once, {len(names)} processes x {threads} thread{'s' * (threads > 1)}" if len(names) > 1
                else "in this process")
-        print(f"[{next(stage)}/{stages}] training {what} for {epochs} epochs ({cfg.train.precision}, "
-              f"DeepSpeed, {how}), then validating on val; run folder(s) "
-              + ", ".join(str(out / n) for n in names), flush=True)
-        if len(names) > 1:
-            summaries = train_concurrently({n: cfgs[n] for n in names}, threads, "training " + "+".join(names))
-        else:
-            summaries = {names[0]: train_model(cfgs[names[0]])}
-        for name in names:
-            run_dir = out / name
-            val = val_recalls(run_dir)
-            if val is None:
-                raise RuntimeError(f"{run_dir}: training ended without a validation (train.eval_every_epochs)")
-            sims = final_sims(run_dir)
-            val.update(images=int(sims.shape[0]), captions=int(sims.shape[1]))
-            runs[name] = {"run_dir": str(run_dir), "summary": summaries[name], "val": val}
-        timings["train " + "+".join(names)] = time.time() - t
-    baseline_result = runs.pop("vse", None)
+        with stages.timed("train " + "+".join(names)):
+            stages.announce(f"training {' and '.join(_what(n) for n in names)} for "
+                            f"{cfgs[names[0]].train.epochs} epochs ({cfg.train.precision}, DeepSpeed, "
+                            f"{how}), then validating on val; run folder(s) "
+                            + ", ".join(str(out / n) for n in names))
+            runs.update(train_group(cfgs, names, threads))
+    baseline = runs.pop("vse", None)
 
     ensemble, sims = None, final_sims(out / directions[0])
     if len(directions) > 1:
         ensemble, sims = ensemble_recalls([out / d for d in directions], cfg.eval.caps_per_image)
 
-    t = time.time()
-    print(f"[{next(stage)}/{stages}] report: plots, per-word attention pictures, retrieval page",
-          flush=True)
-    from tools.plots import plot_run
-
-    for name in [*directions, *(["vse"] if baseline else [])]:
-        plot_run(out / name / "metrics.jsonl", out / name)
-    shown = make_pictures(cfg, out / directions[0], out, val_spec, pictures,
-                          [out / d for d in directions], sims)
-    timings["report"] = time.time() - t
-    report = write_report(out, source, timings, extraction, runs, ensemble, baseline_result, shown,
-                          cfg.train.precision)
+    with stages.timed("report"):
+        stages.announce("report: plots, per-word attention pictures, retrieval page")
+        for name in [*directions, *(["vse"] if baseline else [])]:
+            plot_run(out / name / "metrics.jsonl", out / name)
+        shown = make_pictures(cfg, out / directions[0], out, str(out / "shards" / "val" / "manifest.json"),
+                              opts.pictures, [out / d for d in directions], sims)
+    report = write_report(out, DemoResults(
+        source=source, backbone=BACKBONE, precision=cfg.train.precision, timings=stages.timings,
+        extraction=extraction, runs=runs, ensemble=ensemble, baseline=baseline, shown=shown))
     return report.read_text()

@@ -213,13 +213,14 @@ def test_step_progress_reads_only_whole_new_lines(tmp_path):
 
 def test_demo_quick_selects_the_first_flickr8k_images(flickr8k, tmp_path):
     """--quick: the first 1,000 train and 500 val photos of dataset_flickr8k.json (no training here)."""
-    from app.demo import FLICKR8K, demo_items
+    from app.demo import DemoOptions, demo_items
 
-    assert FLICKR8K == flickr8k  # the demo's default is the shared folder beside the repository
-    name, items = demo_items(FLICKR8K, 0, tmp_path, quick=True)
+    data = DemoOptions().data
+    assert data == flickr8k  # the demo's default is the shared folder beside the repository
+    name, items = demo_items(data, 0, tmp_path, quick=True)
     splits = [i.split for i in items]
     assert splits.count("train") == 1000 and splits.count("val") == 500 and "quick" in name
-    name, items = demo_items(FLICKR8K, 0, tmp_path)
+    name, items = demo_items(data, 0, tmp_path)
     assert [i.split for i in items].count("train") == 6000 and [i.split for i in items].count("val") == 1000
     assert all(len(i.captions) == 5 and os.path.isfile(i.image) for i in items[:50])
 
