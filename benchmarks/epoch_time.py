@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_experiment(args.config, [f"data.train_shards={shards / 'train' / 'manifest.json'}",
                                         f"data.val_shards={shards / 'val' / 'manifest.json'}",
                                         f"train.output_dir={tmp}", f"model.hf_feature_cache={args.feature_cache or tmp / 'tf'}",
-                                        "train.precision=fp32", "metrics.port_base=0"])
+                                        "train.precision=fp32", "metrics.enabled=false"])
     env = read_env(None)
     init_process_group(env)  # a one-process group, as `scan train` runs
     enc, vocab_size = text_encoder(cfg, env, tmp)

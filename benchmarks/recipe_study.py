@@ -139,7 +139,7 @@ def train_one(args: argparse.Namespace, variant: str, seed: int, train_images: i
                  f"data.train_shards={train}",
                  f"data.val_shards={shards / 'val' / 'manifest.json'}",
                  f"model.hf_feature_cache={args.out / 'text_features'}", "eval.save_sims=true",
-                 "metrics.port_base=0", *args.set]
+                 "metrics.enabled=false", *args.set]
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.time()

@@ -1,9 +1,14 @@
 """Prometheus export of training metrics: one ``/metrics`` endpoint per rank.
 
-Each rank serves its own registry on ``addr:port`` (127.0.0.1 by default, port = ``port_base`` +
-local rank, so the ranks of one node never collide; configs/prometheus/scan.yml scrapes 9400–9407).
+Each rank serves its own registry on ``addr:port`` (127.0.0.1 by default). The port is a free one
+by default (``metrics.port_base: 0``), so runs sharing a host never collide: it is logged,
+written to ``<run dir>/metrics_targets/rank<R>.json`` and listed, while the rank runs, in
+``metrics.targets_dir`` (Prometheus' file_sd format), which configs/prometheus/scan.yml watches.
+``metrics.port_base: N`` puts rank r of a node on N + local rank instead; a taken port is an
+error before any work.
 ``PrometheusExporter`` implements ``trainer.telemetry.Telemetry``; ``build_telemetry`` composes it
-with the JSON-lines run log from an experiment config, which is what a launcher hands the trainer.
+with the JSON-lines run log (and the ``train.report_to`` logs) from an experiment config, which is
+what a launcher hands the trainer.
 
 Exported (every series also carries the exporter's constant labels, e.g. ``run`` and ``rank``):
   scan_train_loss, scan_train_samples_per_second, scan_train_step_seconds,
@@ -17,6 +22,7 @@ Exported (every series also carries the exporter's constant labels, e.g. ``run``
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import re
@@ -30,7 +36,10 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from dataio.errors import SKIPS, SkipCounter
+from dataio.storage import write_text_atomic
 from scan.config import ExperimentConfig
+from scan.configfile import ConfigError
+from trainer.report_logs import build_report_logs, check_report_to
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics
 
 log = logging.getLogger(__name__)
@@ -190,19 +199,64 @@ class PrometheusExporter:
         log.info("Prometheus exporter on %s:%d stopped", self.addr, self.port)
 
 
+class ScrapeTarget:
+    """Where this rank's exporter listens, in Prometheus' file_sd format (``[{"targets":
+    ["addr:port"], "labels": {"run_dir": ...}}]``), written to ``<run dir>/metrics_targets/rank<R>.json``
+    (kept: the run's record) and to ``<targets_dir>/<host>-<port>.json`` (the scrape list that
+    configs/prometheus/scan.yml watches; removed at ``close``, so a finished run leaves it)."""
+
+    def __init__(self, run_dir: str | Path, rank: int, exporter: PrometheusExporter,
+                 targets_dir: str) -> None:
+        entry = json.dumps([{"targets": [f"{exporter.addr}:{exporter.port}"],
+                             "labels": {"run_dir": str(Path(run_dir).resolve())}}]) + "\n"
+        record = Path(run_dir) / "metrics_targets" / f"rank{rank}.json"
+        self.listed = (Path(targets_dir) / f"{socket.gethostname()}-{exporter.port}.json"
+                       if targets_dir else None)
+        for path in (record, self.listed):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, entry)
+        log.info("metrics of rank %d: %s (labels %s; scrape target in %s)", rank, exporter.url,
+                 exporter.labels, self.listed or record)
+
+    def observe_step(self, **fields: Any) -> None:
+        pass
+
+    def observe_eval(self, *, epoch: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.listed is not None:
+            self.listed.unlink(missing_ok=True)
+
+
 def build_telemetry(cfg: ExperimentConfig, *, rank: int, local_rank: int,
                     run_dir: str | Path | None = None) -> Telemetry:
-    """The telemetry of one rank: the run log (rank 0 writes ``<run_dir>/metrics.jsonl``) and, when
-    ``cfg.metrics.enabled`` and ``cfg.metrics.port_base`` > 0, a Prometheus exporter on
-    ``cfg.metrics.addr``:``port_base + local_rank`` labelled with the run name, rank and host.
+    """The telemetry of one rank: the run log (rank 0 writes ``<run_dir>/metrics.jsonl``), the
+    ``train.report_to`` logs (rank 0) and, when ``cfg.metrics.enabled``, a Prometheus exporter on
+    ``cfg.metrics.addr`` labelled with the run name (``run``: ``name``), rank and host: on a free
+    port (``metrics.port_base`` 0), or on ``port_base + local_rank``; either way written to
+    ``<run_dir>/metrics_targets/rank<R>.json`` and listed in ``metrics.targets_dir``. Every error (a taken port, a missing package) comes before the
+    run log is opened.
     """
-    sinks: list[Telemetry] = [JsonlRunLog(run_dir or cfg.train.output_dir, rank=rank)]
-    if cfg.metrics.enabled and cfg.metrics.port_base > 0:
+    run_dir = run_dir or cfg.train.output_dir
+    check_report_to(cfg)
+    exporter = None
+    if cfg.metrics.enabled:
         labels = {"run": cfg.name, "rank": rank, "host": socket.gethostname()}
+        port = cfg.metrics.port_base + local_rank if cfg.metrics.port_base else 0
         try:
-            sinks.append(PrometheusExporter(cfg.metrics.port_base + local_rank, addr=cfg.metrics.addr,
-                                            labels=labels))
-        except OSError:
-            sinks[0].close()
-            raise
+            exporter = PrometheusExporter(port, addr=cfg.metrics.addr, labels=labels)
+        except OSError as exc:  # a bad input, reported like one (exit code 2, no traceback)
+            raise ConfigError(f"{exc.strerror}; config key 'metrics.port_base' is "
+                              f"{cfg.metrics.port_base} (0: a free port for every rank)") from exc
+    sinks: list[Telemetry] = []
+    try:
+        sinks.append(JsonlRunLog(run_dir, rank=rank))
+        if exporter is not None:
+            sinks += [exporter, ScrapeTarget(run_dir, rank, exporter, cfg.metrics.targets_dir)]
+        sinks += build_report_logs(cfg, rank=rank, run_dir=run_dir)
+    except BaseException:
+        Fanout([*sinks, *([exporter] if exporter is not None and exporter not in sinks else [])]).close()
+        raise
     return Fanout(sinks)

