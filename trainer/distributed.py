@@ -71,7 +71,23 @@ def read_env(local_rank: int | None = None) -> DistEnv:
         # No GPU: DeepSpeed must use its CPU accelerator (it otherwise probes for CUDA/XPU/...).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
+        _share_cores_between_local_ranks()
     return DistEnv(rank=rank, world=world, local_rank=local, device=device)
+
+
+def _share_cores_between_local_ranks() -> None:
+    """On CPU, each of a node's L ranks computes on cores / L threads unless ``OMP_NUM_THREADS``
+    says otherwise: torchrun sets it to 1, the deepspeed launcher (without
+    ``--bind_cores_to_rank``) does not, and L ranks of all-core threads oversubscribe the cores
+    (measured on 2 cores: a median step of 1.43 s instead of 0.068 s)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun, deepspeed
+    if "OMP_NUM_THREADS" in os.environ or not local or int(local) <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // int(local))
+    torch.set_num_threads(threads)
+    log.info("%d local ranks on %d cores: %d compute thread(s) per rank (OMP_NUM_THREADS is unset; "
+             "set it to choose)", int(local), cores, threads)
 
 
 def init_process_group(env: DistEnv) -> None:
