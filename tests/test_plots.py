@@ -92,3 +92,31 @@ def test_replayed_records_count_once_the_later_wins(tmp_path):
     assert [(r["step"], r["loss"]) for r in _latest_by(records, "step", "step")] == \
         [(1, 1.0), (2, 20.0), (3, 30.0), (4, 40.0)]
     assert [r["metrics"]["rsum"] for r in _latest_by(records, "eval", "epoch")] == [_metrics(5)["rsum"]]
+
+
+def test_loss_on_a_log_axis_with_the_switch_to_hardest_negatives_marked(tmp_path, monkeypatch):
+    """A warm-up epoch's loss ~50x the hardest-negative one: a log axis keeps both readable, and
+    the switch (the first step of epoch loss.warmup_epochs) is drawn and named."""
+    import tools.plots as plots
+
+    drawn = {}
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.update({path.name: fig}), save(fig, path)))
+    sink = JsonlRunLog(tmp_path)
+    for step in range(1, 31):  # epoch = step // 10: epoch 0 is steps 1-9, epoch 1 starts at step 10
+        _step(sink, step, loss=400.0 - step if step < 10 else 9.0 - step / 10)
+    sink.close()
+    plot_run(tmp_path / "metrics.jsonl", tmp_path, warmup_epochs=1)
+    ax = drawn["loss.png"].axes[0]
+    assert ax.get_yscale() == "log"
+    labels = ax.get_legend_handles_labels()[1]
+    assert "hardest negatives from step 10" in labels
+    assert any(label.startswith("warm-up: all negatives") for label in labels)
+    switch = [line for line in ax.get_lines() if line.get_label() == "hardest negatives from step 10"]
+    assert list(switch[0].get_xdata()) == [10, 10]
+    _png_ok(tmp_path / "loss.png")
+
+    drawn.clear()
+    plot_run(tmp_path / "metrics.jsonl", tmp_path)  # no warm-up: nothing marked
+    assert not [label for label in drawn["loss.png"].axes[0].get_legend_handles_labels()[1]
+                if "negatives" in label]

@@ -1,8 +1,10 @@
 """Training curves of one run, drawn from its JSON-lines run log (``trainer.telemetry.JsonlRunLog``).
 
 ``plot_run(run_log, out_dir)`` writes
-- ``loss.png``: the training loss per optimizer step (raw, faint) and its moving average, with the
-  learning rate on a second axis;
+- ``loss.png``: the training loss per optimizer step (raw, faint) and its moving average on a log
+  axis (the warm-up epochs' all-negatives sum is ~50x the hardest-negative loss), the switch from
+  the warm-up to hardest negatives (``loss.warmup_epochs``) marked, and the learning rate on a
+  second axis;
 - ``recall.png``: R@1/5/10 of both directions (i2t solid, t2i dashed) per epoch, and rsum per epoch.
 
 A run without any evaluation record yet (training still in its first epoch, or evaluation off) gets
@@ -71,19 +73,34 @@ def _save(fig: plt.Figure, path: Path) -> None:
         plt.close(fig)
 
 
-def plot_loss(steps: list[dict[str, Any]], out_png: Path) -> None:
+def _mark_warmup(ax: plt.Axes, steps: list[dict[str, Any]], warmup_epochs: int) -> None:
+    """Shade the warm-up epochs (hinge over all negatives) and mark where hardest negatives start."""
+    switch = next((int(r["step"]) for r in steps if int(r["epoch"]) >= warmup_epochs), None)
+    if not warmup_epochs or switch is None or switch == int(steps[0]["step"]):
+        return
+    ax.axvspan(int(steps[0]["step"]), switch, color="0.85", alpha=0.5, linewidth=0,
+               label=f"warm-up: all negatives (epoch{'s' * (warmup_epochs > 1)} < {warmup_epochs})")
+    ax.axvline(switch, color="tab:red", linestyle="--", linewidth=1.2,
+               label=f"hardest negatives from step {switch}")
+
+
+def plot_loss(steps: list[dict[str, Any]], out_png: Path, warmup_epochs: int = 0) -> None:
     x = np.array([int(r["step"]) for r in steps])
     loss = np.array([_number(r.get("loss")) for r in steps])
     lr = np.array([_number(r.get("lr")) for r in steps])
     # About 50 points per window keeps the trend readable from 20 steps to 100k steps.
     window = max(1, len(steps) // 50)
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    _mark_warmup(ax, steps, warmup_epochs)
     ax.plot(x, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
     ax.plot(x, moving_average(loss, window), color="tab:blue", linewidth=1.8,
             label=f"loss, mean of last {window}")
+    finite = loss[np.isfinite(loss)]
+    if finite.size and (finite > 0).all():  # a hinge can reach 0 exactly: then stay linear
+        ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("training loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.grid(alpha=0.3, which="both")
     handles, labels = ax.get_legend_handles_labels()
     if np.isfinite(lr).any():
         ax_lr = ax.twinx()
@@ -133,8 +150,9 @@ def plot_recall(evals: list[dict[str, Any]], out_png: Path, source: Path) -> Non
     _save(fig, out_png)
 
 
-def plot_run(run_log: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def plot_run(run_log: str | Path, out_dir: str | Path, warmup_epochs: int = 0) -> dict[str, Path]:
     """Draw ``loss.png`` and, when the log has evaluation records, ``recall.png`` into ``out_dir``.
+    ``warmup_epochs`` (the run's ``loss.warmup_epochs``) marks the switch to hardest negatives.
 
     Returns {"loss": path} or {"loss": path, "recall": path}. Raises ValueError naming the file
     when it holds no step records, or eval records without recall metrics.
@@ -146,7 +164,7 @@ def plot_run(run_log: str | Path, out_dir: str | Path) -> dict[str, Path]:
         raise ValueError(f"{run_log}: no step records (kind 'step'); nothing to plot")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"loss": out_dir / LOSS_PNG}
-    plot_loss(steps, written["loss"])
+    plot_loss(steps, written["loss"], warmup_epochs)
     evals = _latest_by(records, "eval", "epoch")
     if evals:
         written["recall"] = out_dir / RECALL_PNG
