@@ -37,6 +37,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--resume", default=None,
                    help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in train.output_dir (its checkpoints, metrics logs, "
+                        "validations and built vocabulary are deleted); without it, or --resume, a "
+                        "folder holding another run is refused")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; do not pass by hand")
     _overrides(p)
@@ -57,7 +61,8 @@ def _run_train(args: argparse.Namespace) -> int:
                 require_saliency(spec, key)
     env = read_env(args.local_rank)
     telemetry = build_telemetry(cfg, rank=env.rank, local_rank=env.local_rank)
-    summary = train(cfg, resume=args.resume, telemetry=telemetry, local_rank=args.local_rank)
+    summary = train(cfg, resume=args.resume, telemetry=telemetry, local_rank=args.local_rank,
+                    overwrite=args.overwrite)
     if env.rank == 0:
         print(json.dumps(summary))
     return 0

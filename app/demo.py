@@ -120,7 +120,8 @@ def _resume_tag(cfg: ExperimentConfig) -> str | None:
 def train_model(cfg: ExperimentConfig) -> dict:
     """DeepSpeed training in this process; resumes the run's latest checkpoint when there is one."""
     telemetry = build_telemetry(cfg, rank=0, local_rank=0)
-    return train(cfg, resume=_resume_tag(cfg), telemetry=telemetry)
+    resume = _resume_tag(cfg)  # no checkpoint yet: whatever an unfinished run logged is replaced
+    return train(cfg, resume=resume, telemetry=telemetry, overwrite=resume is None)
 
 
 def expected_steps(cfg: ExperimentConfig) -> int:
@@ -179,8 +180,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
         for name, cfg in cfgs.items():
             run_dir = Path(cfg.train.output_dir)
             cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(run_dir / "config.yaml")]
-            if _resume_tag(cfg):
-                cmd += ["--resume", "latest"]
+            cmd += ["--resume", "latest"] if _resume_tag(cfg) else ["--overwrite"]  # (as train_model)
             with open(run_dir / "train.log", "ab") as err, open(run_dir / "train.stdout", "wb") as out:
                 procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), run_dir)
         with tqdm(total=sum(totals.values()), desc=what, unit="step", mininterval=2.0,
@@ -374,7 +374,7 @@ def run_demo(opts: DemoOptions) -> str:
     with stages.timed("report"):
         stages.announce("report: plots, per-word attention pictures, retrieval page")
         for name in [*directions, *(["vse"] if baseline else [])]:
-            plot_run(out / name / "metrics.jsonl", out / name)
+            plot_run(out / name / "metrics.jsonl", out / name, cfgs[name].loss.warmup_epochs)
         shown = make_pictures(cfg, out / directions[0], out, str(out / "shards" / "val" / "manifest.json"),
                               opts.pictures, [out / d for d in directions], sims)
     report = write_report(out, DemoResults(

@@ -427,24 +427,36 @@ def image_records(spec: str, *, rank: int | None = None, world: int | None = Non
             return
 
 
-def iter_captions(spec: str, limit: int = 0) -> Iterator[tuple[list[str], str]]:
+def iter_captions(spec: str, limit: int = 0, on_error: OnError = "raise",
+                  counter: SkipCounter = SKIPS) -> Iterator[tuple[list[str], str]]:
     """(tokens, raw caption) of every caption of every image, or of the first ``limit`` images
-    (> 0), in manifest order; reads only ``captions.json``."""
+    (> 0), in manifest order; reads only ``captions.json``. With ``on_error="skip"`` an unreadable
+    sample, or the rest of a corrupt or truncated shard, is logged, counted in ``counter`` and left out."""
+    check_on_error(on_error)
     images = 0
     for sh in resolve_shards(spec):
-        for raw in raw_samples(sh.url):
-            if limit and images >= limit:
-                return
-            images += 1
-            try:
-                caps = json.loads(raw["captions.json"].decode("utf-8"))
-                yield from zip(caps["tokens"], caps["raw"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(sh.url, raw.get("__key__"), f"unreadable captions.json: {e!r}",
-                                "bad_caption") from e
+        try:
+            for raw in raw_samples(sh.url):
+                if limit and images >= limit:
+                    return
+                images += 1
+                try:
+                    caps = json.loads(raw["captions.json"].decode("utf-8"))
+                    pairs = list(zip(caps["tokens"], caps["raw"]))
+                except (KeyError, TypeError, ValueError) as e:
+                    err = DataError(sh.url, raw.get("__key__"), f"unreadable captions.json: {e!r}",
+                                    "bad_caption")
+                    err.__cause__ = e
+                    handle(err, on_error, counter)
+                    continue
+                yield from pairs
+        except DataError as e:  # a missing, corrupt or truncated shard: the rest of it is lost
+            if e.kind not in ("corrupt_tar", "missing_shard", "unsafe_key"):
+                raise
+            handle(e, on_error, counter)
 
 
-def iter_tokens(spec: str) -> Iterator[list[str]]:
+def iter_tokens(spec: str, on_error: OnError = "raise") -> Iterator[list[str]]:
     """Tokenised captions of every image (reads only ``captions.json``), e.g. for ``build_vocab``."""
-    for tokens, _ in iter_captions(spec):
+    for tokens, _ in iter_captions(spec, on_error=on_error):
         yield tokens

@@ -219,11 +219,24 @@ def read_manifest(dest_or_manifest_url: str) -> dict:
     url = manifest_url(dest_or_manifest_url)
     try:
         m = json.loads(storage.read_bytes(url))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no manifest at {url}") from e
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise FileNotFoundError(_no_manifest(dest_or_manifest_url, url)) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(url, None, f"manifest is not valid JSON: {e}", "bad_record") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
         raise DataError(url, None, f"not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else None!r})",
                         "bad_record")
     return m
+
+
+def _no_manifest(spec: str, url: str) -> str:
+    """Why ``spec`` has no manifest, naming what was given (``x/manifest.jsn`` is not a folder)."""
+    expected = f"expected a manifest .json, a folder holding {MANIFEST}, or a pattern of .tar shards"
+    if url == spec:
+        return f"no manifest at {url}"
+    fs = storage.filesystem(spec)
+    if not fs.exists(spec):
+        return f"{spec} does not exist ({expected})"
+    if not fs.isdir(spec):
+        return f"{spec} is a file, not a manifest ({expected})"
+    return f"no manifest at {url}"

@@ -229,6 +229,9 @@ class RetryingReader:
                 pass
             self._f = None
 
+    def __repr__(self) -> str:  # errors that name their stream (webdataset's, tarfile's) name the URL
+        return self.url
+
     def __enter__(self) -> "RetryingReader":
         return self
 

@@ -75,6 +75,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, img_dim: int, embed_size: int, no_imgnorm: bool = False,
                  kind: str = "linear") -> None:
         super().__init__()
+        if img_dim < 1:  # 0 means "from the shards": training sets it from their manifest first
+            raise ValueError(f"config key 'model.img_dim': {img_dim} is not a feature size; set it to "
+                             "the region features' D (training takes it from the shards' manifest)")
         self.fc = _xavier_linear(img_dim, embed_size)
         self.no_imgnorm = no_imgnorm
         if kind not in ("linear", "mlp"):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from deepspeed.utils import safe_get_full_grad
@@ -66,8 +67,9 @@ def train_args(shards: str, out: Path, *overrides: str) -> list[str]:
 
 
 def run_train(shards: str, out: Path, *overrides: str, resume: str | None = None,
-              timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "app.cli", "train", *train_args(shards, out, *overrides)]
+              timeout: float = 240, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """``scan train`` of the tiny config in a subprocess; ``extra``: more options (``--overwrite``)."""
+    cmd = [sys.executable, "-m", "app.cli", "train", *train_args(shards, out, *overrides), *extra]
     if resume:
         cmd += ["--resume", resume]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)

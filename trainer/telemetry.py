@@ -17,7 +17,9 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+from dataio import storage
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +93,25 @@ class JsonlRunLog:
     ...}`` with the ``observe_step`` fields, and ``{"kind": "eval", "time": ..., "rank": R,
     "epoch": E, "metrics": {"i2t_r1": ..., ...}}`` (flattened). Non-finite numbers become null.
 
-    The file is opened in append mode, so a resumed run continues the same log; steps between the
-    last checkpoint and a crash then appear twice (the later record is the one that counts).
-    Each record goes out in a single ``write`` of a complete line, so a crash can at most leave one
-    truncated last line, which ``read_run_log`` drops with a warning.
+    The file is opened in append mode at the first record, so a resumed run continues the same
+    log; the trainer first cuts it back to the checkpoint's step (:func:`rewrite_run_log`), so
+    each step appears once. Each record goes out in a single ``write`` of a complete line, so a
+    crash can at most leave one truncated last line, which ``read_run_log`` drops with a warning.
     """
 
     def __init__(self, run_dir: str | Path, *, rank: int = 0, per_rank: bool = False) -> None:
         self.rank = rank
         name = f"metrics.rank{rank}.jsonl" if per_rank else RUN_LOG_NAME
         self.path: Path | None = Path(run_dir) / name if (per_rank or rank == 0) else None
-        self._file = None
-        if self.path is not None:
+        self._file = None  # opened at the first record: the trainer may rewrite the log before
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
             log.info("run log: appending to %s", self.path)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
         record = {"kind": record.pop("kind"), "time": time.time(), "rank": self.rank, **record}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
@@ -185,3 +187,14 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {number} is not JSON: {exc}") from exc
     return records
+
+
+def rewrite_run_log(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrites a run log with only the records ``keep`` accepts (a temporary file renamed over
+    it: a crash leaves the old log or the new one); returns how many were dropped."""
+    records = read_run_log(path)
+    kept = [r for r in records if keep(r)]
+    if len(kept) < len(records):
+        storage.write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept),
+                                  durable=True)
+    return len(records) - len(kept)

@@ -43,7 +43,7 @@ from scan.configfile import ConfigError
 from scan.eval.sharded import encode_and_evaluate
 from scan.model import build_model, build_trained
 from scan.text_features import precompute
-from trainer import checkpoint
+from trainer import checkpoint, preflight
 from trainer.distributed import DistEnv, init_process_group, read_env
 from trainer.engine import Engine, build_engine, fp32_trainable_state
 from trainer.position import Position, client_state, data_identity, resumed_position
@@ -68,7 +68,7 @@ def text_encoder(cfg: ExperimentConfig, env: DistEnv, run_dir: Path) -> tuple[Te
         return tok, len(tok.tok)
     path = Path(cfg.data.vocab) if cfg.data.vocab else run_dir / "vocab.json"
     if not cfg.data.vocab and env.is_main and not path.is_file():
-        build_vocab(iter_tokens(cfg.data.train_shards)).save(str(path))
+        build_vocab(iter_tokens(cfg.data.train_shards, cfg.data.on_error)).save(str(path))
     barrier()
     if not path.is_file():
         raise FileNotFoundError(f"config key 'data.vocab': vocabulary file {str(path)!r} does not exist")
@@ -90,7 +90,7 @@ def precompute_text_features(cfg: ExperimentConfig, enc: TextEncoder, env: DistE
         if cfg.data.val_shards:
             splits.append((cfg.data.val_shards, cfg.eval.val_images))
         for spec, limit in splits:
-            for tokens, raw in iter_captions(spec, limit):
+            for tokens, raw in iter_captions(spec, limit, cfg.data.on_error):
                 yield encode_caption(enc, tokens, raw, cfg.data.max_words)
 
     if env.is_main:
@@ -153,11 +153,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Telemetry | None = None,
-          local_rank: int | None = None) -> dict[str, Any]:
+          local_rank: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Trains ``cfg`` (optionally resuming ``latest`` or a tag); returns a summary of the run.
 
-    ``telemetry`` receives every optimizer step and evaluation and is closed at the end; default:
-    the JSON-lines run log ``<output_dir>/metrics.jsonl`` (written by rank 0).
+    The inputs are checked first (``trainer.preflight``: shards, ``model.img_dim``, set from the
+    manifest when 0, the output folder); a folder holding another run is refused unless resumed
+    or replaced (``overwrite``: its checkpoints and logs are deleted). ``telemetry`` receives every
+    optimizer step and evaluation and is closed at the end; default: the JSON-lines run log
+    ``<output_dir>/metrics.jsonl`` (written by rank 0).
     """
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: name the training manifest or shards")
@@ -167,8 +170,12 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
     ckpt_dir = run_dir / "checkpoints"
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
     try:
+        cfg = preflight.check_inputs(cfg)  # before any process group, model or data worker
+        preflight.claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
         init_process_group(env)
         if env.is_main:
+            if overwrite:
+                preflight.clear_previous_run(run_dir, keep=cfg.data.vocab)
             run_dir.mkdir(parents=True, exist_ok=True)
             _log_batch(cfg, env.world)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -185,6 +192,8 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
         if resume:
             state = checkpoint.load(engine.ds, ckpt_dir, resume, env)
             pos = resumed_position(state, data, env)
+            if env.is_main:  # each step logged once: the replayed ones are dropped before
+                preflight.trim_run_logs(run_dir, pos.step, pos.epoch)
             saved_itos = state["scan_vocab"]["itos"]
             if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
                 raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
