@@ -239,6 +239,28 @@ class RetryingReader:
         self.close()
 
 
+def upload(path: str | os.PathLike, url: str, retry: RetryPolicy | None = None) -> None:
+    """Copies the local file ``path`` to the S3 object ``url`` (retried like a read). S3 shows an
+    object only once its upload completed: a kill mid-upload leaves nothing under ``url``."""
+    fs = filesystem(url)
+    (retry or DEFAULT_RETRY).run(url, lambda: fs.put_file(os.fspath(path), url))
+
+
+def download(url: str, path: str | os.PathLike, retry: RetryPolicy | None = None) -> None:
+    """Copies ``url`` to the local file ``path``, which appears only when complete."""
+    with atomic_path(path) as tmp:
+        (retry or DEFAULT_RETRY).run(url, lambda: filesystem(url).get_file(url, tmp))
+
+
+def sizes(url: str) -> dict[str, int]:
+    """Size of every object under the prefix ``url`` (names relative to it); empty if none."""
+    fs = filesystem(url)
+    prefix = url.rstrip("/") + "/"
+    found = DEFAULT_RETRY.run(url, lambda: fs.find(prefix, detail=True))
+    base = fs._strip_protocol(prefix).rstrip("/") + "/"
+    return {key[len(base):]: int(info["size"]) for key, info in found.items() if key.startswith(base)}
+
+
 def read_many(urls: list[str]) -> dict[str, bytes]:
     """Contents of many small files of one filesystem by URL (concurrent requests on S3)."""
     if not urls:

@@ -1,8 +1,9 @@
 """Runs ``scan`` and SIGKILLs itself just before one file-system step of one checkpoint save.
 
 ``python tests/helpers_crash.py SAVE OP -- <scan arguments>``: before the ``OP``-th file-system
-step (1-based: each rename or directory removal of ``trainer.checkpoint``) of the ``SAVE``-th call
-of ``checkpoint.save``, the process kills itself, as a power cut or an OOM kill would. With
+step (1-based: each rename or directory removal of ``trainer.checkpoint``; each upload, marker
+write or prefix removal of ``trainer.checkpoint_s3``) of the ``SAVE``-th call of ``save``, the
+process kills itself, as a power cut or an OOM kill would. With
 ``SAVE 0`` nothing is killed and every step is printed to stderr as ``fs-step <save> <op> <what>``,
 so a test can count them first.
 """
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_s3
 
 KILL_SAVE, KILL_OP = int(sys.argv[1]), int(sys.argv[2])
 state = {"save": 0, "op": 0}
@@ -40,6 +41,11 @@ def _counting_save(fn):
 checkpoint._rename = _counting("rename", checkpoint._rename)
 checkpoint._remove_tree = _counting("remove", checkpoint._remove_tree)
 checkpoint.save = _counting_save(checkpoint.save)
+# checkpoints in object storage (trainer.checkpoint_s3): each upload, marker write and removal
+checkpoint_s3._upload_file = _counting("upload", checkpoint_s3._upload_file)
+checkpoint_s3._write_marker = _counting("marker", checkpoint_s3._write_marker)
+checkpoint_s3._remove_prefix = _counting("remove", checkpoint_s3._remove_prefix)
+checkpoint_s3.save = _counting_save(checkpoint_s3.save)
 
 if __name__ == "__main__":
     from app.cli import main

@@ -21,7 +21,8 @@ Saving, one file-system step at a time; after each of them ``latest`` names a co
 
 A kill before 3 leaves ``latest`` on the previous checkpoint, a kill after it on the new one;
 ``load`` never reads a ``.partial`` directory. The directory must be shared by all ranks (one
-filesystem), as DeepSpeed's own checkpoints assume.
+filesystem), as DeepSpeed's own checkpoints assume; without one, ``train.output_dir=s3://...`` keeps
+the checkpoints in object storage (``trainer.checkpoint_s3``, the same guarantees).
 
 Nothing is unpickled on load: every file is read with ``torch.load(weights_only=True)``, DeepSpeed's
 own files through :class:`WeightsOnlyCheckpointEngine` with an allowlist of the few DeepSpeed
@@ -67,6 +68,14 @@ def _key(name: str) -> tuple[int, int]:
     m = _NAME.match(name)
     assert m is not None, name
     return int(m.group(1)), int(m.group(2) or 0)
+
+
+order = _key  # the sort key of checkpoint names (also for trainer.checkpoint_s3)
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint's name (``stepNNNNNNNN`` or ``stepNNNNNNNN-V``)."""
+    return _NAME.match(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +200,13 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def _new_name(ckpt_dir: Path, step: int) -> str:
+    return new_name(complete_tags(ckpt_dir), step)
+
+
+def new_name(complete: list[str], step: int) -> str:
     """``stepNNNNNNNN``, or the next ``-V`` version when that step was saved before."""
     base = tag_for_step(step)
-    versions = [_key(n)[1] for n in complete_tags(ckpt_dir) if _key(n)[0] == step]
+    versions = [_key(n)[1] for n in complete if _key(n)[0] == step]
     return base if not versions else f"{base}-{max(versions) + 1}"
 
 
@@ -239,13 +252,19 @@ def save(ds_engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any]
 def _prune(ckpt_dir: Path, latest: str, keep: int) -> None:
     """Deletes, after ``latest`` is in place, every checkpoint outside the newest ``keep`` of the
     history up to ``latest`` (the older saves of one step among them)."""
-    head = _key(latest)
-    history = [n for n in complete_tags(ckpt_dir) if _key(n) <= head]
-    newest_per_step = {_key(n)[0]: n for n in history}  # the last version of each step
-    kept = set(sorted(newest_per_step.values(), key=_key)[-max(keep, 1):]) | {latest}
+    kept = kept_names(complete_tags(ckpt_dir), latest, keep)
     for name in complete_tags(ckpt_dir):
         if name not in kept:
             _remove_tree(ckpt_dir / name)
+
+
+def kept_names(complete: list[str], latest: str, keep: int) -> set[str]:
+    """The checkpoints a prune keeps: the newest ``keep`` of the history up to ``latest`` (one
+    version per step, the last) and ``latest`` itself."""
+    head = _key(latest)
+    history = [n for n in complete if _key(n) <= head]
+    newest_per_step = {_key(n)[0]: n for n in history}  # the last version of each step
+    return set(sorted(newest_per_step.values(), key=_key)[-max(keep, 1):]) | {latest}
 
 
 def load(ds_engine: Any, ckpt_dir: Path, resume: str, env: DistEnv) -> dict[str, Any]:
