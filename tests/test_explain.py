@@ -166,3 +166,28 @@ def test_dvsa_pictures_show_each_words_aligned_region_and_vse_has_none(tmp_path)
     vse = SCANModel(ModelConfig(kind="vse", img_dim=32, embed_size=16, word_dim=8), len(vocab))
     with pytest.raises(ValueError, match="no per-word attention"):
         explain_pair(vse, s.regions, s.captions[0], vocab, GlobalScorer(), tmp_path / "v.png")
+
+
+def test_one_colour_scale_per_picture_with_its_bar(tiny, tmp_path, monkeypatch):
+    """Every word's tile is drawn on the picture's one scale, 0 to the largest weight of any word
+    (not each tile to its own maximum), and the header carries that scale as a colour bar."""
+    import tools.explain as explain
+
+    drawn, heats = {}, []
+    save, draw = explain._save_png, explain._draw_tile
+    monkeypatch.setattr(explain, "_save_png", lambda fig, path: (drawn.update(fig=fig), save(fig, path)))
+    monkeypatch.setattr(explain, "_draw_tile", lambda ax, picture, heat, *rest: (
+        heats.append(heat), draw(ax, picture, heat, *rest)))
+    model, vocab, samples = tiny
+    cfg = XAttnConfig(direction="t2i", agg="mean", lambda_softmax=9.0)
+    out = explain_pair(model, samples[2].regions, samples[2].captions[0], vocab, cfg, tmp_path / "c.png",
+                       boxes=samples[2].boxes)
+    weights = out["attention"]  # (words, k)
+    peaks = weights.max(axis=1)
+    assert peaks.max() > peaks.min()  # the words differ, so one scale shows it
+    assert out["scale_max"] == pytest.approx(peaks.max(), rel=1e-6)  # grid cells: no overlap
+    tiles = [h for h in heats if h is not None]
+    assert [float(t.max()) for t in tiles] == pytest.approx(list(peaks / peaks.max()), rel=1e-6)
+    bars = [ax for ax in drawn["fig"].axes if ax.get_title().startswith("attention weight")]
+    assert len(bars) == 1
+    assert bars[0].get_xlim() == pytest.approx((0.0, out["scale_max"]))

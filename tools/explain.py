@@ -3,9 +3,11 @@
 ``explain_pair`` scores the pair with the model's own scorer (``scan.scorers``: SCAN's cross
 attention, or DVSA's word-to-best-region alignment) and draws, for every word of the caption, the image with that word's attention
 over the regions as a heat map. A region's weight is spread over its box (grid features: their
-cell; detector features: their box) and overlapping boxes add up; the map is then normalised to its
-own maximum, so every tile uses the full colour range (the tile's title gives that maximum), and
-drawn over the picture with the "jet" colours, more opaque where the weight is higher.
+cell; detector features: their box) and overlapping boxes add up. Every tile of a picture shares
+ONE colour scale, from 0 to the largest weight of any word (shown by the colour bar in the header),
+so near-uniform attention (max 0.04 over 49 cells) looks cool beside peaked attention (0.36); the
+map is drawn over the picture with the "jet" colours, more opaque where the weight is higher, and
+each tile's title gives its own maximum.
 
 Which weights are drawn:
 - t2i models (words attend to regions): ``α[w, r]``, the softmax over regions of word w; exactly
@@ -179,7 +181,8 @@ def attend(model: torch.nn.Module, regions: torch.Tensor, ids: list[int],
                                     torch.tensor([len(ids)], device=device))  # (1, n, d)
     finally:
         model.train(was_training)
-    img_lens, cap_lens = torch.tensor([k], device=device), torch.tensor([len(ids)], device=device)
+    # the image's output positions: its regions, or a backbone top's final cells
+    img_lens, cap_lens = torch.tensor([img.shape[1]], device=device), torch.tensor([len(ids)], device=device)
     pairs = torch.zeros(1, 2, dtype=torch.long, device=device)
     attn = scorer.attention(img.float(), cap.float(), cap_lens, img_lens, pairs)[0]  # (n, k)
     score = scorer(img.float(), cap.float(), cap_lens, img_lens)
@@ -220,6 +223,18 @@ def _draw_tile(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None
     ax.set_title(title, fontsize=10, pad=3)
 
 
+def _colour_bar(fig: plt.Figure, size: tuple[int, int], bar_px: float, scale_max: float) -> None:
+    """The picture's one colour scale, 0 to ``scale_max`` (the largest weight of any word), as a
+    horizontal bar in the header's top right corner."""
+    width, height = size
+    cax = fig.add_axes(((width - bar_px - 20) / width, 1 - 30 / height, bar_px / width, 9 / height))
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0.0, scale_max or 1.0), cmap="jet"),
+                       cax=cax, orientation="horizontal")
+    bar.set_ticks([0.0, scale_max or 1.0], labels=["0", f"{scale_max or 1.0:.2f}"])
+    bar.ax.tick_params(labelsize=7, length=2, pad=1)
+    bar.ax.set_title("attention weight (all words)", fontsize=7, pad=2)
+
+
 def _save_png(fig: plt.Figure, out_png: Path) -> None:
     try:
         with storage.atomic_path(out_png) as tmp:
@@ -245,14 +260,16 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     saliency (k,): the image's region saliency (``ImageSample.saliency``), needed by ``scan_sal``.
 
     Returns {"score": float, "words": [drawn words], "attention": (words, k) float array of the
-    drawn words' weights (module doc), "png": path}.
+    drawn words' weights (module doc), "scale_max": the top of the picture's one colour scale,
+    "png": path}.
     """
     out_png = Path(out_png)
     scorer = as_scorer(scorer)
     regions = torch.as_tensor(np.asarray(regions)) if not isinstance(regions, torch.Tensor) else regions
     if regions.dim() != 2 or regions.shape[0] < 1:
         raise ValueError(f"regions: expected (k, D) features of one image, got {tuple(regions.shape)}")
-    k = regions.shape[0]
+    top = getattr(model, "backbone_top", None)  # cut activations in: the top's final cells out
+    k = regions.shape[0] if top is None else top.cells
     boxes = layout_boxes(k) if boxes is None else np.asarray(boxes, dtype=np.float32)
     if boxes.shape != (k, 4):
         raise ValueError(f"boxes: expected ({k}, 4) for {k} regions, got {boxes.shape}")
@@ -281,17 +298,21 @@ def explain_pair(model: torch.nn.Module, regions: np.ndarray | torch.Tensor, cap
     size = figure_size(len(words), columns, tile_px)
     cols = min(columns, 1 + len(words))
     fig = plt.figure(figsize=(size[0] / _DPI, size[1] / _DPI), dpi=_DPI)
-    head = textwrap.shorten(caption, width=2 * max(20, size[0] // 7), placeholder=" …")
-    lines = textwrap.wrap(head, width=max(20, size[0] // 7))[:2]
-    fig.text(0.5, 1 - 6 / size[1], "\n".join(lines + [f"score {score:.4f} ({scorer.label})"]),
-             ha="center", va="top", fontsize=9)
+    head = textwrap.shorten(caption, width=2 * max(20, int(size[0] - min(160, size[0] * 0.3)) // 7),
+                            placeholder=" …")
+    lines = textwrap.wrap(head, width=max(20, int(size[0] - min(160, size[0] * 0.3)) // 7))[:2]
+    bar_px = min(160, size[0] * 0.3)  # the colour bar, right of the caption
+    fig.text(6 / size[0], 1 - 6 / size[1], "\n".join(lines + [f"score {score:.4f} ({scorer.label})"]),
+             ha="left", va="top", fontsize=9)
+    heats = [heat_map(w, boxes, *hw) for w in weights]
+    scale_max = max(float(h.max()) for h in heats)
+    _colour_bar(fig, size, bar_px, scale_max)
     _draw_tile(_tile_axes(fig, 0, cols, tile_px, size), pixels, None, boxes, "image", aspect)
-    for i, (word, w) in enumerate(zip(words, weights), start=1):
-        heat = heat_map(w, boxes, *hw)
-        peak = heat.max()
+    for i, (word, w, heat) in enumerate(zip(words, weights, heats), start=1):
         _draw_tile(_tile_axes(fig, i, cols, tile_px, size), pixels,
-                   heat / peak if peak > 0 else heat, boxes, f"{word}  (max {w.max():.2f})", aspect)
+                   heat / scale_max if scale_max > 0 else heat, boxes, f"{word}  (max {w.max():.2f})",
+                   aspect)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     _save_png(fig, out_png)
     log.info("attention picture of %d words (score %.4f) written to %s", len(words), score, out_png)
-    return {"score": score, "words": words, "attention": weights, "png": out_png}
+    return {"score": score, "words": words, "attention": weights, "scale_max": scale_max, "png": out_png}
