@@ -110,7 +110,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from tools.inference import find_record, load_run
 
     run = load_run(args.run_dir, args.tag)
-    record = find_record(args.shards, args.key)
+    record = find_record(args.shards, args.key, run)  # shards of the run's cut
     caption = args.caption if args.caption is not None else record.captions[0]
     out = explain_pair(run.model, record.regions, caption, run.text, scorer_for(run.cfg), args.out,
                        boxes=record.boxes, image=record.meta.get("file"), columns=args.columns,

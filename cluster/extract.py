@@ -40,6 +40,7 @@ from cluster.local_ray import ray, session  # ray through local_ray: a local Ray
 from dataio import storage
 from dataio.shard_writer import committed_shards, shard_filename, write_manifest
 from dataio.sources import ImageItem
+from scan.configfile import ConfigError
 from scan.features.backbones import identify
 from scan.features.proposals import identify_regions
 from scan.features.saliency import identify_saliency
@@ -91,10 +92,12 @@ def _reusable(unit: WorkUnit, fingerprint: str, dest: str, committed: dict,
 class _Pool:
     """The actors, with replacement of dead ones."""
 
-    def __init__(self, cfg: JobConfig, workers: int, cpus: int, gpus: int, fault: ExitFault | None):
+    def __init__(self, cfg: JobConfig, workers: int, cpus: int, gpus: int, fault: ExitFault | None,
+                 identity: dict):
         self.options = {"num_cpus": cpus, "num_gpus": gpus}
         self.args = (cfg.backbone, cfg.image_size, cpus, cfg.batch_size, cfg.decode_threads,
-                     cfg.max_pixels, fault, cfg.saliency, cfg.regions, cfg.proposal_config())
+                     cfg.max_pixels, fault, cfg.saliency, cfg.regions, cfg.proposal_config(), cfg.cut,
+                     identity)
         self.actors = [self._new() for _ in range(workers)]
 
     def _new(self):
@@ -178,8 +181,33 @@ def _cluster_shape(cfg: JobConfig) -> tuple[int, int, int]:
     return workers, cpus_per_worker, 1 if gpus else 0
 
 
+def _described(identity: dict) -> str:
+    rest = ", ".join(f"{k} {v!r}" for k, v in sorted(identity.items())
+                     if k not in ("backbone", "cut", "files_digest"))
+    return (f"backbone={identity.get('backbone')} cut={identity.get('cut', 0)} "
+            f"(weights {str(identity.get('files_digest', '?'))[:12]}; {rest})")
+
+
+def refuse_other_extractor(dest: str, split: str, stats_files: set[str], identity: dict) -> None:
+    """Raise ConfigError, naming both, when ``DEST/<split>`` holds units of another extractor
+    (another backbone, cut, input size, region mode or saliency model): a rerun would replace its
+    shards one unit at a time. Units of the same extractor resume as usual."""
+    for name in sorted(stats_files):
+        if not name.endswith(".json"):
+            continue
+        try:
+            old = json.loads(storage.read_bytes(storage.join(storage.join(split_dest(dest, split), UNITS_DIR),
+                                                             name))).get("identity")
+        except (FileNotFoundError, ValueError):
+            continue  # unreadable stats: that unit is recomputed, as before
+        if old is not None and old != identity:
+            raise ConfigError(f"config key 'dest': {split_dest(dest, split)!r} already holds shards of "
+                              f"{_described(old)}; this job extracts {_described(identity)}. Give "
+                              f"another dest, or remove that folder to replace them")
+
+
 def _write_manifests(dest: str, units: Sequence[WorkUnit], stats: dict[str, UnitResult],
-                     extractor: dict, run_id: str) -> list[str]:
+                     extractor: dict, run_id: str, identity: dict) -> list[str]:
     written = []
     for split in dict.fromkeys(u.split for u in units):
         split_units = [u for u in units if u.split == split]
@@ -189,7 +217,7 @@ def _write_manifests(dest: str, units: Sequence[WorkUnit], stats: dict[str, Unit
             log.error("split %s: every image was skipped; no manifest written", split)
             continue
         split_stats = [stats[u.name] for u in split_units]
-        extra = {"extraction": {
+        extra = {"identity": identity, "extraction": {
             "run_id": run_id,
             "images_in": sum(len(u.items) for u in split_units),
             "images_written": sum(s.samples for s in split_stats),
@@ -217,7 +245,8 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     units = plan_units(items, cfg.images_per_shard)
     if not units:
         raise ValueError("the source has no images")
-    identity = {**identify(cfg.backbone, cfg.image_size), **identify_regions(cfg.regions, cfg.proposal_config())}
+    identity = {**identify(cfg.backbone, cfg.image_size, cfg.cut),
+                **identify_regions(cfg.regions, cfg.proposal_config())}
     if cfg.saliency != "none":  # the same units compute it: what they hold includes the saliency model
         identity["saliency"] = identify_saliency(cfg.saliency)
     fingerprints = {u.name: u.fingerprint(identity) for u in units}
@@ -225,6 +254,8 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     committed = {split: committed_shards(split_dest(dest, split)) for split in splits}
     stats_files = {split: set(storage.listdir(storage.join(split_dest(dest, split), UNITS_DIR)))
                    for split in splits}
+    for split in splits:  # before any work: another extractor's shards are never replaced
+        refuse_other_extractor(dest, split, stats_files[split], identity)
     stats: dict[str, UnitResult] = {}
     for unit in units:
         previous = _reusable(unit, fingerprints[unit.name], dest, committed[unit.split],
@@ -242,7 +273,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
             workers, cpus, gpus = _cluster_shape(cfg)
             workers = min(workers, len(todo))
             log.info("%d workers x (%d CPU, %d GPU)", workers, cpus, gpus)
-            pool = _Pool(cfg, workers, cpus, gpus, ExitFault.from_env())
+            pool = _Pool(cfg, workers, cpus, gpus, ExitFault.from_env(), identity)
             extractor = pool.describe(cfg.max_retries)
             t1 = time.time()
             with tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="extract",
@@ -255,7 +286,7 @@ def run_job(items: Iterable[ImageItem], cfg: JobConfig) -> JobSummary:
     else:
         extractor = stats[units[0].name].extractor
 
-    manifests = [] if failed else _write_manifests(dest, units, stats, extractor, run_id)
+    manifests = [] if failed else _write_manifests(dest, units, stats, extractor, run_id, identity)
     if failed:
         log.error("%d units failed; no manifest written (rerun to retry them): %s", len(failed), failed)
     done = [stats[u.name] for u in units if u.name in stats]

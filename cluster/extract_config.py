@@ -15,12 +15,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, get_type_hints
+from typing import Any, Literal, Sequence, get_type_hints
 
 from dataio import storage
 from dataio.images import DEFAULT_MAX_PIXELS
 from scan import configfile
 from scan.configfile import ConfigError
+from scan.features.backbone_top import check_cut
 from scan.features.proposal_boxes import MODES as REGION_MODES, ProposalConfig
 
 
@@ -55,6 +56,9 @@ class JobConfig:
     backbone: str = _key("efficientnet-lite2",
                          "efficientnet-lite0, efficientnet-lite2, or hf:<local transformers vision model dir>")
     image_size: int | None = _key(None, "input size in pixels (EfficientNet only; null: the native size)")
+    cut: int | Literal["all"] = _key(0, "write the activations before the backbone's last K blocks (EfficientNet "
+                                        "only), for model.image.finetune_blocks K; 0: its final features; "
+                                        "all: the preprocessed pixels")
     saliency: str = _key("none", "also write each region's saliency (saliency.npy, for model.kind scan_sal): "
                                  "img-focus (its ViT-S ONNX saliency model, onnxruntime) or none")
     regions: str = _key("grid", "region set: grid (the backbone's cells), proposals (the whole image + "
@@ -91,9 +95,23 @@ class JobConfig:
             raise ConfigError(f"config key 'regions': {self.regions!r} needs an EfficientNet backbone "
                               f"(its boxes are encoded at proposal_size={self.proposal_size} px); "
                               f"backbone {self.backbone!r} has a fixed input size")
+        self._validate_cut()
         if self.saliency not in ("none", "img-focus"):
             raise ConfigError(f"config key 'saliency': {self.saliency!r} is not allowed; expected one of "
                               "'none', 'img-focus'")
+
+
+    def _validate_cut(self) -> None:
+        if self.cut == 0:
+            return
+        try:
+            check_cut(self.backbone, self.cut)
+        except ValueError as err:
+            raise ConfigError(f"config key 'cut': {self.cut!r} is not allowed: {err}") from None
+        for key, value, default in (("regions", self.regions, "grid"), ("saliency", self.saliency, "none")):
+            if value != default:
+                raise ConfigError(f"config key '{key}': {value!r} is not allowed with cut={self.cut!r} "
+                                  f"(cut activations are not the final cells); expected {default!r}")
 
 
 @dataclass

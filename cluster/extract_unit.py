@@ -75,6 +75,7 @@ class UnitResult:
     pid: int
     run_id: str
     attempt: int
+    identity: dict | None = None  # what the job's fingerprints hold of the extractor (None: older stats)
 
     @property
     def seconds(self) -> float:
@@ -161,7 +162,7 @@ class _UnitLog:
         self.captions_dropped += len(item.captions) - sum(b["key"] == item.key for b in self.bad_captions)
 
 
-def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.Tensor,
+def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.Tensor | None,
             extractor: dict, ulog: _UnitLog, saliency: torch.Tensor | None = None) -> ImageSample:
     """features (k, D), boxes (k, 4) and saliency (k,) or None of one image -> its shard sample,
     without empty captions."""
@@ -178,7 +179,7 @@ def _sample(item: ImageItem, dec: Decoded, features: torch.Tensor, boxes: torch.
     if dec.note:
         meta["converted"] = dec.note
     return ImageSample(key=item.key, regions=features.numpy(), captions=captions, tokens=tokens,
-                       boxes=boxes.numpy(), meta=meta,
+                       boxes=None if boxes is None else boxes.numpy(), meta=meta,
                        saliency=None if saliency is None else saliency.numpy())
 
 
@@ -220,7 +221,8 @@ def _unit_samples(backbone: Backbone | ProposalRegions, unit: WorkUnit, *, batch
             sal = saliency(pixels, regions.boxes) if saliency is not None else None
             for b, (item, dec) in enumerate(good):
                 k = int(regions.lengths[b])
-                sample = _sample(item, dec, regions.features[b, :k], regions.boxes[b, :k], extractor, ulog,
+                boxes = None if regions.boxes is None else regions.boxes[b, :k]  # none for cut activations
+                sample = _sample(item, dec, regions.features[b, :k], boxes, extractor, ulog,
                                  None if sal is None else sal[b, :k])
                 try:
                     check_sample(sample, shard)
@@ -239,7 +241,7 @@ def extract_unit(backbone: Backbone | ProposalRegions, unit: WorkUnit, dest: str
                  attempt: int = 0,
                  batch_size: int = 32, decode_threads: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_first_sample: Callable[[], None] | None = None,
-                 saliency: SaliencyModel | None = None) -> UnitResult:
+                 saliency: SaliencyModel | None = None, identity: dict | None = None) -> UnitResult:
     """Extract one unit and commit its shard, then its stats file. Runs in an actor or in-process.
     With ``saliency`` every sample also gets ``saliency.npy`` (k,), computed in the same unit, so
     its retries, exactly-once commit and resume are the backbone's.
@@ -266,7 +268,7 @@ def extract_unit(backbone: Backbone | ProposalRegions, unit: WorkUnit, dest: str
                         skipped=ulog.skipped, converted=ulog.converted, bad_captions=ulog.bad_captions,
                         captions_dropped=ulog.captions_dropped,
                         started=started, finished=time.time(), pid=os.getpid(), run_id=run_id,
-                        attempt=attempt)
+                        attempt=attempt, identity=identity)
     storage.write_bytes_atomic(unit_stats_url(dest, unit.split, unit.name),
                                json.dumps(dataclasses.asdict(result), indent=1).encode())
     log.info("unit %s: %d images written, %d skipped in %.1f s (pid %d, attempt %d)", unit.name,
@@ -281,10 +283,13 @@ class ExtractWorker:
 
     def __init__(self, backbone: str, image_size: int | None, threads: int, batch_size: int,
                  decode_threads: int, max_pixels: int, fault: ExitFault | None, saliency: str = "none",
-                 regions: str = "grid", proposals: ProposalConfig | None = None):
+                 regions: str = "grid", proposals: ProposalConfig | None = None, cut: int | str = 0,
+                 identity: dict | None = None):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)
-        self.backbone = load_regions(backbone, image_size=image_size, regions=regions, proposals=proposals)
+        self.backbone = load_regions(backbone, image_size=image_size, regions=regions, proposals=proposals,
+                                     cut=cut)
+        self.identity = identity
         self.saliency = load_saliency(saliency, threads=threads)
         self.batch_size, self.decode_threads, self.max_pixels = batch_size, decode_threads, max_pixels
         self.fault = fault
@@ -299,4 +304,5 @@ class ExtractWorker:
         hook = (lambda: self.fault.fire(number)) if self.fault else None
         return extract_unit(self.backbone, unit, dest, fingerprint=fingerprint, run_id=run_id,
                             attempt=attempt, batch_size=self.batch_size, decode_threads=self.decode_threads,
-                            max_pixels=self.max_pixels, on_first_sample=hook, saliency=self.saliency)
+                            max_pixels=self.max_pixels, on_first_sample=hook, saliency=self.saliency,
+                            identity=self.identity)

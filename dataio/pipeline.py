@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from braceexpand import braceexpand
@@ -212,6 +212,7 @@ class _Source:
     max_words: int
     retry: storage.RetryPolicy
     cache_dir: str  # local copies of remote shards ("" : ranged reads from the store)
+    augment: Any = None  # dataio.augment.PixelAugment for stored pixels (cut=all), or None
 
 
 def encode_caption(enc: Encoder, tokens: list[str], raw: str, max_words: int = 0) -> list[int]:
@@ -263,6 +264,10 @@ class _BatchDataset(Dataset):
         images = self._slots.image[slots]
         samples = self._read_images(sorted(set(images.tolist())), counter,
                                     first_captions=set(images[self._slots.caption[slots] == 0].tolist()))
+        if src.augment is not None:  # each image of the batch once, drawn per (epoch, rank, batch, key)
+            plan = src.plan
+            samples = {g: src.augment(s, src.augment.rng(s.key, plan.epoch, plan.rank, i))
+                       for g, s in samples.items()}
         items = []
         for slot, g in zip(slots.tolist(), images.tolist()):
             s = samples.get(g)
@@ -374,14 +379,16 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
                     segments: Sequence[Segment] = (), on_error: OnError = "raise",
                     drop_last: bool = False, caps_per_image: int | None = None, max_words: int = 0,
                     pad_id: int | None = None, pin_memory: bool = False,
-                    retry: storage.RetryPolicy | None = None, cache_dir: str = "") -> CaptionLoader:
+                    retry: storage.RetryPolicy | None = None, cache_dir: str = "",
+                    augment: Any = None) -> CaptionLoader:
     """Caption-level training batches of one epoch for this rank (see the module doc).
 
     ``encode``: a :class:`dataio.text.Vocab` / ``HFTokenizer`` (anything with ``encode(tokens, raw)``
     and ``pad_id``) or a function ``(tokens, raw) -> ids``. ``segments``: the epoch's runs so far,
     ``[(world, captions consumed per rank), ...]``, to resume after (any world size).
     ``cache_dir``: keep local copies of ``s3://`` shards there (one request per shard instead of
-    one per image).
+    one per image). ``augment``: a `dataio.augment.PixelAugment` applied to every image in the
+    workers (shards of stored pixels only).
     """
     check_on_error(on_error)
     rank, world = default_rank_world(rank, world)
@@ -395,7 +402,7 @@ def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, e
         log.info("reading s3:// shards by range, one request per image; data.cache_dir keeps a local "
                  "copy of each shard instead (measured: ~6x the images/s on a local S3 server)")
     src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words,
-                  retry or storage.DEFAULT_RETRY, cache_dir)
+                  retry or storage.DEFAULT_RETRY, cache_dir, augment)
     return CaptionLoader(src, max(num_workers, 0), pin_memory)
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dataio.text import local_model_dir
 from scan.config import GRUImpl, ModelConfig
+from scan.features.backbone_top import build_top
 from scan.gru import gru as fused_gru
 from scan.pooling import build_pool, length_mask  # noqa: F401  (length_mask: part of this API)
 from scan.saliency_scorer import SaliencyGuidance
@@ -247,7 +248,10 @@ class SCANModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pooled = cfg.kind == "vse"
-        self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.no_imgnorm or self.pooled,
+        # model.image.finetune_blocks: the backbone's top over the shards' cut activations
+        self.backbone_top = build_top(cfg.image)
+        img_dim = cfg.img_dim if self.backbone_top is None else self.backbone_top.out_dim
+        self.img_enc = ImageEncoder(img_dim, cfg.embed_size, cfg.no_imgnorm or self.pooled,
                                     cfg.img_encoder)
         if cfg.text_encoder == "gru":
             self.txt_enc: nn.Module = GRUTextEncoder(
@@ -284,10 +288,20 @@ class SCANModel(nn.Module):
         """The valid lengths of the encoders' outputs for inputs of ``lens`` (B,): 1 when pooled."""
         return torch.ones_like(lens) if self.pooled else lens
 
+    def image_output_lens(self, lens: torch.Tensor) -> torch.Tensor:
+        """`output_lens` of the image side: with a backbone top, its final cells per image."""
+        if self.backbone_top is not None:
+            lens = torch.full_like(lens, self.backbone_top.cells)
+        return self.output_lens(lens)
+
     def encode_images(self, regions: torch.Tensor, img_lens: torch.Tensor | None = None,
                       saliency: torch.Tensor | None = None) -> torch.Tensor:
         """(B, k, img_dim) → (B, k, embed_size), or (B, 1, embed_size) pooled, or with scan_sal
-        and its saliency (B, k): (B, k, 3 · embed_size + 1); regions beyond ``img_lens`` are zero."""
+        and its saliency (B, k): (B, k, 3 · embed_size + 1); regions beyond ``img_lens`` are zero.
+        With a backbone top, ``regions`` are cut activations and k becomes its final cells."""
+        if self.backbone_top is not None:
+            regions = self.backbone_top(regions)
+            img_lens = None if img_lens is None else torch.full_like(img_lens, self.backbone_top.cells)
         out = self.img_enc(regions, img_lens)
         if self.guidance is not None:
             if saliency is None:
@@ -354,6 +368,7 @@ def build_trained(cfg: ModelConfig, vocab_size: int, trainable: dict[str, torch.
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in trainable.items()},
                                                 strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen |= {n for n, _ in model.named_buffers()}  # a backbone top's frozen BatchNorm statistics
     if unexpected or not set(missing) <= frozen:
         raise ValueError(f"trained weights do not fit the model of this config: missing "
                          f"{sorted(set(missing) - frozen)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -22,6 +22,7 @@ from trainer import checkpoint
 from scan.config import ExperimentConfig
 from trainer.distributed import init_process_group, read_env
 from scan.eval.encode import encode_split
+from scan.features.backbone_top import check_split_cut
 from scan.model import SCANModel, build_model, build_trained
 from scan.scorers import scorer_for
 from tools.retrieve import Gallery, build_gallery
@@ -80,8 +81,17 @@ def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.devic
     return TrainedRun(cfg, model, text, path)
 
 
-def find_record(spec: str, key: str | None = None) -> ImageSample:
-    """The image ``key`` of a split (the first image when ``key`` is None)."""
+def check_shards_for(run: TrainedRun, spec: str, key: str = "--shards") -> None:
+    """Refuse, naming both, a split whose shards hold another cut (or backbone) than the one
+    ``run``'s model was trained on (``model.image.finetune_blocks``; 0: final features)."""
+    check_split_cut(spec, run.cfg.model.image, key)
+
+
+def find_record(spec: str, key: str | None = None, run: TrainedRun | None = None) -> ImageSample:
+    """The image ``key`` of a split (the first image when ``key`` is None), checked against
+    ``run``'s model when given (`check_shards_for`)."""
+    if run is not None:
+        check_shards_for(run, spec)
     for record in image_records(spec):
         if key is None or record.key == key:
             return record
@@ -104,6 +114,7 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
     eval_cfg = None
     for run_dir in run_dirs:
         run = load_run(run_dir, tag, env.device)
+        check_shards_for(run, spec)
         cfg = configfile.from_dict(ExperimentConfig, _overridden(run.cfg, overrides))
         eval_cfg = eval_cfg or cfg.eval
         emb = encode_split(run.model, spec, encode_text=run.text.encode,
@@ -117,6 +128,8 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
 def gallery_for_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest") -> Gallery:
     """A retrieval gallery of the split ``spec`` scored by one run or an ensemble of runs."""
     runs = [load_run(run_dir, tag) for run_dir in run_dirs]
+    for run in runs:
+        check_shards_for(run, spec)
     first = runs[0]
     return build_gallery([(r.model, scorer_for(r.cfg)) for r in runs], image_records(spec),
                          encode_text=first.text.encode, caps_per_image=first.cfg.eval.caps_per_image,

@@ -126,13 +126,20 @@ def _nvidia_apex_fused_adam() -> type | None:
 def param_groups(cfg: ExperimentConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
     """The trainable parameters in optimizer groups: a transformers text encoder's own layers at
     ``optim.lr × optim.text_lr_scale`` (fine-tuning pretrained weights at a lower rate), the rest
-    at ``optim.lr``. Empty groups are left out."""
-    text, rest = [], []
+    at ``optim.lr``; the image backbone's top (``model.image.finetune_blocks``) at ``optim.lr ×
+    model.image.lr_scale``, held at 0 for its first ``model.image.frozen_epochs``. Empty groups are
+    left out."""
+    text, image, rest = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (text if name.startswith(("txt_enc.top.", "txt_enc.backbone.")) else rest).append(p)
+            if name.startswith("backbone_top."):
+                image.append(p)
+            else:
+                (text if name.startswith(("txt_enc.top.", "txt_enc.backbone.")) else rest).append(p)
+    img = cfg.model.image
     groups = [{"params": rest, "lr": cfg.optim.lr},
-              {"params": text, "lr": cfg.optim.lr * cfg.optim.text_lr_scale}]
+              {"params": text, "lr": cfg.optim.lr * cfg.optim.text_lr_scale},
+              {"params": image, "lr": cfg.optim.lr * img.lr_scale, "frozen_epochs": img.frozen_epochs}]
     return [g for g in groups if g["params"]]
 
 
@@ -189,9 +196,11 @@ class EpochStepLR(LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
+        """Each group's lr; 0 for a group still within its ``frozen_epochs`` (the image backbone's)."""
         f = lr_factor(self.last_epoch, self.epoch, lr_update=self.lr_update, lr_decay=self.lr_decay,
                       warmup_steps=self.warmup_steps)
-        return [base * f for base in self.base_lrs]
+        return [0.0 if self.epoch < group.get("frozen_epochs", 0) else base * f
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
 
     def set_epoch(self, epoch: int) -> None:
         """Applies ``epoch``'s decay to the next optimizer step at once."""

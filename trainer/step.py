@@ -49,7 +49,7 @@ def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentCo
     ds = engine.ds
     b = batch.to(device, dtype)
     img_emb, cap_emb = ds(b.regions, b.img_lens, b.tokens, b.cap_lens, b.saliency)  # saliency: scan_sal only
-    img_lens, cap_lens = ds.module.output_lens(b.img_lens), ds.module.output_lens(b.cap_lens)
+    img_lens, cap_lens = ds.module.image_output_lens(b.img_lens), ds.module.output_lens(b.cap_lens)
     img_emb, img_lens = drop_positions(img_emb, img_lens, cfg.model.region_dropout)
     cap_emb, cap_lens = drop_positions(cap_emb, cap_lens, cfg.model.word_dropout)
     loss, total = batch_loss(img_emb, img_lens, cap_emb, cap_lens, b.image_ids,

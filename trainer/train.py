@@ -41,6 +41,7 @@ from scan.collectives import barrier
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
 from scan.eval.sharded import encode_and_evaluate
+from scan.features.backbone_top import image_config_for_training, pixel_augment
 from scan.model import build_model, build_trained
 from scan.text_features import precompute
 from trainer import checkpoint, preflight
@@ -137,7 +138,7 @@ def epoch_batches(cfg: ExperimentConfig, enc: TextEncoder, env: DistEnv, epoch: 
                            resampled=d.resampled, segments=segments, on_error=d.on_error,
                            caps_per_image=d.caps_per_image, max_words=d.max_words,
                            retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s),
-                           cache_dir=d.cache_dir)
+                           cache_dir=d.cache_dir, augment=pixel_augment(cfg))
 
 
 def seed_everything(seed: int) -> None:
@@ -171,6 +172,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
     try:
         cfg = preflight.check_inputs(cfg)  # before any process group, model or data worker
+        cfg = image_config_for_training(cfg)  # the shards' cut and backbone (model.image)
         preflight.claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
         init_process_group(env)
         if env.is_main:

@@ -125,6 +125,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     device = torch.device(device)
     dtype = _DTYPES[precision]
     output_lens = getattr(model, "output_lens", lambda lens: lens)
+    image_lens = getattr(model, "image_output_lens", output_lens)  # a backbone top: its final cells
     was_training = model.training
     model.eval()
     images, img_lens, captions, cap_lens, keys = [], [], [], [], []
@@ -157,7 +158,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                      else model.encode_images(x, lens.to(device), sal))
                 w = model.encode_captions(pad_sequence(ids, batch_first=True).to(device),
                                           c_lens.to(device))
-            lens, c_lens = output_lens(lens), output_lens(c_lens)  # pooled models: 1 each
+            lens, c_lens = image_lens(lens), output_lens(c_lens)  # pooled models: 1 each
             images.extend(x[:l].to("cpu", dtype) for x, l in zip(v, lens.tolist()))
             captions.extend(x[:l].to("cpu", dtype) for x, l in zip(w, c_lens.tolist()))
             img_lens.append(lens)

@@ -7,8 +7,10 @@
 - any local directory holding a transformers vision model (``hf:/path`` or just the path): its
   patch tokens (prefix tokens such as CLS dropped) or its last feature map become the regions.
 
-Every backbone describes itself (`describe()`: name, weights digest, preprocessing, feature shape)
-for each sample's ``meta.json`` and the manifest.
+Every backbone describes itself (`describe()`: name, weights digest, preprocessing, feature shape,
+cut) for each sample's ``meta.json`` and the manifest. With a cut K (EfficientNet-Lite only,
+`scan.features.backbone_top`) the regions are the activations entering the last K blocks, the
+cells of that map, without boxes; ``cut="all"``: the preprocessed pixels, one region per pixel.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from scan.features.backbone_top import LiteBottom, check_cut
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class Preprocess:
 @dataclass
 class Regions:
     features: torch.Tensor  # (B, k, D) float32 on CPU; rows >= lengths[b] are padding
-    boxes: torch.Tensor  # (B, k, 4) float32, normalised x0, y0, x1, y1 of the original image
+    boxes: torch.Tensor | None  # (B, k, 4) float32, normalised x0, y0, x1, y1; None for cut activations
     lengths: torch.Tensor  # (B,) int64, regions per image (all k for grid backbones)
 
 
@@ -88,8 +92,9 @@ class Backbone:
 
     def __init__(self, name: str, net: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
                  preprocess: Preprocess, digest: str, device: torch.device, version: str = "",
-                 channels_last: bool = False):
+                 channels_last: bool = False, cut: int | str = 0):
         self.name = name
+        self.cut = cut  # 0: final features; K: activations before the last K blocks; "all": pixels
         self.net = net
         self.channels_last = channels_last  # inputs in NHWC, as the convolutions' weights are
         self.preprocess = preprocess
@@ -100,9 +105,9 @@ class Backbone:
         probe = self._forward(torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8))
         self.grid: tuple[int, int] = probe[1]
         self.feature_dim: int = probe[0].shape[-1]
-        self._boxes = grid_boxes(*self.grid)
-        log.info("backbone %s on %s: %d px -> %d x %d regions x %d", name, device, self.image_size,
-                 *self.grid, self.feature_dim)
+        self._boxes = grid_boxes(*self.grid) if cut == 0 else None
+        log.info("backbone %s on %s: %d px -> %d x %d regions x %d (cut %s)", name, device,
+                 self.image_size, *self.grid, self.feature_dim, cut)
 
     @property
     def image_size(self) -> int:
@@ -115,7 +120,8 @@ class Backbone:
     def describe(self) -> dict:
         """What went into every feature: for meta.json and the manifest."""
         return {"name": self.name, "version": self.version, "digest": self.digest,
-                "preprocess": asdict(self.preprocess), "feature_shape": [self.num_regions, self.feature_dim]}
+                "preprocess": asdict(self.preprocess), "feature_shape": [self.num_regions, self.feature_dim],
+                "cut": self.cut, "cut_shape": [*self.grid, self.feature_dim]}
 
     def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, S, S, 3) uint8 -> (B, k, D) float32 on CPU and the (rows, cols) grid."""
@@ -143,7 +149,8 @@ class Backbone:
                              f"{self.image_size}, 3) pixels, got {pixels.dtype} {tuple(pixels.shape)}")
         feats, grid = self._forward(pixels)
         b = feats.shape[0]
-        return Regions(features=feats, boxes=self._boxes.expand(b, -1, -1),
+        boxes = self._boxes.expand(b, -1, -1) if self.cut == 0 else None  # cut: the top's cells have them
+        return Regions(features=feats, boxes=boxes,
                        lengths=torch.full((b,), grid[0] * grid[1], dtype=torch.int64))
 
 
@@ -195,7 +202,7 @@ def _hf_weights(path: Path) -> list[Path]:
     return weights
 
 
-def _load_lite(name: str, image_size: int | None, device: torch.device) -> Backbone:
+def _load_lite(name: str, image_size: int | None, device: torch.device, cut: int | str = 0) -> Backbone:
     import efficientnet_lite_pytorch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -210,9 +217,10 @@ def _load_lite(name: str, image_size: int | None, device: torch.device) -> Backb
     model.eval().to(device, memory_format=torch.channels_last)
     # The TF Lite models were trained on (x - 127) / 128 of uint8 x, i.e. mean 127/255, std 128/255.
     pre = Preprocess(image_size=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
-    return Backbone(name, model.extract_features, pre, file_digest([weights]), device,
+    net = model.extract_features if cut == 0 else LiteBottom(model, cut)
+    return Backbone(name, net, pre, file_digest([weights]), device,
                     version=f"efficientnet-lite-pytorch {efficientnet_lite_pytorch.__version__}, "
-                            f"{LITE_MEMORY_FORMAT}", channels_last=True)
+                            f"{LITE_MEMORY_FORMAT}", channels_last=True, cut=cut)
 
 
 def _hf_preprocess(path: Path, config, image_size: int | None) -> Preprocess:
@@ -255,25 +263,30 @@ def _parse_spec(spec: str) -> tuple[str, Path | None]:
     raise ValueError(f"unknown backbone {spec!r}; expected one of {sorted(_LITE)} or hf:<local model dir>")
 
 
-def identify(spec: str, image_size: int | None = None) -> dict:
-    """What determines a backbone's features, without loading it: the spec, the input size and
-    a digest over its weights (and, for transformers, its config and preprocessing files)."""
+def identify(spec: str, image_size: int | None = None, cut: int | str = 0) -> dict:
+    """What determines a backbone's features, without loading it: the spec, the input size, the
+    cut (only when not 0: earlier identities stay as they were) and a digest over its weights (and,
+    for transformers, its config and preprocessing files)."""
     kind, path = _parse_spec(spec)
+    check_cut(spec, cut)
     if kind == "lite":
         # the layout moves the features' last bits, so shards of the other layout are not reused
-        return {"backbone": spec, "image_size": image_size,
-                "files_digest": file_digest([_lite_weights(spec)]), "memory_format": LITE_MEMORY_FORMAT}
+        out = {"backbone": spec, "image_size": image_size,
+               "files_digest": file_digest([_lite_weights(spec)]), "memory_format": LITE_MEMORY_FORMAT}
+        return {**out, "cut": cut} if cut != 0 else out
     files = _hf_weights(path) + [p for p in (path / "config.json", path / "preprocessor_config.json")
                                  if p.exists()]
     return {"backbone": spec, "image_size": image_size, "files_digest": file_digest(files)}
 
 
 def load_backbone(spec: str, *, image_size: int | None = None,
-                  device: str | torch.device | None = None) -> Backbone:
+                  device: str | torch.device | None = None, cut: int | str = 0) -> Backbone:
     """``efficientnet-lite0``, ``efficientnet-lite2``, or ``hf:PATH`` / ``PATH`` of a local
-    transformers vision model. `image_size` overrides the native input size (EfficientNet only)."""
+    transformers vision model. `image_size` overrides the native input size (EfficientNet only);
+    `cut` (EfficientNet only): the activations before the last `cut` blocks, or "all": the pixels."""
     dev = _device(device)
     kind, path = _parse_spec(spec)
+    check_cut(spec, cut)
     if kind == "lite":
-        return _load_lite(spec, image_size, dev)
+        return _load_lite(spec, image_size, dev, cut)
     return _load_hf(path, image_size, dev)

@@ -79,9 +79,12 @@ class ProposalRegions:
 
 def load_regions(spec: str, *, image_size: int | None = None, regions: str = "grid",
                  proposals: ProposalConfig | None = None,
-                 device: str | torch.device | None = None) -> Backbone | ProposalRegions:
-    """The extractor of one region mode: the backbone itself for ``grid``, else `ProposalRegions`."""
-    grid = load_backbone(spec, image_size=image_size, device=device)
+                 device: str | torch.device | None = None, cut: int | str = 0) -> Backbone | ProposalRegions:
+    """The extractor of one region mode: the backbone itself for ``grid`` (with its ``cut``), else
+    `ProposalRegions`."""
+    if cut != 0 and regions != "grid":
+        raise ValueError(f"regions {regions!r} need the final features; cut={cut!r} is for the grid only")
+    grid = load_backbone(spec, image_size=image_size, device=device, cut=cut)
     if regions == "grid":
         return grid
     cfg = proposals or ProposalConfig()
