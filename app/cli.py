@@ -105,7 +105,7 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from scan.scorers import scorer_for
+    from scan.builders import scorer_for
     from tools.explain import explain_pair
     from tools.inference import find_record, load_run
 
@@ -240,7 +240,7 @@ def _members(args: argparse.Namespace, device: object = "cpu") -> tuple[list, li
     from scan.config import load_experiment
     from scan.eval.encode import load_embeddings
     from scan.eval.tiles import Member
-    from scan.scorers import scorer_for
+    from scan.builders import scorer_for
 
     if len(args.config) != len(args.embeddings):
         raise ValueError(f"{len(args.config)} --config but {len(args.embeddings)} --embeddings: give "

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dataio import storage
+from scan.builders import scorer_for
 from scan.config import ExperimentConfig
-from scan.scorers import scorer_for
 
 # Published Flickr8K rows (official TEST split, the features each paper used), from
 # ../shared/data/flickr8k/README.md: i2t R@1/5/10, t2i R@1/5/10, rsum.

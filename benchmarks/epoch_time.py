@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataio.pipeline import image_records  # noqa: E402
+from scan.builders import loss_for  # noqa: E402
 from scan.config import load_experiment  # noqa: E402
 from scan.eval.encode import encode_records  # noqa: E402
 from scan.model import HFTextEncoder, build_model  # noqa: E402
@@ -63,10 +64,11 @@ def time_steps(cfg, model, enc, env, steps: int) -> tuple[float, int]:
     engine = build_engine(cfg, model, env)
     dtype = next(engine.ds.module.parameters()).dtype
     batches = epoch_batches(cfg, enc, env, 0)
+    loss_fn = loss_for(cfg)
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        train_step(engine, batch, cfg, env.device, dtype, epoch=1)
+        train_step(engine, batch, loss_fn, env.device, dtype, epoch=1)
         times.append(time.perf_counter() - t0)
         if i + 1 >= steps + 5:
             break

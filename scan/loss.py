@@ -11,17 +11,35 @@ As the reference's ContrastiveLoss (kuanghuei/SCAN), mined over the global micro
   recomputed in backward;
 * :func:`batch_loss`: what a training step back-propagates; it gathers every rank's region and word
   embeddings itself (as open_clip's ``ClipLoss`` gathers its features), so a caller passes only
-  its local batch.
+  its local batch;
+* :class:`TrainingLoss`: the loss a training run builds once from plain values (its scorer, margin,
+  partition, negatives schedule and region / word dropout; ``scan.config.loss_for`` fills it from
+  an experiment, as open_clip's ``create_loss``) and its step calls on each micro-batch.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 import torch
 
 from scan.collectives import all_gather_ints, all_reduce_sum, gather_padded, group_world, is_distributed
-from scan.config import LossConfig
+from scan.pooling import drop_positions
 from scan.xattn import XAttnConfig
 from scan.ring import ring_row_scores
 from scan.scorers import Scorer, as_scorer
+
+
+class LossSettings(Protocol):
+    """What :func:`batch_loss` reads of its settings: a :class:`TrainingLoss`, or the experiment's
+    ``loss`` section (``scan.config.LossConfig``), which has the same keys."""
+    margin: float
+    max_violation: bool
+    mask_same_image: bool
+    cross_device: bool
+    partition: str
+    caption_chunk: int
+    length_groups: int
 
 
 def directional_hinge(scores: torch.Tensor, positive_col: torch.Tensor, margin: float,
@@ -109,7 +127,7 @@ def pair_scores(images: torch.Tensor, img_lens: torch.Tensor, captions: torch.Te
 
 
 def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
-               cap_lens: torch.Tensor, image_ids: torch.Tensor, loss_cfg: LossConfig,
+               cap_lens: torch.Tensor, image_ids: torch.Tensor, loss_cfg: LossSettings,
                scorer: Scorer | XAttnConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's loss to back-propagate, and the loss summed over all ranks (detached, for logs).
 
@@ -141,7 +159,7 @@ def batch_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Ten
 
 
 def _rows_and_columns_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
-                           cap_lens: torch.Tensor, ids: torch.Tensor | None, loss_cfg: LossConfig,
+                           cap_lens: torch.Tensor, ids: torch.Tensor | None, loss_cfg: LossSettings,
                            scorer: Scorer) -> torch.Tensor:
     """Local images × all captions (B, G) and all images × local captions (G, B): each direction's
     hardest negative comes from a block this rank scored itself."""
@@ -165,7 +183,7 @@ def _rows_and_columns_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_em
 
 def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
                           cap_lens: torch.Tensor, image_ids: torch.Tensor, mask_same_image: bool,
-                          loss_cfg: LossConfig, scorer: Scorer) -> torch.Tensor:
+                          loss_cfg: LossSettings, scorer: Scorer) -> torch.Tensor:
     """This rank's rows of the global score matrix, S_r (B, G) = local images × all captions, and its
     share of both hinges (docs/DESIGN.md §3.3):
 
@@ -208,3 +226,37 @@ def _row_partitioned_loss(img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb
     return rows + best[winner == rank].sum()
 
 
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """The training loss, built once per run from plain values and called by every micro-batch's
+    step: ``loss(img_emb, img_lens, cap_emb, cap_lens, image_ids, epoch) -> (loss, summed)``.
+
+    A call drops regions and words (``region_dropout`` / ``word_dropout``, training only), then
+    returns :func:`batch_loss` with the epoch's negatives: all of them (the hinge summed) during the
+    first ``warmup_epochs``, then the hardest when ``max_violation``. The gathers across ranks happen
+    inside, so a step passes only its local batch.
+    """
+    scorer: Scorer
+    margin: float = 0.2
+    max_violation: bool = True
+    warmup_epochs: int = 0  # epochs at the start that sum the hinge over all negatives
+    mask_same_image: bool = True
+    cross_device: bool = True
+    partition: Literal["rows", "ring", "rows_and_columns"] = "rows"
+    caption_chunk: int = 0
+    length_groups: int = 1
+    region_dropout: float = 0.0
+    word_dropout: float = 0.0
+
+    def at_epoch(self, epoch: int) -> "TrainingLoss":
+        """The loss of ``epoch``: all negatives during the warm-up epochs, then as built."""
+        return replace(self, max_violation=False) if epoch < self.warmup_epochs else self
+
+    def __call__(self, img_emb: torch.Tensor, img_lens: torch.Tensor, cap_emb: torch.Tensor,
+                 cap_lens: torch.Tensor, image_ids: torch.Tensor,
+                 epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        img_emb, img_lens = drop_positions(img_emb, img_lens, self.region_dropout)
+        cap_emb, cap_lens = drop_positions(cap_emb, cap_lens, self.word_dropout)
+        return batch_loss(img_emb, img_lens, cap_emb, cap_lens, image_ids, self.at_epoch(epoch), self.scorer)

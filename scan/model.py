@@ -334,25 +334,6 @@ class SCANModel(nn.Module):
         return (pooled if self.cfg.no_txtnorm else l2norm(pooled, dim=-1))[:, None]
 
 
-def drop_positions(x: torch.Tensor, lens: torch.Tensor, p: float,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region / word dropout: each valid position of (B, n, d) leaves with probability ``p`` (one
-    stays at least); the kept ones move to the front in order, the rest is zero padding as every
-    encoder output. Returns the new (B, n, d) and lengths (B,)."""
-    if p <= 0:
-        return x, lens
-    batch, n = x.shape[:2]
-    valid = length_mask(lens, n)
-    keep = valid & (torch.rand(batch, n, generator=generator, device=x.device) >= p)
-    first = torch.arange(batch, device=x.device)
-    keep[first, 0] |= ~keep.any(1)  # nothing kept: the first position stays
-    # Stable sort puts the kept positions first in their order: (B, n) gather indices.
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    new_lens = keep.sum(1).to(lens.dtype)
-    out = torch.gather(x, 1, order[..., None].expand_as(x))
-    return out * length_mask(new_lens, n)[..., None].to(x.dtype), new_lens
-
-
 def build_model(cfg: ModelConfig, vocab_size: int, embeddings: torch.Tensor | None = None) -> SCANModel:
     model = SCANModel(cfg, vocab_size, embeddings)
     log.info("%s model: %s text encoder, %.2fM parameters (%.2fM trainable)", cfg.kind, cfg.text_encoder,

@@ -21,6 +21,25 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
 
 
+def drop_positions(x: Tensor, lens: Tensor, p: float,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Region / word dropout: each valid position of (B, n, d) leaves with probability ``p`` (one
+    stays at least); the kept ones move to the front in order, the rest is zero padding as every
+    encoder output. Returns the new (B, n, d) and lengths (B,)."""
+    if p <= 0:
+        return x, lens
+    batch, n = x.shape[:2]
+    valid = length_mask(lens, n)
+    keep = valid & (torch.rand(batch, n, generator=generator, device=x.device) >= p)
+    first = torch.arange(batch, device=x.device)
+    keep[first, 0] |= ~keep.any(1)  # nothing kept: the first position stays
+    # Stable sort puts the kept positions first in their order: (B, n) gather indices.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    new_lens = keep.sum(1).to(lens.dtype)
+    out = torch.gather(x, 1, order[..., None].expand_as(x))
+    return out * length_mask(new_lens, n)[..., None].to(x.dtype), new_lens
+
+
 def masked_mean(x: Tensor, lens: Tensor | None) -> Tensor:
     """(B, L, d), (B,) → (B, d): the mean over the valid positions (all L when ``lens`` is None)."""
     if lens is None:

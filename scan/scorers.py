@@ -22,7 +22,7 @@ them). Scores are float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -31,9 +31,6 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from scan.pooling import length_mask, masked_mean
 from scan.saliency_scorer import SaliencyScorer
 from scan.xattn import XAttnConfig, xattn_scores
-
-if TYPE_CHECKING:
-    from scan.config import ExperimentConfig
 
 ModelKind = Literal["scan", "vse", "dvsa", "scan_sal"]
 
@@ -209,8 +206,3 @@ def build_scorer(kind: str, xattn: XAttnConfig) -> Scorer:
 def as_scorer(scorer: "Scorer | XAttnConfig") -> Scorer:
     """A scorer; an ``XAttnConfig`` alone means SCAN's cross attention with it."""
     return CrossAttentionScorer(scorer) if isinstance(scorer, XAttnConfig) else scorer
-
-
-def scorer_for(cfg: "ExperimentConfig") -> Scorer:
-    """The scorer of an experiment config (``model.kind`` and ``xattn``)."""
-    return build_scorer(cfg.model.kind, cfg.xattn)

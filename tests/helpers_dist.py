@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from deepspeed.utils import safe_get_full_grad
 
+from scan.builders import loss_for, scorer_for
 from scan.config import ExperimentConfig
 from trainer.distributed import free_loopback_port, init_process_group, read_env
 from trainer.engine import build_engine
@@ -32,7 +33,6 @@ from scan.loss import hardest_negative_loss
 from scan.model import build_model
 from scan.loss import batch_loss
 from trainer.train import seed_everything
-from scan.scorers import scorer_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
@@ -244,7 +244,8 @@ def rel_err(got: dict, want: dict) -> float:
 
 def _bypassing_forward_backward(engine, b, cfg, device, dtype) -> None:
     """The loop as it was before issue 10: encoders called on ``ds.module``, not through the
-    engine's forward (a negative control: its bf16 accumulation must fail the check)."""
+    engine's forward (a negative control: its bf16 accumulation must fail the check). ``cfg``:
+    the experiment (the real step takes the loss built from it)."""
     ds = engine.ds
     img = ds.module.encode_images(b.regions.to(dtype), b.img_lens)
     cap = ds.module.encode_captions(b.tokens, b.cap_lens)
@@ -276,7 +277,7 @@ def accum(out: Path, precisions: list[str]) -> None:
             weights = fp32_trainable_state(ds)
             steps = ds.global_steps
             for i, b in enumerate(batches):  # as the training loop: backward, then step
-                step_fn(engine, b, cfg, env.device, dtype)
+                step_fn(engine, b, cfg if bypass else loss_for(cfg), env.device, dtype)
                 if i < gas - 1:
                     ds.step()  # inside the window: DeepSpeed only counts the micro-batch
             got = {n: safe_get_full_grad(p).detach().float().cpu().clone()
@@ -331,7 +332,7 @@ def paper(out: Path) -> None:
                      rows["image_ids"], [str(int(i)) for i in rows["image_ids"]])
     seed_everything(0)
     engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
-    loss = forward_backward_step(engine, b, cfg, env.device, torch.float32)
+    loss = forward_backward_step(engine, b, loss_for(cfg), env.device, torch.float32)
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.ds.module.named_parameters()}
     torch.save({"loss": loss, "per_rank": per_rank, "stage": engine.ds_config["zero_optimization"]["stage"],
                 "grads": grads}, out / f"paper_world{env.world}_rank{env.rank}.pt")

@@ -1,11 +1,12 @@
-"""Region and word dropout (``scan.model.drop_positions``) and the text encoder's lower lr group."""
+"""Region and word dropout (``scan.pooling.drop_positions``, applied by ``scan.loss.TrainingLoss``)
+and the text encoder's lower lr group."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from scan.config import ConfigError, load_experiment
-from scan.model import drop_positions, length_mask
+from scan.pooling import drop_positions, length_mask
 from trainer.engine import param_groups
 
 

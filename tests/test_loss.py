@@ -157,7 +157,7 @@ def test_length_groups_give_the_same_loss_and_gradients(kind, direction, caption
     (float64; shuffled lengths 1..9, garbage in the padding), on the CPU and on CUDA."""
     from scan.config import ExperimentConfig
     from scan.loss import batch_loss
-    from scan.scorers import scorer_for
+    from scan.builders import scorer_for
 
     g = torch.Generator().manual_seed(3)
     cfg = ExperimentConfig()

@@ -20,12 +20,13 @@ from dataio.shards import manifest_url
 from dataio.sources.synthetic import synthetic_samples
 from helpers_dist import run_train
 from helpers_ray import local_ray as start_local_ray
+from scan.builders import scorer_for
 from scan.config import load_experiment
 from scan.configfile import ConfigError
 from scan.loss import batch_loss
 from scan.model import build_model
 from scan.saliency_scorer import SAL_EPS, SaliencyGuidance, SaliencyScorer
-from scan.scorers import build_scorer, scorer_for
+from scan.scorers import build_scorer
 from scan.xattn import XAttnConfig
 
 

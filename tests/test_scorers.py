@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scan.builders import scorer_for
 from scan.config import load_experiment
 from scan.loss import batch_loss
 from scan.model import build_model
 from scan.pooling import GPO, MeanPool
-from scan.scorers import DVSAScorer, GlobalScorer, build_scorer, scorer_for
+from scan.scorers import DVSAScorer, GlobalScorer, build_scorer
 from scan.xattn import XAttnConfig
 
 

@@ -19,12 +19,12 @@ from dataio.shards import ImageSample
 from dataio.text import TextEncoder, Vocab, load_hf_tokenizer
 from scan import configfile
 from trainer import checkpoint
+from scan.builders import scorer_for
 from scan.config import ExperimentConfig
 from trainer.distributed import init_process_group, read_env
 from scan.eval.encode import encode_split
 from scan.features.backbone_top import check_split_cut
 from scan.model import SCANModel, build_model, build_trained
-from scan.scorers import scorer_for
 from tools.retrieve import Gallery, build_gallery
 from scan.eval.sharded import evaluate_and_write
 from scan.eval.tiles import EvalResult, Member

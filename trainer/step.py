@@ -1,5 +1,5 @@
 """One optimizer step: :func:`forward_backward_step` per micro-batch (forward through the engine,
-the loss of ``scan.loss``, backward), and :func:`train_step`, which adds the engine's step at the
+the run's ``scan.loss.TrainingLoss``, backward), and :func:`train_step`, which adds the engine's step at the
 end of an accumulation window."""
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from typing import Any
 import torch
 
 from dataio.pipeline import CaptionBatch
-from scan.config import ExperimentConfig
-from scan.loss import batch_loss
-from scan.model import drop_positions
-from scan.scorers import scorer_for
+from scan.loss import TrainingLoss
 from trainer.engine import Engine
 
 
@@ -40,20 +37,16 @@ class StepResult:
     lr: float  # the lr this micro-batch's step applies
 
 
-def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig,
+def forward_backward_step(engine: Engine, batch: CaptionBatch, loss_fn: TrainingLoss,
                           device: torch.device, dtype: torch.dtype, epoch: int = 0) -> float:
-    """Forward through the engine, region / word dropout (``model.region_dropout`` /
-    ``word_dropout``), the cross-device hardest-negative loss (all negatives during
-    ``loss.warmup_epochs``), backward (gradients accumulate in the engine); returns the loss
-    summed over ranks."""
+    """Forward through the engine, the run's loss (region / word dropout, then the cross-device
+    hinge with ``epoch``'s negatives), backward (gradients accumulate in the engine); returns the
+    loss summed over ranks."""
     ds = engine.ds
     b = batch.to(device, dtype)
     img_emb, cap_emb = ds(b.regions, b.img_lens, b.tokens, b.cap_lens, b.saliency)  # saliency: scan_sal only
     img_lens, cap_lens = ds.module.image_output_lens(b.img_lens), ds.module.output_lens(b.cap_lens)
-    img_emb, img_lens = drop_positions(img_emb, img_lens, cfg.model.region_dropout)
-    cap_emb, cap_lens = drop_positions(cap_emb, cap_lens, cfg.model.word_dropout)
-    loss, total = batch_loss(img_emb, img_lens, cap_emb, cap_lens, b.image_ids,
-                             cfg.loss.at_epoch(epoch), scorer_for(cfg))
+    loss, total = loss_fn(img_emb, img_lens, cap_emb, cap_lens, b.image_ids, epoch)
     total_f = float(total)
     if not math.isfinite(total_f):  # the all-reduced value: every rank stops together
         raise NonFiniteLoss(total_f, batch.keys)
@@ -61,12 +54,12 @@ def forward_backward_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentCo
     return total_f
 
 
-def train_step(engine: Engine, batch: CaptionBatch, cfg: ExperimentConfig, device: torch.device,
+def train_step(engine: Engine, batch: CaptionBatch, loss_fn: TrainingLoss, device: torch.device,
                dtype: torch.dtype, epoch: int = 0) -> StepResult:
     """One micro-batch: :func:`forward_backward_step`, then the optimizer step at the end of an
     accumulation window (DeepSpeed counts the micro-batches)."""
     ds = engine.ds
-    total_f = forward_backward_step(engine, batch, cfg, device, dtype, epoch)
+    total_f = forward_backward_step(engine, batch, loss_fn, device, dtype, epoch)
     grad_norm = _grad_norm(engine) if ds.is_gradient_accumulation_boundary() else None
     before, lr = ds.global_steps, float(ds.get_lr()[0])
     ds.step()

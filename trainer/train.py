@@ -4,7 +4,8 @@ Run as ``scan train --config X.yaml [key=value ...] [--resume latest]`` in one p
 ``deepspeed [--num_gpus N | --hostfile H ...] --module app.cli train ...`` or ``torchrun -m
 app.cli train ...`` (the command adds the Prometheus exporter); the library entry is :func:`train`.
 
-Negatives: the loss is ``scan.loss.batch_loss`` (docs/DESIGN.md §3), which gathers the ranks'
+Negatives: the loss is a ``scan.loss.TrainingLoss`` built once from the config
+(``scan.builders.loss_for``); its ``batch_loss`` (docs/DESIGN.md §3) gathers the ranks'
 embeddings itself and mines the hardest negatives over the global micro-batch. Under gradient
 accumulation mining stays within each global micro-batch (never across accumulated micro-batches).
 
@@ -38,10 +39,12 @@ from dataio.pipeline import (CaptionBatch, CaptionLoader, caption_batches, encod
                              iter_tokens)
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer, local_model_dir
 from scan.collectives import barrier
+from scan.builders import loss_for
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
 from scan.eval.sharded import encode_and_evaluate
 from scan.features.backbone_top import image_config_for_training, pixel_augment
+from scan.loss import TrainingLoss
 from scan.model import build_model, build_trained
 from scan.text_features import precompute
 from trainer import checkpoint, preflight
@@ -199,7 +202,8 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
             saved_itos = state["scan_vocab"]["itos"]
             if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
                 raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
-        run = _Run(cfg, env, engine, enc, vocab_size, telemetry, ckpt_dir, vocab_path, data)
+        loss_fn = loss_for(cfg)  # the run's loss, built once: scorer, margin, negatives, dropout
+        run = _Run(cfg, env, engine, enc, vocab_size, telemetry, ckpt_dir, vocab_path, data, loss_fn)
         pos = run.loop(pos)
     finally:
         telemetry.close()
@@ -235,6 +239,7 @@ class _Run:
     ckpt_dir: Path
     vocab_path: str
     data: dict[str, Any]
+    loss_fn: TrainingLoss  # what every micro-batch's step calls
 
     def save(self, pos: Position) -> None:
         checkpoint.save(self.engine.ds, self.ckpt_dir, pos.step,
@@ -252,7 +257,7 @@ class _Run:
             batches = epoch_batches(cfg, self.enc, self.env, pos.epoch, pos.epoch_segments())
             for batch in _progress(window.timed(batches), len(batches), pos.epoch, self.env.is_main):
                 try:
-                    result = train_step(self.engine, batch, cfg, self.env.device, dtype, pos.epoch)
+                    result = train_step(self.engine, batch, self.loss_fn, self.env.device, dtype, pos.epoch)
                 except NonFiniteLoss as err:
                     raise FloatingPointError(
                         f"non-finite training loss {err.loss} at epoch {pos.epoch}, step {pos.step + 1} "

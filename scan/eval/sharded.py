@@ -24,11 +24,11 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from scan.builders import scorer_for
 from scan.collectives import all_gather_objects, barrier, group_world, is_distributed
 from scan.config import EvalConfig, ExperimentConfig
 from scan.eval.encode import EncodeText, encode_split
 from scan.eval.store import TileStore, write_outputs
-from scan.scorers import scorer_for
 from scan.eval.tiles import (COCO_FOLD, EvalResult, Member, Partial, TilePlan, count_tile, finish,
                              fingerprint, plan_members, precision_of, score_tile)
 
