@@ -17,6 +17,7 @@ Distributed launch: ``deepspeed --num_gpus N --module app.cli train --config X.y
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,30 @@ OVERRIDES_HELP = "key=value config overrides applied after the YAML, e.g. optim.
 
 def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+# Set by Ray's job supervisor for the entrypoint of `ray job submit`, whose working directory is
+# Ray's temporary copy of --working-dir (or the supervisor's own folder), not the submitter's.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_path(key: str, value: str) -> str:
+    """An output path every process of a job agrees on: ``s3://`` and absolute paths as given, a
+    relative local path made absolute here; refused (ConfigError naming ``key``) inside a submitted
+    Ray job, where it would land in Ray's temporary working-directory copy, deleted with the job."""
+    from dataio import storage
+    from scan.configfile import ConfigError
+
+    if not value or storage.is_s3(value) or os.path.isabs(value):
+        return value
+    if os.environ.get(RAY_JOB_ENV):
+        named = key if key.startswith("--") else f"config key '{key}'"
+        raise ConfigError(f"{named}: {value!r} is a relative path, and this command runs as a Ray job "
+                          f"in {os.getcwd()}, Ray's temporary copy of the job's working directory "
+                          f"(deleted with the job): give an absolute path or s3:// URL instead")
+    return os.path.abspath(value)
+
+
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -53,6 +78,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from trainer.train import train
 
     cfg = load_experiment(args.config, args.overrides)
+    job_path("train.output_dir", cfg.train.output_dir)  # refused inside a Ray job when relative
     if cfg.model.kind == "scan_sal":  # before any process group or worker: name the data set
         from dataio.pipeline import require_saliency
         for key in ("data.train_shards", "data.val_shards"):
@@ -86,7 +112,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from tools.inference import evaluate_runs
 
     result = evaluate_runs(args.run_dir, args.shards, tag=args.tag, overrides=args.overrides,
-                           out_dir=args.out, local_rank=args.local_rank)
+                           out_dir=job_path("--out", args.out), local_rank=args.local_rank)
     if int(os.environ.get("RANK", "0")) == 0:  # every rank has the result; one prints it
         print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics},
                          indent=1))
@@ -203,6 +229,8 @@ def _run_extract(args: argparse.Namespace) -> int:
     from dataio import storage
 
     cfg = load_extraction(args.config, args.overrides)  # validated by the loader
+    cfg = dataclasses.replace(cfg, dest=job_path("dest", cfg.dest),
+                              summary_json=job_path("summary_json", cfg.summary_json))
     summary = run_job(source_items(cfg.source), cfg)  # checks the backbone before starting Ray
     _print_extract_summary(summary)
     if cfg.summary_json:
@@ -285,8 +313,9 @@ def _add_evaluate_ray(p: argparse.ArgumentParser) -> None:
 def _run_evaluate_ray(args: argparse.Namespace) -> int:
     from cluster.eval_job import evaluate_on_ray
 
+    out = job_path("--out", args.out)  # before loading anything: the actors write there too
     cfgs, members = _members(args)
-    result, actors = evaluate_on_ray(members, cfgs[0].eval, out_dir=args.out, actors=args.actors,
+    result, actors = evaluate_on_ray(members, cfgs[0].eval, out_dir=out, actors=args.actors,
                                      num_cpus=args.num_cpus, address=args.address)
     print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
                       "actors": actors, "tiles_computed": result.tiles_computed,

@@ -74,6 +74,23 @@ def test_evaluate_a_run_and_an_ensemble(trained):
     assert both["rsum"] == pytest.approx(one["rsum"])  # the mean of a model with itself is the model
 
 
+@pytest.mark.integration  # trains
+def test_evaluate_checks_its_output_and_protocol_before_encoding(trained, tmp_path):
+    """eval.save_sims without --out, and a protocol whose size the split does not have, are named
+    before any image is encoded (they were found after encoding, one after the other)."""
+    base = ["evaluate", "--run-dir", str(trained["run"]), "--shards", trained["val"]]
+    (tmp_path / "file").write_text("x")
+    for extra, words in ((["eval.save_sims=true"], ["config key 'eval.save_sims'", "--out"]),
+                         (["eval.topk=5", "--out", str(tmp_path / "file" / "eval")], ["--out", "not a folder"]),
+                         (["eval.protocol=f30k1k"], ["config key 'eval.protocol'", "'f30k1k'", "1,000",
+                                                     "20 images", trained["val"]])):
+        proc = scan(*base, *extra, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        for word in words:
+            assert word in proc.stderr, proc.stderr[-2000:]
+        assert "encoded" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.integration  # trains, or starts a local Ray
 def test_evaluate_over_two_ranks_equals_one_process(trained):
     """`scan evaluate` under torchrun: tiles spread over 2 gloo ranks give the same exact recalls."""
@@ -257,3 +274,19 @@ def test_extract_help_lists_the_config_keys_with_defaults():
                  "dest=", "images_per_shard=256", "batch_size=32", "max_retries=2", "use_gpu=true",
                  "summary_json=", "Exactly one source"):
         assert text in out, text
+
+def test_relative_output_paths_are_made_absolute_or_refused_inside_a_ray_job(tmp_path, monkeypatch):
+    from app.cli import RAY_JOB_ENV, job_path
+    from scan.configfile import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    assert job_path("dest", "shards/x") == str(tmp_path / "shards" / "x")
+    for given in ("/abs/x", "s3://bucket/x", ""):
+        assert job_path("dest", given) == given
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")  # as Ray's job supervisor sets it for the entrypoint
+    assert job_path("dest", "/abs/x") == "/abs/x"
+    with pytest.raises(ConfigError, match=r"config key 'dest': 'shards/x' is a relative path.*Ray job"):
+        job_path("dest", "shards/x")
+    with pytest.raises(ConfigError, match=r"^--out: 'o' is a relative path"):
+        job_path("--out", "o")

@@ -122,6 +122,21 @@ def test_ray_job_submit_runs_the_cli_unchanged(ray_head, tiny_vit, tmp_path):
         assert sorted(keys) == sorted(want)  # every image exactly once
 
 
+def test_ray_job_submit_refuses_a_relative_dest(ray_head, tmp_path):
+    """Inside the job, a relative dest would land in Ray's temporary copy of --working-dir (and the
+    job would report success): the job fails first, naming the key and why."""
+    dest = f"shards/rayjob-{tmp_path.name}"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,
+           "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv/", ".git/"]}),
+           "--", "python", "-m", "app.cli", "extract", "source.synthetic=2", f"dest={dest}",
+           "backbone=efficientnet-lite0", "progress=false"]
+    r = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "succeeded" not in out, out[-4000:]
+    assert f"config key 'dest': {dest!r} is a relative path" in out and "Ray job" in out, out[-4000:]
+    assert not (REPO / dest).exists()
+
+
 def test_killed_driver_rerun_recomputes_only_unfinished_units(ray_head, tmp_path):
     dest, summary = tmp_path / "out", tmp_path / "summary.json"
     cmd = [sys.executable, "-m", "app.cli", "extract", "source.synthetic=24", f"dest={dest}",

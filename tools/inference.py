@@ -14,20 +14,22 @@ from typing import Sequence
 
 import torch
 
-from dataio.pipeline import image_records
-from dataio.shards import ImageSample
+from dataio.pipeline import image_records, resolve_shards
+from dataio.shards import ImageSample, manifest_url
 from dataio.text import TextEncoder, Vocab, load_hf_tokenizer
 from scan import configfile
 from trainer import checkpoint
 from scan.builders import scorer_for
-from scan.config import ExperimentConfig
+from scan.config import EvalConfig, ExperimentConfig
+from scan.configfile import ConfigError
 from trainer.distributed import init_process_group, read_env
 from scan.eval.encode import encode_split
 from scan.features.backbone_top import check_split_cut
 from scan.model import SCANModel, build_model, build_trained
 from tools.retrieve import Gallery, build_gallery
 from scan.eval.sharded import evaluate_and_write
-from scan.eval.tiles import EvalResult, Member
+from scan.eval.tiles import EvalResult, Member, protocol_folds
+from trainer import preflight
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
         run = load_run(run_dir, tag, env.device)
         check_shards_for(run, spec)
         cfg = configfile.from_dict(ExperimentConfig, _overridden(run.cfg, overrides))
+        if eval_cfg is None:  # the first run's eval settings decide: checked before any encoding
+            check_evaluation(cfg.eval, spec, out_dir)
         eval_cfg = eval_cfg or cfg.eval
         emb = encode_split(run.model, spec, encode_text=run.text.encode,
                            caps_per_image=cfg.eval.caps_per_image, precision=cfg.eval.precision,
@@ -123,6 +127,25 @@ def evaluate_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest",
                            world=env.world, on_error=cfg.data.on_error)
         members.append(Member(emb.to(env.device), scorer_for(cfg)))
     return evaluate_and_write(members, eval_cfg, rank=env.rank, world=env.world, out_dir=out_dir)
+
+
+def check_evaluation(ev: EvalConfig, spec: str, out_dir: str | None) -> None:
+    """What an evaluation needs that encoding would only find out later: an output folder (``--out``)
+    for ``eval.save_sims`` / ``eval.topk``, writable, and a split of the size ``eval.protocol``
+    expects (f30k1k: 1,000 images, coco1k / coco5k: 5,000), counted in its manifest."""
+    for key, value in (("eval.save_sims", ev.save_sims), ("eval.topk", ev.topk)):
+        if value and not out_dir:
+            raise ConfigError(f"config key '{key}': {value!r} writes files: give an output folder with "
+                              f"--out DIR (or set {key}={'false' if key == 'eval.save_sims' else 0})")
+    if out_dir:
+        preflight.check_writable("--out", Path(out_dir))
+    images = sum(s.samples for s in resolve_shards(spec))
+    try:
+        protocol_folds(ev.protocol, images)
+    except ValueError as err:
+        raise ConfigError(f"config key 'eval.protocol': {ev.protocol!r} does not fit --shards {spec} "
+                          f"({images} images in {manifest_url(spec) if not spec.endswith('.tar') else spec}): "
+                          f"{err}") from None
 
 
 def gallery_for_runs(run_dirs: Sequence[str], spec: str, *, tag: str = "latest") -> Gallery:

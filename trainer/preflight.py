@@ -56,7 +56,7 @@ def check_inputs(cfg: ExperimentConfig) -> ExperimentConfig:
                           f"it from the shards")
     if cfg.data.vocab and not storage.exists(cfg.data.vocab):
         raise ConfigError(f"config key 'data.vocab': vocabulary file {cfg.data.vocab!r} does not exist")
-    _check_writable("train.output_dir", Path(cfg.train.output_dir))
+    check_writable("train.output_dir", Path(cfg.train.output_dir))
     return cfg
 
 
@@ -75,15 +75,20 @@ def _where(spec: str) -> str:
     return spec if spec.endswith(".tar") else manifest_url(spec)
 
 
-def _check_writable(key: str, folder: Path) -> None:
-    """The nearest existing folder at or above ``folder`` must accept new files."""
+def check_writable(key: str, folder: Path) -> None:
+    """The nearest existing folder at or above ``folder`` must accept new files (``key``: the
+    config key or option that names it)."""
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"config key '{key}': {str(folder)!r}: {existing} is a file, not a folder")
+        raise ConfigError(f"{_named(key)}: {str(folder)!r}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"config key '{key}': {str(folder)!r}: {existing} is not writable")
+        raise ConfigError(f"{_named(key)}: {str(folder)!r}: {existing} is not writable")
+
+
+def _named(key: str) -> str:
+    return key if key.startswith("--") else f"config key '{key}'"
 
 
 def previous_run(run_dir: Path) -> list[str]:
