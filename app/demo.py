@@ -377,7 +377,12 @@ def run_demo(opts: DemoOptions) -> str:
             plot_run(out / name / "metrics.jsonl", out / name, cfgs[name].loss.warmup_epochs)
         shown = make_pictures(cfg, out / directions[0], out, str(out / "shards" / "val" / "manifest.json"),
                               opts.pictures, [out / d for d in directions], sims)
+    scan_and_baseline = None
+    if baseline:  # the SCAN runs' and VSE++'s similarity matrices averaged
+        scan_and_baseline, _ = ensemble_recalls([*(out / d for d in directions), out / "vse"],
+                                                cfg.eval.caps_per_image)
     report = write_report(out, DemoResults(
         source=source, backbone=BACKBONE, precision=cfg.train.precision, timings=stages.timings,
-        extraction=extraction, runs=runs, ensemble=ensemble, baseline=baseline, shown=shown))
+        extraction=extraction, runs=runs, ensemble=ensemble, baseline=baseline, shown=shown,
+        scan_and_baseline=scan_and_baseline, configs=cfgs, quick=opts.quick))
     return report.read_text()

@@ -40,6 +40,13 @@ class DemoResults:
     ensemble: dict | None = None  # recalls of the directions' mean similarity matrix
     baseline: dict | None = None  # the VSE++ run, as a `runs` entry
     shown: dict = dataclasses.field(default_factory=dict)  # `make_pictures`' result
+    scan_and_baseline: dict | None = None  # recalls of the SCAN runs' and VSE++'s mean matrix
+    configs: dict = dataclasses.field(default_factory=dict)  # run name → its ExperimentConfig
+    quick: bool = False  # scan demo --quick: small sets, a first look
+
+
+# Seed spread of the full demo's val rsum (3 seeds each, docs/RESULTS.md "Recipe study").
+SEED_SD = {"SCAN t2i": 1.6, "SCAN ensemble": 2.4, "VSE++": 3.0}
 
 
 def make_pictures(cfg: ExperimentConfig, run_dir: Path, out_dir: Path, val_spec: str, count: int,
@@ -103,6 +110,36 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} CPU cores (torch {kernels} kernels, {bf16})"
 
 
+def commit() -> str:
+    """The checkout's commit (``git rev-parse --short HEAD``), marked when files differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + (" with local changes" if dirty else "")
+
+
+def _noise(res: DemoResults) -> str:
+    seeds = sorted({c.train.seed for c in res.configs.values()})
+    spread = ", ".join(f"{k} ±{v}" for k, v in SEED_SD.items())
+    caveat = ("this --quick run trains on 1,000 images and validates on 500, so its spread is larger "
+              "and its order of the models is not a result" if res.quick
+              else "differences under about twice that are noise")
+    return (f"- noise: one training per model (train.seed {', '.join(map(str, seeds))}); across 3 seeds "
+            f"the full demo's val rsum spreads by (sd) {spread}; {caveat}")
+
+
+def _ranks_row(name: str, m: dict) -> str:
+    return f"| {name} | " + " | ".join(f"{m[d][k]:.0f}" if k == "medr" else f"{m[d][k]:.1f}"
+                                       for d in ("i2t", "t2i") for k in ("medr", "meanr")) + " |"
+
+
 def _row(name: str, m: dict) -> str:
     return (f"| {name} | " + " | ".join(f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10"))
             + f" | {m['rsum']:.1f} |")
@@ -122,16 +159,29 @@ def write_report(out_dir: Path, res: DemoResults) -> Path:
              "- training: " + "; ".join(f"{d} {r['summary']['steps']} steps" for d, r in runs.items())
              + f", optimizer {any_run['summary'].get('optimizer')}",
              "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-             + f"; total {sum(timings.values()):.0f}", "",
+             + f"; total {sum(timings.values()):.0f}",
+             f"- code: commit {commit()}; configs: "
+             + ", ".join(f"`{name}/config.yaml`" for name in res.configs), _noise(res), "",
              f"## Val recalls ({any_run['val']['images']} images, {any_run['val']['captions']} captions)", "",
              head, rule]
     for d, r in runs.items():
         lines.append(_row(f"SCAN {d} (after {r['val']['epoch'] + 1} epochs)", r["val"]))
     if res.ensemble:
         lines.append(_row("SCAN ensemble t2i + i2t (mean of the two similarity matrices)", res.ensemble))
+    named = [(f"SCAN {d}", r["val"]) for d, r in runs.items()]
+    if res.ensemble:
+        named.append(("SCAN ensemble t2i + i2t", res.ensemble))
     if res.baseline:
         lines.append(_row(f"VSE++ global baseline (model.kind vse), same features and training "
                           f"(after {res.baseline['val']['epoch'] + 1} epochs)", res.baseline["val"]))
+        named.append(("VSE++", res.baseline["val"]))
+    if res.scan_and_baseline:
+        lines.append(_row("ensemble of SCAN and VSE++ (mean of all their similarity matrices)",
+                          res.scan_and_baseline))
+        named.append(("SCAN + VSE++ ensemble", res.scan_and_baseline))
+    lines += ["", "Rank of the true match (1-based; medr: median, meanr: mean):", "",
+              "| model | i2t medr | i2t meanr | t2i medr | t2i meanr |", "| --- | --- | --- | --- | --- |"]
+    lines += [_ranks_row(name, m) for name, m in named]
     lines += ["", "## Published Flickr8K rows, for orientation", "",
               "Another split (the official **test** 1,000 images, held out here) and other features: "
               "not comparable number for number with the val figures above.", "", head, rule]
@@ -145,7 +195,11 @@ def write_report(out_dir: Path, res: DemoResults) -> Path:
     storage.write_text_atomic(report, "\n".join(lines) + "\n")
     storage.write_text_atomic(out_dir / "report.json", json.dumps(
         {"source": res.source, "machine": machine(), "precision": res.precision, "timings_s": timings,
+         "commit": commit(), "quick": res.quick,
+         "seeds": {name: c.train.seed for name, c in res.configs.items()},
+         "configs": {name: f"{name}/config.yaml" for name in res.configs},
          "extraction": extraction, "runs": runs, "ensemble": res.ensemble, "baseline": res.baseline,
+         "scan_and_baseline": res.scan_and_baseline,
          "published_test_rows": [dict(zip(("method", "features", "recalls", "rsum"), p)) for p in PUBLISHED],
          **shown}, indent=1))
     return report

@@ -179,6 +179,15 @@ def test_demo_on_the_generated_set(tmp_path):
     assert "Val recalls" in proc.stdout and "Published Flickr8K rows" in proc.stdout
     assert "SCAN ensemble t2i + i2t" in proc.stdout and "VSE++ global baseline (model.kind vse)" in proc.stdout
     assert report["baseline"]["val"]["rsum"] > 0 and report["baseline"]["val"]["images"] == 50
+    # The report states its noise, the commit and the configs, ranks beside recalls, and the
+    # SCAN + VSE++ ensemble as a row of its own.
+    assert re.fullmatch(r"[0-9a-f]{7,}( with local changes)?", report["commit"]), report["commit"]
+    assert report["seeds"] == {"t2i": 0, "i2t": 0, "vse": 0} and report["quick"] is False
+    assert all((out / path).exists() for path in report["configs"].values())
+    assert f"commit {report['commit']}" in proc.stdout and "- noise: one training per model" in proc.stdout
+    assert "| t2i medr | t2i meanr |" in proc.stdout
+    assert report["scan_and_baseline"]["rsum"] > 0
+    assert "ensemble of SCAN and VSE++ (mean of all their similarity matrices)" in proc.stdout
     again = scan(*args)  # reuses the shards, the text features and both finished trainings
     assert "shards reused from an earlier run" in again.stdout
     assert json.loads((out / "report.json").read_text())["runs"]["t2i"]["val"] == report["runs"]["t2i"]["val"]
@@ -274,6 +283,7 @@ def test_extract_help_lists_the_config_keys_with_defaults():
                  "dest=", "images_per_shard=256", "batch_size=32", "max_retries=2", "use_gpu=true",
                  "summary_json=", "Exactly one source"):
         assert text in out, text
+
 
 def test_relative_output_paths_are_made_absolute_or_refused_inside_a_ray_job(tmp_path, monkeypatch):
     from app.cli import RAY_JOB_ENV, job_path
