@@ -3,14 +3,19 @@
 Conventions (as the reference, kuanghuei/SCAN evaluation.py, except for ties):
 - sims is (N images, M captions) with M = N * caps_per_image; caption j belongs to image
   j // caps_per_image.
-- A rank is 0-based and counts the candidates scoring STRICTLY higher than the positive. Ties are
-  therefore resolved in the query's favour: a candidate that ties with the positive does not push it
-  down. (The reference sorts with ``np.argsort(...)[::-1]``, so its tie order depends on the sort
-  algorithm and the indices; counting is order-free, exact, and what the sharded evaluator can do
-  tile by tile.)
-- i2t: an image's rank is the best rank among its own captions, i.e. the number of captions scoring
-  strictly higher than its best-scoring own caption. t2i: the number of images scoring strictly
-  higher than the caption's image.
+- A rank is 0-based and counts the COMPETITORS scoring at least as high as the positive: a
+  competitor that ties with the positive ranks above it (ties count against the query). A model
+  that gives every pair one score therefore gets the recall of the worst order (i2t R@K = 0 once
+  the other images' captions number K or more, t2i likewise), never a perfect one. The reference
+  sorts with ``np.argsort(...)[::-1]``, so its tie order depends on the sort and the indices: our
+  ranks equal its ranks on tie-free matrices and are never better than its on matrices with ties.
+  Counting is order-free, exact, and what the sharded evaluator can do tile by tile.
+- i2t: an image's rank is the best rank among its own captions, i.e. the number of OTHER images'
+  captions scoring at least its best-scoring own caption (its own captions are not competitors).
+  t2i: the number of other images scoring at least the caption's own image.
+- Ties are reported: ``metrics["ties"]`` counts the queries with at least one competitor scoring
+  exactly the positive's score, per direction (``tie_warning`` words it above 1% of the queries:
+  a low precision, or a collapsed model).
 - R@K = 100 · fraction of queries with rank < K; medr = floor(median(rank)) + 1 and
   meanr = mean(rank) + 1 (1-based, as the reference); rsum = the sum of the six recalls.
 """
@@ -54,55 +59,110 @@ def _check_sims(sims: np.ndarray, caps_per_image: int) -> None:
 
 
 def _direction(ranks: np.ndarray) -> dict[str, float]:
-    out = {f"r{k}": float(100.0 * np.mean(ranks < k)) for k in (1, 5, 10)}
+    # 100 · count / queries, in the reference's order of operations: the same float to the last bit.
+    out = {f"r{k}": 100.0 * int(np.count_nonzero(ranks < k)) / ranks.size for k in (1, 5, 10)}
     out["medr"] = float(np.floor(np.median(ranks)) + 1)
     out["meanr"] = float(ranks.mean() + 1)
     return out
 
 
-def metrics_from_ranks(i2t_ranks: np.ndarray | torch.Tensor,
-                       t2i_ranks: np.ndarray | torch.Tensor) -> Metrics:
-    """0-based integer ranks (N,) of the image queries and (M,) of the caption queries → metrics."""
+TIE_WARN_FRACTION = 0.01  # above this share of queries with a tied competitor, outputs warn
+
+
+def metrics_from_ranks(i2t_ranks: np.ndarray | torch.Tensor, t2i_ranks: np.ndarray | torch.Tensor,
+                       i2t_ties: np.ndarray | torch.Tensor | None = None,
+                       t2i_ties: np.ndarray | torch.Tensor | None = None) -> Metrics:
+    """0-based integer ranks (N,) of the image queries and (M,) of the caption queries → metrics.
+
+    ``i2t_ties`` / ``t2i_ties``: per query, the competitors scoring exactly the positive's score;
+    given, ``metrics["ties"]`` counts the queries that have any.
+    """
     parts = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        ranks = ranks.detach().cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
-        if ranks.ndim != 1 or ranks.size == 0 or not np.issubdtype(ranks.dtype, np.integer):
-            raise ValueError(f"{name}_ranks: expected a non-empty 1-D integer array, got dtype "
-                             f"{ranks.dtype} shape {ranks.shape}")
+        ranks = _int_array(ranks, f"{name}_ranks")
         if ranks.min() < 0:
             raise ValueError(f"{name}_ranks: ranks are 0-based counts, got {int(ranks.min())}")
         parts[name] = _direction(ranks)
-    return {**parts, "rsum": sum(parts[d][r] for d in ("i2t", "t2i") for r in RECALLS)}
+    out = {**parts, "rsum": sum(parts[d][r] for d in ("i2t", "t2i") for r in RECALLS)}
+    if i2t_ties is not None and t2i_ties is not None:
+        i2t_t, t2i_t = _int_array(i2t_ties, "i2t_ties"), _int_array(t2i_ties, "t2i_ties")
+        out["ties"] = {"i2t": int((i2t_t > 0).sum()), "t2i": int((t2i_t > 0).sum()),
+                       "queries": int(i2t_t.size + t2i_t.size)}
+    return out
 
 
-def retrieval_ranks(sims: np.ndarray | torch.Tensor,
-                    caps_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """sims (N, M) → (i2t ranks (N,), t2i ranks (M,)), 0-based counts of strictly better candidates."""
+def _int_array(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name}: expected a non-empty 1-D integer array, got dtype "
+                         f"{values.dtype} shape {values.shape}")
+    return values
+
+
+def tie_fraction(metrics: Metrics) -> float | None:
+    """The share of queries (both directions) that had a competitor tied with their positive."""
+    ties = metrics.get("ties")
+    return (ties["i2t"] + ties["t2i"]) / ties["queries"] if ties and ties["queries"] else None
+
+
+def tie_warning(metrics: Metrics) -> str | None:
+    """A warning in words when more than 1% of the queries had a tied competitor, else None."""
+    frac = tie_fraction(metrics)
+    if frac is None or frac <= TIE_WARN_FRACTION:
+        return None
+    t = metrics["ties"]
+    return (f"{100 * frac:.1f}% of the queries ({t['i2t']} image and {t['t2i']} caption queries) "
+            f"had a competitor scoring exactly their positive's score; ties count against the "
+            f"query, so these recalls are a floor. Many ties mean scores computed at too low a "
+            f"precision (try eval.precision=fp32) or a collapsed model that scores pairs alike")
+
+
+def rank_counts(sims: np.ndarray | torch.Tensor, caps_per_image: int = 5
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sims (N, M) → 0-based ranks (i2t (N,), t2i (M,)) and tie counts (i2t (N,), t2i (M,)).
+
+    A rank counts the competitors scoring at least the positive (ties against the query); a tie
+    count, the competitors scoring exactly the positive.
+    """
     sims = _as_numpy(sims)
     _check_sims(sims, caps_per_image)
     n, m = sims.shape
     images = np.arange(n)
     # (N, N, cpi)[i, i] = the scores of image i's own captions → best own caption per image (N,).
-    best_own = sims.reshape(n, n, caps_per_image)[images, images].max(axis=1)
-    i2t = (sims > best_own[:, None]).sum(axis=1)
+    own = sims.reshape(n, n, caps_per_image)[images, images]
+    best_own = own.max(axis=1)
+    # Own captions are no competitors: take those reaching the best out of the counts.
+    i2t = (sims >= best_own[:, None]).sum(axis=1) - (own >= best_own[:, None]).sum(axis=1)
+    i2t_eq = (sims == best_own[:, None]).sum(axis=1) - (own == best_own[:, None]).sum(axis=1)
     captions = np.arange(m)
     positive = sims[captions // caps_per_image, captions]  # (M,) score of each caption's image
-    t2i = (sims > positive[None, :]).sum(axis=0)
-    return i2t, t2i
+    t2i = (sims >= positive[None, :]).sum(axis=0) - 1  # the own image is no competitor
+    t2i_eq = (sims == positive[None, :]).sum(axis=0) - 1
+    return i2t, t2i, i2t_eq, t2i_eq
+
+
+def retrieval_ranks(sims: np.ndarray | torch.Tensor,
+                    caps_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """sims (N, M) → (i2t ranks (N,), t2i ranks (M,)), 0-based, ties counted against the query."""
+    return rank_counts(sims, caps_per_image)[:2]
 
 
 def recall_metrics(sims: np.ndarray | torch.Tensor, caps_per_image: int = 5) -> Metrics:
-    """R@1/5/10, medr, meanr both ways and rsum of one (N, N * caps_per_image) similarity matrix."""
-    return metrics_from_ranks(*retrieval_ranks(sims, caps_per_image))
+    """R@1/5/10, medr, meanr both ways, rsum and tied queries of one (N, N * cpi) matrix."""
+    return metrics_from_ranks(*rank_counts(sims, caps_per_image))
 
 
 def mean_metrics(metrics: Sequence[Metrics]) -> Metrics:
-    """Field-by-field mean of several metric dicts; rsum is the sum of the six MEAN recalls."""
+    """Field-by-field mean of several metric dicts; rsum is the sum of the six MEAN recalls (which
+    equals the mean of their rsums); tied queries are summed."""
     if not metrics:
         raise ValueError("mean_metrics: no metrics to average")
     parts = {d: {f: float(np.mean([m[d][f] for m in metrics])) for f in FIELDS}
              for d in ("i2t", "t2i")}
-    return {**parts, "rsum": sum(parts[d][r] for d in ("i2t", "t2i") for r in RECALLS)}
+    out = {**parts, "rsum": sum(parts[d][r] for d in ("i2t", "t2i") for r in RECALLS)}
+    if all("ties" in m for m in metrics):  # the folds' tied queries, added up
+        out["ties"] = {k: sum(m["ties"][k] for m in metrics) for k in ("i2t", "t2i", "queries")}
+    return out
 
 
 def coco_1k_folds(sims: np.ndarray | torch.Tensor, caps_per_image: int = 5,

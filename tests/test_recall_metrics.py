@@ -53,19 +53,37 @@ def test_hand_computed_small_case():
     assert m["rsum"] == pytest.approx(100 / 3 + 200 + 400 / 6 + 200)
 
 
-def test_ties_resolve_in_the_querys_favour():
-    # Every score equal: nothing is strictly better, so every query ranks first.
+def test_ties_count_against_the_query():
+    # Every score equal: every competitor ties, so every query ranks last (the worst order).
     flat = recall_metrics(np.full((4, 8), 0.5), caps_per_image=2)
-    assert flat["i2t"]["r1"] == flat["t2i"]["r1"] == 100.0
-    assert flat["rsum"] == 600.0
-    # A negative tying the positive does not push it down; one strictly above does.
+    assert flat["i2t"] == {"r1": 0.0, "r5": 0.0, "r10": 100.0, "medr": 7.0, "meanr": 7.0}  # 6 others
+    assert flat["t2i"] == {"r1": 0.0, "r5": 100.0, "r10": 100.0, "medr": 4.0, "meanr": 4.0}  # 3 others
+    assert flat["ties"] == {"i2t": 4, "t2i": 8, "queries": 12}
+    # A negative tying the positive pushes it down, as one strictly above does; an own caption
+    # tying the best own caption is no competitor.
     sims = np.array([[0.5, 0.5, 0.1, 0.2],
                      [0.5, 0.6, 0.1, 0.1]])
     i2t, t2i = retrieval_ranks(sims, caps_per_image=2)
-    # image 0: best own 0.5, nothing strictly above → 0; image 1: 0.5 and 0.6 beat its best own 0.1 → 2
+    # image 0: best own 0.5 (twice), nothing else >= 0.5 → 0; image 1: 0.5 and 0.6 >= its 0.1 → 2
     np.testing.assert_array_equal(i2t, [0, 2])
-    # c0: tie 0.5 / 0.5 → 0; c1: 0.6 beats 0.5 → 1; c2: tie 0.1 / 0.1 → 0; c3: 0.2 beats 0.1 → 1
-    np.testing.assert_array_equal(t2i, [0, 1, 0, 1])
+    # c0: tie 0.5 / 0.5 → 1; c1: 0.6 beats 0.5 → 1; c2: tie 0.1 / 0.1 → 1; c3: 0.2 beats 0.1 → 1
+    np.testing.assert_array_equal(t2i, [1, 1, 1, 1])
+    assert recall_metrics(sims, caps_per_image=2)["ties"] == {"i2t": 0, "t2i": 2, "queries": 6}
+
+
+def test_tie_free_figures_equal_the_strict_count():
+    """On a matrix without ties, counting >= (ties against) and counting > (the earlier rule) give
+    the same ranks, so every earlier tie-free figure stands to the digit."""
+    rng = np.random.default_rng(3)
+    sims = rng.normal(size=(30, 150)) + np.repeat(np.eye(30), 5, axis=1)
+    own = sims.reshape(30, 30, 5)[np.arange(30), np.arange(30)].max(1)
+    strict_i2t = (sims > own[:, None]).sum(1)
+    strict_t2i = (sims > sims[np.arange(150) // 5, np.arange(150)][None]).sum(0)
+    i2t, t2i = retrieval_ranks(sims, 5)
+    np.testing.assert_array_equal(i2t, strict_i2t)
+    np.testing.assert_array_equal(t2i, strict_t2i)
+    m = recall_metrics(sims, 5)
+    assert m == {**metrics_from_ranks(strict_i2t, strict_t2i), "ties": {"i2t": 0, "t2i": 0, "queries": 180}}
 
 
 @pytest.mark.parametrize("cpi", [1, 5])

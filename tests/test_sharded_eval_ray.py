@@ -76,6 +76,40 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _submit(address: str, env: dict, entry: str) -> subprocess.CompletedProcess:
+    for _ in range(15):  # the job agent can come up a little after the dashboard answers
+        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
+                              "bash", "-c", entry], env=env, capture_output=True, text=True,
+                             timeout=300)
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return job
+
+
+def test_ray_job_ranks_a_constant_matrix_last(ray_head, tmp_path: Path) -> None:
+    """A dead model (every score 0) through the Ray evaluator: every query ranks after all its
+    competitors (ties count against it), every recall is 0, and the output says why."""
+    address, env = ray_head
+    emb = tied_embeddings(blocks=4, block=5, seed=3)
+    dead = dataclasses.replace(emb, images=emb.images * 0, captions=emb.captions * 0)
+    save_embeddings(dead, str(tmp_path / "dead.pt"))
+    (tmp_path / "dead.yaml").write_text(yaml.safe_dump(
+        {"xattn": dataclasses.asdict(T2I), "eval": {"image_block": 5}}))
+    out = tmp_path / "out"
+    job = _submit(address, env, f"cd {REPO} && {BIN / 'python'} -m app.cli evaluate-ray --actors 2 "
+                                f"--num-cpus 1 --config {tmp_path / 'dead.yaml'} "
+                                f"--embeddings {tmp_path / 'dead.pt'} --out {out}")
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["tiles_computed"] == 16
+    m = summary["metrics"]
+    assert m["rsum"] == 0.0 and m["i2t"]["medr"] == 20 * 5 - 5 + 1 and m["t2i"]["medr"] == 20
+    assert m["ties"] == {"i2t": 20, "t2i": 100, "queries": 120}
+    assert "100.0% of the queries" in summary["warning"]
+    assert "100.0% of the queries" in job.stdout
+
+
 def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path) -> None:
     address, env = ray_head
     a = tied_embeddings(blocks=4, block=5, seed=7)
@@ -89,14 +123,7 @@ def test_ray_job_two_actors_equals_in_process_ensemble(ray_head, tmp_path: Path)
     entry = (f"cd {REPO} && {BIN / 'python'} -m app.cli evaluate-ray --actors 2 --num-cpus 1 "
              f"--config {tmp_path / 'a.yaml'} --embeddings {tmp_path / 'a.pt'} "
              f"--config {tmp_path / 'b.yaml'} --embeddings {tmp_path / 'b.pt'} --out {out}")
-    for _ in range(15):  # the job agent can come up a little after the dashboard answers
-        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
-                              "bash", "-c", entry], env=env, capture_output=True, text=True,
-                             timeout=300)
-        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
-            break
-        time.sleep(2)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    _submit(address, env, entry)
 
     summary = json.loads((out / "metrics.json").read_text())
     ref = evaluate_embeddings([Member(a, T2I), Member(b, I2T)], image_block=5)

@@ -172,12 +172,12 @@ def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _first_relevant(scores: Tensor, relevant: Tensor) -> int | None:
-    """1-based rank of the best relevant item: 1 + candidates scoring strictly higher (as the
-    evaluator counts ranks, ties in the query's favour)."""
+    """1-based rank of the best relevant item: 1 + the other (irrelevant) items scoring at least as
+    high, as the evaluator counts ranks (ties count against the query)."""
     if not bool(relevant.any()):
         return None
     best = scores[relevant].max()
-    return int((scores > best).sum()) + 1
+    return int(((scores >= best) & ~relevant).sum()) + 1
 
 
 def _text_scores(gallery: Gallery, text: str) -> Tensor:

@@ -29,6 +29,7 @@ from scan.collectives import all_gather_objects, barrier, group_world, is_distri
 from scan.config import EvalConfig, ExperimentConfig
 from scan.eval.encode import EncodeText, encode_split
 from scan.eval.store import TileStore, write_outputs
+from scan.metrics import tie_warning
 from scan.eval.tiles import (COCO_FOLD, EvalResult, Member, Partial, TilePlan, count_tile, finish,
                              fingerprint, plan_members, precision_of, score_tile)
 
@@ -91,8 +92,12 @@ def evaluate_embeddings(members: Sequence[Member], *, protocol: str = "split", i
         if rank == 0:
             store.write_sims_index(plan)
     result = finish(plan, total, protocol, precision_of(members))
-    log.info("eval %s (%s): %d tiles computed, %d resumed; rsum %.2f", protocol, result.precision,
-             result.tiles_computed, result.tiles_loaded, result.metrics["rsum"])
+    ties = result.metrics["ties"]
+    log.info("eval %s (%s): %d tiles computed, %d resumed; rsum %.2f; queries with a tied "
+             "competitor: %d i2t, %d t2i", protocol, result.precision, result.tiles_computed,
+             result.tiles_loaded, result.metrics["rsum"], ties["i2t"], ties["t2i"])
+    if (warning := tie_warning(result.metrics)):
+        log.warning("eval %s: %s", protocol, warning)
     return result
 
 

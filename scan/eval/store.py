@@ -22,6 +22,7 @@ from dataio import storage
 from dataio.npy import load_npz, open_npy
 from scan.eval.encode import Embeddings
 from scan.eval.tiles import EvalResult, TilePlan, TileRecord
+from scan.metrics import tie_warning
 
 log = logging.getLogger(__name__)
 
@@ -160,4 +161,6 @@ def write_outputs(out_dir: str | os.PathLike, result: EvalResult, emb: Embedding
                "metrics": result.metrics, "full": result.full,
                "folds": result.folds, "tiles_computed": result.tiles_computed,
                "tiles_loaded": result.tiles_loaded, **extra}
+    if (warning := tie_warning(result.metrics)):
+        summary["warning"] = warning
     storage.write_bytes_atomic(out / "metrics.json", json.dumps(summary, indent=1).encode())

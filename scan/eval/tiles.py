@@ -8,13 +8,14 @@ image i's own captions and caption c's own image are in the diagonal tile of i's
 
 Two passes, every tile computed exactly once (so no reliance on bitwise-reproducible kernels):
   pass 1: each rank scores its diagonal tiles, takes the positives (i2t: best own caption, t2i:
-          own image) and counts, inside those tiles, the candidates scoring strictly higher;
-          the O(N + M) positives are combined over ranks.
-  pass 2: each rank scores its off-diagonal tiles and counts per query the candidates scoring
-          strictly above the global positive; the counts are summed over ranks.
-Rank = number of strictly better candidates (ties in the query's favour), the same rule as
-``scan.metrics.retrieval_ranks``, so the result equals ``recall_metrics`` on the full matrix
-made of these tiles exactly. Rank r owns the tile ROWS a ≡ r (mod world): a Ray actor or a rank
+          own image) and counts, inside those tiles, the competitors scoring at least as high
+          (the query's own captions / own image are no competitors); the O(N + M) positives are
+          combined over ranks.
+  pass 2: each rank scores its off-diagonal tiles and counts per query the competitors scoring
+          at least the global positive; the counts are summed over ranks.
+Rank = number of competitors scoring at least the positive (ties count against the query), and
+each query's tied competitors are counted beside it: the same rule as ``scan.metrics.rank_counts``,
+so the result equals ``recall_metrics`` on the full matrix made of these tiles exactly. Rank r owns the tile ROWS a ≡ r (mod world): a Ray actor or a rank
 then needs only its image blocks' rows and every caption.
 """
 from __future__ import annotations
@@ -32,6 +33,12 @@ from scan.scorers import Scorer, as_scorer
 
 PROTOCOLS = ("split", "f30k1k", "coco1k", "coco5k")
 COCO_FOLD = 1000  # images per COCO 1K fold
+COUNTS = ("i2t", "t2i", "i2t_fold", "t2i_fold")  # the rank counts a Partial accumulates
+RANK_RULE = "competitors scoring >= the positive (ties count against the query)"
+
+
+class NonFiniteScores(ValueError):
+    """A tile holds a NaN or infinite score: nothing can be ranked."""
 
 
 @dataclass(frozen=True)
@@ -170,8 +177,11 @@ class TileRecord:
 
     a: int
     b: int
-    i2t: np.ndarray  # (rows,) int64, captions of block b scoring strictly above each row's positive
-    t2i: np.ndarray  # (cols,) int64, images of block a scoring strictly above each column's positive
+    i2t: np.ndarray  # (rows,) int64, competitor captions of block b scoring >= each row's positive
+    t2i: np.ndarray  # (cols,) int64, competitor images of block a scoring >= each column's positive
+    i2t_eq: np.ndarray  # (rows,) int64, of those, the ones scoring exactly the positive (ties)
+    t2i_eq: np.ndarray  # (cols,) int64
+    score_range: np.ndarray  # (2,) float32, the tile's lowest and highest score
     pos_img: np.ndarray  # (rows,) float32 positives (diagonal tiles), (0,) otherwise
     pos_cap: np.ndarray  # (cols,) float32 positives (diagonal tiles), (0,) otherwise
     top_row_s: np.ndarray  # (rows, K) float32 best captions per image within the tile
@@ -182,7 +192,8 @@ class TileRecord:
 
 def count_tile(plan: TilePlan, a: int, b: int, scores: torch.Tensor, topk: int,
                pos_img: torch.Tensor | None = None, pos_cap: torch.Tensor | None = None) -> TileRecord:
-    """Counts strictly better candidates in one tile. scores (rows, cols) float32.
+    """Counts the competitors scoring at least (and exactly) the positive in one tile.
+    scores (rows, cols) float32.
 
     Diagonal tiles take their positives from ``scores`` itself; others need the global positives
     ``pos_img`` (rows,) and ``pos_cap`` (cols,).
@@ -190,20 +201,29 @@ def count_tile(plan: TilePlan, a: int, b: int, scores: torch.Tensor, topk: int,
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
         r, c = bad[0] + plan.rows(a).start, bad[1] + plan.cols(b).start
-        raise ValueError(f"non-finite similarity in tile ({a}, {b}): image {r}, caption {c} scores "
-                         f"{scores[bad[0], bad[1]].item()}; refusing to rank NaN/inf")
+        raise NonFiniteScores(f"non-finite similarity in tile ({a}, {b}): image {r}, caption {c} "
+                              f"scores {scores[bad[0], bad[1]].item()}; refusing to rank NaN/inf")
     diagonal = a == b
     if diagonal:
         n, cpi = scores.shape[0], plan.caps_per_image
         own = scores.reshape(n, n, cpi).diagonal(dim1=0, dim2=1).T  # (rows, cpi) own captions
         pos_img, pos_cap = own.max(dim=1).values, own.reshape(-1)
     assert pos_img is not None and pos_cap is not None
-    i2t = (scores > pos_img[:, None]).sum(dim=1)
-    t2i = (scores > pos_cap[None, :]).sum(dim=0)
+    ge_img, eq_img = scores >= pos_img[:, None], scores == pos_img[:, None]
+    ge_cap, eq_cap = scores >= pos_cap[None, :], scores == pos_cap[None, :]
+    if diagonal:  # a query's own captions (own image) are no competitors
+        rows = torch.arange(n, device=scores.device).repeat_interleave(cpi)
+        cols = torch.arange(n * cpi, device=scores.device)
+        for mask in (ge_img, eq_img, ge_cap, eq_cap):
+            mask[rows, cols] = False
+    i2t, i2t_eq = ge_img.sum(dim=1), eq_img.sum(dim=1)
+    t2i, t2i_eq = ge_cap.sum(dim=0), eq_cap.sum(dim=0)
     row_s, row_i = _top_k(scores, plan.cols(b).start, topk)
     col_s, col_i = _top_k(scores.T, plan.rows(a).start, topk)
     empty = np.zeros(0, np.float32)
-    return TileRecord(a, b, i2t.cpu().numpy().astype(np.int64), t2i.cpu().numpy().astype(np.int64),
+    score_range = torch.stack([scores.min(), scores.max()]).cpu().numpy().astype(np.float32)
+    return TileRecord(a, b, *(c.cpu().numpy().astype(np.int64) for c in (i2t, t2i, i2t_eq, t2i_eq)),
+                      score_range,
                       pos_img.cpu().numpy() if diagonal else empty,
                       pos_cap.cpu().numpy() if diagonal else empty, row_s, row_i, col_s, col_i)
 
@@ -218,6 +238,8 @@ class Partial:
     t2i: np.ndarray  # (M,)
     i2t_fold: np.ndarray  # (N,) over tiles inside one fold (COCO 1K)
     t2i_fold: np.ndarray  # (M,)
+    ties: dict[str, np.ndarray]  # the tie counts of the four arrays above, under the same names
+    score_range: np.ndarray  # (2,) float32, the lowest and highest score of the tiles so far
     top_i2t: tuple[np.ndarray, np.ndarray]  # (N, K) scores, caption indices
     top_t2i: tuple[np.ndarray, np.ndarray]  # (M, K) scores, image indices
     computed: int = 0
@@ -230,17 +252,21 @@ class Partial:
         def top(q: int) -> tuple[np.ndarray, np.ndarray]:
             return np.full((q, topk), -np.inf, np.float32), np.full((q, topk), -1, np.int64)
 
-        return cls(np.full(n, -np.inf, np.float32), np.full(m, -np.inf, np.float32),
-                   np.zeros(n, np.int64), np.zeros(m, np.int64), np.zeros(n, np.int64),
-                   np.zeros(m, np.int64), top(n), top(m))
+        def counts() -> tuple[np.ndarray, ...]:
+            return np.zeros(n, np.int64), np.zeros(m, np.int64), np.zeros(n, np.int64), np.zeros(m, np.int64)
+
+        return cls(np.full(n, -np.inf, np.float32), np.full(m, -np.inf, np.float32), *counts(),
+                   dict(zip(COUNTS, counts())), np.array([np.inf, -np.inf], np.float32), top(n), top(m))
 
     def add(self, plan: TilePlan, rec: TileRecord, *, loaded: bool) -> None:
         rows, cols = plan.rows(rec.a), plan.cols(rec.b)
-        self.i2t[rows] += rec.i2t
-        self.t2i[cols] += rec.t2i
-        if plan.fold_of(rec.a) == plan.fold_of(rec.b):
-            self.i2t_fold[rows] += rec.i2t
-            self.t2i_fold[cols] += rec.t2i
+        same_fold = plan.fold_of(rec.a) == plan.fold_of(rec.b)
+        self.score_range = _union(self.score_range, rec.score_range)
+        for ge, eq, where, name in ((rec.i2t, rec.i2t_eq, rows, "i2t"), (rec.t2i, rec.t2i_eq, cols, "t2i")):
+            names = (name, f"{name}_fold") if same_fold else (name,)
+            for key in names:
+                getattr(self, key)[where] += ge
+                self.ties[key][where] += eq
         if rec.a == rec.b:
             self.pos_img[rows] = rec.pos_img
             self.pos_cap[cols] = rec.pos_cap
@@ -268,10 +294,16 @@ class Partial:
             return merge_top_k(s, i, k)
 
         return cls(np.max([p.pos_img for p in parts], 0), np.max([p.pos_cap for p in parts], 0),
-                   sum(p.i2t for p in parts), sum(p.t2i for p in parts),
-                   sum(p.i2t_fold for p in parts), sum(p.t2i_fold for p in parts),
+                   *(sum(getattr(p, key) for p in parts) for key in COUNTS),
+                   {key: sum(p.ties[key] for p in parts) for key in COUNTS},
+                   _union(*(p.score_range for p in parts)),
                    top("top_i2t"), top("top_t2i"),
                    sum(p.computed for p in parts), sum(p.loaded for p in parts))
+
+
+def _union(*ranges: np.ndarray) -> np.ndarray:
+    """The (lowest, highest) of several (2,) score ranges."""
+    return np.array([min(r[0] for r in ranges), max(r[1] for r in ranges)], np.float32)
 
 
 @dataclass
@@ -286,6 +318,7 @@ class EvalResult:
     tiles_loaded: int  # from resume records
     topk: dict = field(default_factory=dict)  # {"i2t": (scores (N,K), idx), "t2i": ...} when topk > 0
     precision: str = "fp32"  # of the embeddings and scores behind the figures (see precision_of)
+    score_range: tuple[float, float] = (-math.inf, math.inf)  # lowest, highest score ranked
 
 
 def precision_of(members: Sequence[Member]) -> str:
@@ -299,17 +332,20 @@ def precision_of(members: Sequence[Member]) -> str:
 def finish(plan: TilePlan, total: Partial, protocol: str, precision: str = "fp32") -> EvalResult:
     """Metrics of a fully combined partial (``full`` is None when only fold tiles were scored)."""
     cpi = plan.caps_per_image
-    full = None if plan.within_folds else metrics_from_ranks(total.i2t, total.t2i)
-    folds = [metrics_from_ranks(total.i2t_fold[f0:f1], total.t2i_fold[f0 * cpi:f1 * cpi])
+    ties = total.ties
+    full = None if plan.within_folds else metrics_from_ranks(total.i2t, total.t2i,
+                                                             ties["i2t"], ties["t2i"])
+    folds = [metrics_from_ranks(total.i2t_fold[f0:f1], total.t2i_fold[f0 * cpi:f1 * cpi],
+                                ties["i2t_fold"][f0:f1], ties["t2i_fold"][f0 * cpi:f1 * cpi])
              for f0, f1 in plan.folds]
     metrics = mean_metrics(folds) if protocol == "coco1k" else full
     top = {"i2t": total.top_i2t, "t2i": total.top_t2i} if total.top_i2t[0].shape[1] else {}
     return EvalResult(protocol, metrics, full, folds, total.i2t, total.t2i, total.computed,
-                      total.loaded, top, precision)
+                      total.loaded, top, precision, tuple(float(x) for x in total.score_range))
 
 
 def fingerprint(members: Sequence[Member], plan: TilePlan, topk: int) -> dict:
-    return {"plan": plan.describe(), "topk": topk,
+    return {"plan": plan.describe(), "topk": topk, "rank": RANK_RULE,
             "members": [{"scorer": m.scorer.describe(), "embeddings": m.emb.digest()} for m in members]}
 
 
