@@ -113,7 +113,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_runs(args.run_dir, args.shards, tag=args.tag, overrides=args.overrides,
                            out_dir=job_path("--out", args.out), local_rank=args.local_rank)
-    if int(os.environ.get("RANK", "0")) == 0:  # every rank has the result; one prints it
+    from dataio.ranks import rank_world
+
+    if rank_world()[0] == 0:  # every rank has the result; one prints it
         print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics},
                          indent=1))
     return 0

@@ -50,12 +50,10 @@ from cluster.extract import run_job
 from cluster.extract_config import JobConfig
 from cluster.metrics import build_telemetry
 from dataio import storage
-from dataio.epoch_plan import epoch_plan
-from dataio.pipeline import resolve_shards
 from dataio.sources import ImageItem
 from scan import configfile
 from scan.config import ExperimentConfig, load_experiment
-from trainer.train import prepare_text_features, train
+from trainer.train import loader_spec, prepare_text_features, train
 
 if TYPE_CHECKING:
     import numpy as np
@@ -126,9 +124,7 @@ def train_model(cfg: ExperimentConfig) -> dict:
 
 def expected_steps(cfg: ExperimentConfig) -> int:
     """Optimizer steps of a whole one-process training of ``cfg`` (a progress bar's total)."""
-    d = cfg.data  # the batch count of the trainer's own epoch plan (one rank)
-    plan = epoch_plan(resolve_shards(d.train_shards), batch_size=d.batch_size, seed=cfg.train.seed,
-                      epoch=0, rank=0, world=1, resampled=d.resampled, caps_per_image=d.caps_per_image)
+    plan = loader_spec(cfg, None, rank=0, world=1).plan(epoch=0)  # the trainer's own plan, one rank
     per_epoch = plan.num_batches // max(cfg.train.grad_accum, 1)
     total = per_epoch * cfg.train.epochs
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total

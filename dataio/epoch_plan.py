@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # the plan needs only each shard's caption counts
-    from dataio.pipeline import Shard
+from dataio.shard_index import Shard  # the plan needs only each shard's caption counts
 
 
 Segment = tuple[int, int]  # (world size, captions consumed per rank) of a run within an epoch

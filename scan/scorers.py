@@ -13,9 +13,11 @@ them). Scores are float32 (float64 for float64 inputs).
 * :class:`GlobalScorer` (``vse``): the encoders already pooled each side into ONE vector, so the
   inputs are (N, 1, d) and (M, 1, d) and a tile is one matrix product, the cosine of VSE++
   (the vectors are l2-normalised by the model).
-* :class:`DVSAScorer` (``dvsa``): Karpathy & Fei-Fei (2015), eq. 8 with eq. 7's rectifier:
-  S(i, j) = Σ_t max_r max(0, v_r · s_t) over the words t of caption j and the regions r of image
-  i: every word is aligned to its best region, no softmax.
+* :class:`DVSAScorer` (``dvsa``): Karpathy & Fei-Fei (2015), eq. 8 as published:
+  S(i, j) = Σ_t max_r v_r · s_t over the words t of caption j and the regions r of image i: every
+  word is aligned to its best region, no softmax. (Eq. 7's rectifier max(0, ·) inside the max, as
+  this scorer once had, lets a model die: once every v·s ≤ 0 all scores are 0 and no gradient
+  flows; docs/RESULTS.md, "DVSA".)
 * :class:`scan.saliency_scorer.SaliencyScorer` (``scan_sal``): SCAN t2i with saliency-weighted
   visual attention (SVA) and saliency-guided textual attention (STA) through a gated fusion unit.
 """
@@ -137,7 +139,7 @@ class GlobalScorer:
 
 @dataclass(frozen=True)
 class DVSAScorer:
-    """DVSA: each word's best rectified region dot product, summed over the caption's words."""
+    """DVSA: each word's best region dot product, summed over the caption's words (eq. 8)."""
 
     kind: str = "dvsa"
     attention_direction: str = "t2i"
@@ -146,10 +148,11 @@ class DVSAScorer:
     def __call__(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None = None,
                  *, memory_budget_mb: float = 1024, checkpoint: bool = False) -> Tensor:
         cdtype = _compute_dtype(images)
-        # Padded regions and words become zero vectors: a zero region's product is 0, never above the
-        # max of the rectified products (>= 0); a zero word adds 0. So no masks are needed after this.
-        imgs = _masked(images, img_lens).to(cdtype)
+        # Padded words become zero vectors, so they add 0; padded regions must never be a word's best
+        # (their product 0 may beat every real one), so their products are pushed to -inf below.
+        imgs = images.to(cdtype)
         caps = _masked(captions, cap_lens).to(cdtype)
+        pad = None if img_lens is None else ~length_mask(img_lens.to(imgs.device), imgs.shape[1])
         N, k, d = imgs.shape
         M, n, _ = caps.shape
         per_caption = N * k * n * torch.finfo(cdtype).bits // 8 * (3 if checkpoint or torch.is_grad_enabled() else 1)
@@ -158,35 +161,38 @@ class DVSAScorer:
         for c in range(0, M, block):
             part = caps[c:c + block]
             if checkpoint and torch.is_grad_enabled():
-                parts.append(torch_checkpoint(_dvsa_tile, imgs, part, use_reentrant=False))
+                parts.append(torch_checkpoint(_dvsa_tile, imgs, part, pad, use_reentrant=False))
             else:
-                parts.append(_dvsa_tile(imgs, part))
+                parts.append(_dvsa_tile(imgs, part, pad))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def attention(self, images: Tensor, captions: Tensor, cap_lens: Tensor, img_lens: Tensor | None,
                   pairs: Tensor) -> Tensor:
-        """(P, n, k): 1 at each word's aligned region (its best, when that product is positive),
-        else 0; padded words and regions 0."""
+        """(P, n, k): 1 at each word's aligned region (its best), else 0; padded words and regions 0."""
         imgs, caps = _masked(images, img_lens).float(), _masked(captions, cap_lens).float()
         dots = torch.einsum("pkd,pnd->pnk", imgs[pairs[:, 0]], caps[pairs[:, 1]])  # (P, n, k)
         if img_lens is not None:
-            valid = torch.arange(dots.shape[2], device=dots.device)[None, :] < img_lens[pairs[:, 0]][:, None]
+            valid = length_mask(img_lens[pairs[:, 0]].to(dots.device), dots.shape[2])
             dots = dots.masked_fill(~valid[:, None, :], float("-inf"))
         best = dots.argmax(-1, keepdim=True)
         hit = torch.zeros_like(dots).scatter_(-1, best, 1.0)
-        return hit * (dots.gather(-1, best) > 0).to(hit.dtype)
+        if cap_lens is not None:
+            hit = hit * length_mask(cap_lens[pairs[:, 1]].to(hit.device), hit.shape[1])[..., None].to(hit.dtype)
+        return hit
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
 
-def _dvsa_tile(imgs: Tensor, caps: Tensor) -> Tensor:
-    """(N, k, d) × (B, n, d) → (N, B): one matrix product, max over regions, rectify, sum words."""
+def _dvsa_tile(imgs: Tensor, caps: Tensor, pad: Tensor | None) -> Tensor:
+    """(N, k, d) × (B, n, d) → (N, B): one matrix product, max over the real regions (``pad``
+    (N, k) marks the padded ones), sum over words (padded words are zero vectors: they add 0)."""
     N, k, d = imgs.shape
     B, n, _ = caps.shape
     dots = (imgs.reshape(N * k, d) @ caps.reshape(B * n, d).t()).view(N, k, B, n)
-    # max then rectify = rectify then max (the rectifier is monotone), one pass fewer.
-    return dots.amax(dim=1).clamp(min=0).sum(dim=-1)
+    if pad is not None:
+        dots = dots.masked_fill(pad[:, :, None, None], float("-inf"))
+    return dots.amax(dim=1).sum(dim=-1)
 
 
 def build_scorer(kind: str, xattn: XAttnConfig) -> Scorer:

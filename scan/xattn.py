@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from dataio.masks import length_mask
+
 logger = logging.getLogger(__name__)
 
 Direction = Literal["t2i", "i2t"]
@@ -158,7 +160,7 @@ def _valid_mask(lens: Tensor | None, count: int, width: int, device: torch.devic
     lens = lens.to(device=device)
     if bool((lens >= width).all()):
         return None
-    return torch.arange(width, device=device) < lens[:, None]
+    return length_mask(lens, width)
 
 
 def _zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -71,6 +71,9 @@ _HOMES = {
     "is_initialized()": {"scan/collectives.py", "cluster/local_ray.py"},  # is a process group (a Ray) running
     "dist_nn.all_gather": {"scan/collectives.py"},  # the padded all-gather
     'bind(("127.0.0.1", 0))': {"trainer/distributed.py"},  # the free-port helper
+    '"RANK"': {"dataio/ranks.py"},  # the launcher's rank (dataio.ranks: env_ranks, rank_world)
+    "def length_mask": {"dataio/masks.py"},  # which positions of a padded batch are real
+    "class Shard:": {"dataio/shard_index.py"},  # the shard index (no circle: plan and readers import it)
 }
 
 
@@ -78,3 +81,39 @@ _HOMES = {
 def test_each_mechanism_has_one_home(pattern):
     found = {str(p.relative_to(ROOT)) for p in _modules() if pattern in p.read_text(encoding="utf-8")}
     assert found <= _HOMES[pattern], f"{pattern!r} written outside its home: {sorted(found - _HOMES[pattern])}"
+
+
+def _module_imports(path: Path, names: set[str]) -> set[str]:
+    """The product modules ``path`` imports at module level (``if TYPE_CHECKING:`` blocks included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = [*tree.body, *(m for n in tree.body if isinstance(n, ast.If) for m in n.body)]
+    found = set()
+    for n in nodes:
+        if isinstance(n, ast.Import):
+            found |= {a.name for a in n.names if a.name in names}
+        elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+            found |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in names else n.module
+                      for a in n.names} & names
+    return found
+
+
+def test_no_import_circle():
+    """No module imports, through others, one that imports it (e.g. the epoch plan and the
+    readers both start from ``dataio.shard_index`` instead of importing each other)."""
+    names = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in _modules()}
+    graph = {m: _module_imports(p, set(names)) - {m} for m, p in names.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import circle: " + " -> ".join(path[path.index(n):] + [m, n]) \
+                if n in path else f"import circle: {m} -> {n}"
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

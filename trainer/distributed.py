@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dataio.ranks import env_ranks, launched
 from scan.collectives import group_running
 
 log = logging.getLogger(__name__)
@@ -41,29 +42,19 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env_int(name: str) -> int:
-    raw = os.environ[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
 def read_env(local_rank: int | None = None) -> DistEnv:
     """Reads rank/world/local rank from the launcher's environment (defaults: one process).
 
     ``local_rank`` is the ``--local_rank=N`` argument the deepspeed launcher appends; the
     environment wins when both are present (they agree under every launcher we use).
     """
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+    if not launched():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
     elif "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank or 0)
-    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-    if not 0 <= rank < world:
-        raise ValueError(f"environment RANK={rank} is outside WORLD_SIZE={world}")
+    rank, world, local = env_ranks()
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

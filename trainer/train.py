@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dataio import storage
 from dataio.errors import SKIPS
-from dataio.pipeline import (CaptionBatch, CaptionLoader, caption_batches, encode_caption, iter_captions,
+from dataio.pipeline import (CaptionBatch, CaptionLoader, LoaderSpec, encode_caption, iter_captions,
                              iter_tokens)
 from dataio.text import TextEncoder, Vocab, build_vocab, load_glove, load_hf_tokenizer, local_model_dir
 from scan.collectives import barrier
@@ -132,16 +132,21 @@ def per_rank_batch(cfg: ExperimentConfig, world: int) -> int:
     return g // world
 
 
+def loader_spec(cfg: ExperimentConfig, enc: TextEncoder | None, rank: int, world: int) -> LoaderSpec:
+    """The training loader of ``cfg`` (``data.*``, ``train.seed``) for ``rank`` of ``world``: the one
+    place the config's data keys become a loader (``enc``: None when only planning)."""
+    d = cfg.data
+    return LoaderSpec(d.train_shards, batch_size=d.batch_size, encode=enc, seed=cfg.train.seed,
+                      rank=rank, world=world, num_workers=d.num_workers, resampled=d.resampled,
+                      on_error=d.on_error, caps_per_image=d.caps_per_image, max_words=d.max_words,
+                      retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s),
+                      cache_dir=d.cache_dir, augment=pixel_augment(cfg))
+
+
 def epoch_batches(cfg: ExperimentConfig, enc: TextEncoder, env: DistEnv, epoch: int,
                   segments: list[tuple[int, int]] = ()) -> CaptionLoader:
     """This rank's caption batches of what remains of ``epoch`` (the same count on every rank)."""
-    d = cfg.data
-    return caption_batches(d.train_shards, batch_size=d.batch_size, encode=enc, seed=cfg.train.seed,
-                           epoch=epoch, rank=env.rank, world=env.world, num_workers=d.num_workers,
-                           resampled=d.resampled, segments=segments, on_error=d.on_error,
-                           caps_per_image=d.caps_per_image, max_words=d.max_words,
-                           retry=storage.RetryPolicy(d.read_retries, d.read_backoff_s),
-                           cache_dir=d.cache_dir, augment=pixel_augment(cfg))
+    return loader_spec(cfg, enc, env.rank, env.world).batches(epoch, segments)
 
 
 def seed_everything(seed: int) -> None:
