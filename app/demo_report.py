@@ -93,7 +93,7 @@ def machine() -> str:
     to recalls that differ within a seed's spread (docs/RESULTS.md, "Recall across machines")."""
     import torch
 
-    from trainer.engine import native_bf16
+    from scan.precision import native_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

@@ -74,6 +74,8 @@ _HOMES = {
     '"RANK"': {"dataio/ranks.py"},  # the launcher's rank (dataio.ranks: env_ranks, rank_world)
     "def length_mask": {"dataio/masks.py"},  # which positions of a padded batch are real
     "class Shard:": {"dataio/shard_index.py"},  # the shard index (no circle: plan and readers import it)
+    "torch.autocast(": {"scan/precision.py"},  # mixed precision: names, dtypes, auto, autocast
+    "avx512_bf16": {"scan/precision.py"},  # native bf16 (train.precision auto)
 }
 
 

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from dataio import storage
 from dataio.text import tokenize
-from scan.eval.encode import EncodeText, Precision, encode_records
+from scan.eval.encode import EncodeText, encode_records
 from scan.eval.tiles import Member, score_tile
+from scan.precision import Precision, autocast, precision_name
 from scan.scorers import Scorer
 from scan.xattn import XAttnConfig
 
@@ -125,7 +126,7 @@ def _query_encoder(model: torch.nn.Module, encode_text: EncodeText, device: torc
         model.eval()
         try:
             # The same autocast as encode_records, so a gallery caption scores as in ``sims``.
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with autocast(device, precision_name(dtype)):
                 words = model.encode_captions(torch.tensor([ids], device=device),
                                               torch.tensor([len(ids)], device=device))
         finally:

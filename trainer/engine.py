@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
+from scan.precision import resolve_precision
 from trainer.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
         if not isinstance(ds, dict):
             raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
         _check_agrees(ds, cfg, path)
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.train.precision, device)  # scan.precision: auto → bf16 where native
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'train.precision': 'fp16' is not supported on CPU (DeepSpeed "
                           "refuses fp16 without a GPU); use 'bf16' or 'fp32' here")
@@ -74,32 +75,6 @@ def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) ->
         ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     ds.setdefault("steps_per_print", 10**9)  # our own loop logs; keep DeepSpeed quiet
     return ds
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 matrix products natively (not by emulation).
-
-    CPUs need AVX512-BF16 or AMX: without them bf16 products are emulated (measured on a 2-core
-    AVX-512 Xeon without either: 5.5 GFLOP/s in bf16 against 30.6 in fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bf16 where the device computes it natively, else fp32 (logged with the reason)."""
-    if requested != "auto":
-        return requested
-    if native_bf16(device):
-        log.info("train.precision auto: bf16 (native on %s)", device.type)
-        return "bf16"
-    log.info("train.precision auto: fp32, since this %s has no native bf16 matrix products "
-             "(no AVX512-BF16/AMX): emulated bf16 would run several times slower", device.type)
-    return "fp32"
 
 
 def _check_agrees(ds: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:

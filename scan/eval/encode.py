@@ -6,11 +6,10 @@ and its captions once, then the ranks all-gather the embeddings, which every ran
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -20,13 +19,11 @@ from tqdm import tqdm
 from dataio import storage
 from dataio.pipeline import batched
 from scan.collectives import all_gather_objects, gather_padded, is_distributed
+from scan.precision import Precision, autocast, dtype_of
 
-Precision = Literal["fp32", "bf16", "fp16"]
 EncodeText = Callable[[list[str], str], list[int]]  # (tokens, raw caption) -> token ids
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -102,14 +99,6 @@ def load_embeddings(path: str) -> Embeddings:
     return Embeddings(**data)
 
 
-def _autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("eval precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
-
-
 @torch.no_grad()
 def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: EncodeText,
                    caps_per_image: int, precision: Precision = "fp32", batch_size: int = 128,
@@ -123,7 +112,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
     the precision's dtype (bf16 halves the memory of a COCO-5K split to about 1.4 GB).
     """
     device = torch.device(device)
-    dtype = _DTYPES[precision]
+    dtype = dtype_of(precision)
     output_lens = getattr(model, "output_lens", lambda lens: lens)
     image_lens = getattr(model, "image_output_lens", output_lens)  # a backbone top: its final cells
     was_training = model.training
@@ -152,7 +141,7 @@ def encode_records(model: torch.nn.Module, records: Iterable, *, encode_text: En
                 raise ValueError(f"an empty caption among images {[s.key for s in batch]}")
             # (B, k) when every image of the batch carries saliency.npy (scan_sal needs it)
             sal = pad_sequence(saliency, batch_first=True).to(device) if len(saliency) == len(batch) else None
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 x = pad_sequence(regions, batch_first=True).to(device)
                 v = (model.encode_images(x, lens.to(device)) if sal is None
                      else model.encode_images(x, lens.to(device), sal))

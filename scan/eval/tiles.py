@@ -29,6 +29,7 @@ import torch
 
 from scan.eval.encode import Embeddings
 from scan.metrics import Metrics, mean_metrics, metrics_from_ranks
+from scan.precision import lowest
 from scan.scorers import Scorer, as_scorer
 
 PROTOCOLS = ("split", "f30k1k", "coco1k", "coco5k")
@@ -324,9 +325,7 @@ class EvalResult:
 def precision_of(members: Sequence[Member]) -> str:
     """The precision the figures were computed in: the lowest of the members' embeddings (the
     scores of a tile are computed in its embeddings' dtype)."""
-    names = {torch.float32: "fp32", torch.float64: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    found = {names.get(m.emb.images.dtype, str(m.emb.images.dtype)) for m in members}
-    return next((p for p in ("fp16", "bf16") if p in found), found.pop() if found else "fp32")
+    return lowest({m.emb.images.dtype for m in members})
 
 
 def finish(plan: TilePlan, total: Partial, protocol: str, precision: str = "fp32") -> EvalResult:

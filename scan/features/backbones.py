@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from scan.features.backbone_top import LiteBottom, check_cut
+from scan.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,8 @@ class Backbone:
         x = self.preprocess.normalise(pixels.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
+        # extraction: bf16 on a GPU (scan.precision), fp32 on a CPU
+        with torch.inference_mode(), autocast(self.device, "bf16" if self.device.type == "cuda" else "fp32"):
             fmap = self.net(x)  # (B, D, h, w)
         if fmap.dim() != 4:
             raise ValueError(f"backbone {self.name}: expected a (B, D, h, w) feature map, "
