@@ -22,7 +22,7 @@ try:  # the family's builders are moving to scan.builders (issue 34)
 except ImportError:
     from scan.scorers import scorer_for
 from trainer.distributed import init_process_group, read_env
-from trainer.engine import build_engine
+from trainer.engine import build_engine, fp32_trainable_state
 from trainer.train import seed_everything
 
 VOCAB = 30
@@ -62,7 +62,36 @@ def main(out: Path, stages: list[int]) -> None:
         engine.ds.backward(loss)
         grads = {n: safe_get_full_grad(p).detach().clone() for n, p in model.named_parameters()}
         result[stage] = {"loss": float(total), "grads": grads}
+    if env.world == 1:
+        result["bf16_accum"] = bf16_accumulated_step(env)
     torch.save(result, out / f"world{env.world}_rank{env.rank}.pt")
+
+
+def bf16_accumulated_step(env) -> dict:
+    """One optimizer step in bf16 (DeepSpeed's BF16 optimizer, fp32 master weights) over two
+    accumulated micro-batches, at ZeRO 1: how far each backbone master weight moved, and the loss."""
+    cfg = tiny_config(1, 5)
+    cfg.train.precision, cfg.train.grad_accum = "bf16", 2
+    cfg.model.image = ImageBackboneConfig(finetune_blocks=1, backbone="efficientnet-lite0",
+                                          image_size=64, cut_shape=list(CUT_SHAPE))
+    seed_everything(0)
+    engine = build_engine(cfg, build_model(cfg.model, VOCAB), env)
+    model = engine.ds.module
+    before = fp32_trainable_state(engine.ds)  # the optimizer's fp32 master weights
+    losses = []
+    for lo, hi in ((0, 5), (5, 10)):
+        b = {k: v[lo:hi] for k, v in cut_batch().items()}
+        img = model.encode_images(b["regions"].to(torch.bfloat16), b["img_lens"])
+        cap = model.encode_captions(b["tokens"], b["cap_lens"])
+        loss, total = batch_loss(img, model.image_output_lens(b["img_lens"]), cap,
+                                 model.output_lens(b["cap_lens"]), b["image_ids"], cfg.loss, scorer_for(cfg))
+        engine.ds.backward(loss)
+        engine.ds.step()
+        losses.append(float(total))
+    after = fp32_trainable_state(engine.ds)
+    moved = {n: float((after[n] - before[n]).abs().max()) for n in after if n.startswith("backbone_top.")}
+    return {"dtype": str(next(model.backbone_top.parameters()).dtype), "losses": losses, "moved": moved,
+            "steps": engine.ds.global_steps}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The backbone's top across ranks: with model.image.finetune_blocks 1 (Lite0's last block and head
 over cut activations), 2 and 4 gloo ranks give one process's loss and every gradient, the
 backbone's included, through the DeepSpeed engine in fp32 at ZeRO 0 and 2 (hardest negatives mined
-over the global batch, same-image pairs across ranks)."""
+over the global batch, same-image pairs across ranks); and a bf16 step over two accumulated
+micro-batches trains every weight of the backbone's top, at its lr factor."""
 from __future__ import annotations
 
 import subprocess
@@ -47,3 +48,8 @@ def test_backbone_gradients_across_2_and_4_ranks_equal_one_process(tmp_path):
                 # fp32 rounding only (summation orders): measured 2e-7
                 assert _global_rel({n: got["grads"][n] for n in top}, top) <= 1e-5, (stage, world, rank)
                 assert _global_rel(got["grads"], want) <= 1e-5, (stage, world, rank)
+    bf16 = one["bf16_accum"]  # bf16 with two micro-batches accumulated: one step moves every weight
+    assert bf16["dtype"] == "torch.bfloat16" and bf16["steps"] == 1
+    assert all(torch.isfinite(torch.tensor(x)) for x in bf16["losses"])
+    # Adam's first step moves a weight by about its lr: optim.lr 2e-4 x model.image.lr_scale 0.1
+    assert len(bf16["moved"]) == 12 and all(1.9e-5 < v < 2.1e-5 for v in bf16["moved"].values()), bf16["moved"]

@@ -149,8 +149,17 @@ class BackboneTop(nn.Module):
             raise ValueError(f"backbone top ({self.name}, cut={self.cut}): expected cut activations "
                              f"(B, {h * w}, {c}) ({h} x {w} x {c}), got {tuple(regions.shape)}")
         b = regions.shape[0]
+        self._align_statistics(self.head[0].weight.dtype)
         x = regions.reshape(b, h, w, c).permute(0, 3, 1, 2)  # NHWC memory: channels_last strides
-        return self._run(x).flatten(2).transpose(1, 2)
+        return self._run(x.to(self.head[0].weight.dtype)).flatten(2).transpose(1, 2)
+
+    def _align_statistics(self, dtype: torch.dtype) -> None:
+        """BatchNorm's (frozen) running statistics in the weights' dtype: an engine that casts only
+        the parameters (DeepSpeed's bf16) leaves these buffers in fp32, which batch_norm refuses."""
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_mean.dtype != dtype:
+                m.running_mean.data = m.running_mean.data.to(dtype)
+                m.running_var.data = m.running_var.data.to(dtype)
 
 
 def extractor_cut(extractor: dict | None) -> Cut:
