@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_scan import reference_attention, reference_scores
-import scan.xattn as xattn_module
+import scan.xattn_tile as xattn_module  # one tile's passes, the fused one's compile state
 from scan.xattn import Aggregation, Direction, RawFeatureNorm, XAttnConfig, xattn_scores
 
 NORMS = get_args(RawFeatureNorm)
