@@ -55,13 +55,12 @@ def job_path(key: str, value: str) -> str:
     return os.path.abspath(value)
 
 
-
-
 # --------------------------------------------------------------------------------------------- train
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--resume", default=None,
-                   help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints")
+                   help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints; "
+                        "'auto': latest when there is one, else a fresh start (for torchrun --max-restarts)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in train.output_dir (its checkpoints, metrics logs, "
                         "validations and built vocabulary are deleted); without it, or --resume, a "
@@ -86,6 +85,9 @@ def _run_train(args: argparse.Namespace) -> int:
             if spec:
                 require_saliency(spec, key)
     env = read_env(args.local_rank)
+    if args.resume and env.rank == 0:
+        from trainer.outputs import fetch_log
+        fetch_log(cfg)  # a run in object storage resumed on a host without its run log
     telemetry = build_telemetry(cfg, rank=env.rank, local_rank=env.local_rank)
     summary = train(cfg, resume=args.resume, telemetry=telemetry, local_rank=args.local_rank,
                     overwrite=args.overwrite)
@@ -116,9 +118,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from dataio.ranks import rank_world
 
     if rank_world()[0] == 0:  # every rank has the result; one prints it
-        print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics},
-                         indent=1))
+        _print_result(result, indent=1)
     return 0
+
+
+def _print_result(result, indent: int | None = None, **extra: object) -> None:
+    """An evaluation's figures as JSON on stdout, with the tied queries' warning in words if any."""
+    from scan.metrics import tie_warning
+
+    out = {"protocol": result.protocol, "precision": result.precision, **result.metrics, **extra}
+    if (warning := tie_warning(result.metrics)):
+        out["warning"] = warning
+    print(json.dumps(out, indent=indent))
 
 
 # ------------------------------------------------------------------------------------------- explain
@@ -297,8 +308,7 @@ def _run_evaluate_embeddings(args: argparse.Namespace) -> int:
     cfgs, members = _members(args, env.device)
     result = evaluate_and_write(members, cfgs[0].eval, rank=env.rank, world=env.world, out_dir=args.out)
     if env.rank == 0:
-        print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
-                          "tiles_computed": result.tiles_computed, "tiles_loaded": result.tiles_loaded}))
+        _print_result(result, tiles_computed=result.tiles_computed, tiles_loaded=result.tiles_loaded)
     return 0
 
 
@@ -319,9 +329,8 @@ def _run_evaluate_ray(args: argparse.Namespace) -> int:
     cfgs, members = _members(args)
     result, actors = evaluate_on_ray(members, cfgs[0].eval, out_dir=out, actors=args.actors,
                                      num_cpus=args.num_cpus, address=args.address)
-    print(json.dumps({"protocol": result.protocol, "precision": result.precision, **result.metrics,
-                      "actors": actors, "tiles_computed": result.tiles_computed,
-                      "tiles_loaded": result.tiles_loaded}))
+    _print_result(result, actors=actors, tiles_computed=result.tiles_computed,
+                  tiles_loaded=result.tiles_loaded)
     return 0
 
 
@@ -360,15 +369,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from app.demo import DemoOptions, run_demo
 
-    print(run_demo(DemoOptions(
-        out=Path(args.out) if args.out else None, data=Path(args.data) if args.data else None,
-        quick=args.quick, generated=args.generated, config=Path(args.config),
-        baseline=not args.no_baseline, directions=args.directions, jobs=args.jobs,
-        workers=args.workers, pictures=args.pictures, overrides=args.overrides)))
+    print(run_demo(DemoOptions.from_args(args)))
     return 0
 
 
@@ -428,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:  # bad input: the message says it all
         print(f"scan {name}: error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:  # a non-finite training loss
+    except FloatingPointError as err:  # a non-finite training loss, a collapsed model
         print(f"scan {name}: training stopped: {err}", file=sys.stderr)
         return 3
     except StorageError as err:  # the storage failed after every retry: not the data's fault

@@ -161,12 +161,18 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2] = 0
     grad_accum: int = 1
     deepspeed_config: str = ""  # optional DeepSpeed JSON; the fields above override its keys
-    output_dir: str = "runs/scan"
+    output_dir: str = "runs/scan"  # a folder, or s3://bucket/run for nodes without a shared disk
+    # This host's folder of a run whose output_dir is in object storage (trainer.outputs; "": <tmp>/scan-runs/<bucket>/<run>)
+    staging_dir: str = ""
     ckpt_every_steps: int = 0  # 0: only at epoch end
     keep_checkpoints: int = 2
     log_every: int = 10
     max_steps: int = 0  # 0: no limit (for smoke runs)
     eval_every_epochs: int = 1  # validate after every N-th epoch and after the last (0: only the last)
+    # A collapsed model (trainer.collapse): the loss at its all-scores-equal value for this many
+    # consecutive micro-batches, or a validation whose scores are constant (0: no checks)...
+    collapse_steps: int = 20
+    on_collapse: Literal["stop", "continue"] = "stop"  # ...stops the run, or is logged and trained on
     # Further run logs beside metrics.jsonl, the same scalars: "tensorboard" (<output_dir>/tensorboard/,
     # torch.utils.tensorboard), "wandb" (offline unless WANDB_MODE says otherwise; needs `wandb`).
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
@@ -230,6 +236,7 @@ class ExperimentConfig:
                            ("data.read_retries", self.data.read_retries),
                            ("loss.warmup_epochs", self.loss.warmup_epochs),
                            ("train.eval_every_epochs", self.train.eval_every_epochs),
+                           ("train.collapse_steps", self.train.collapse_steps),
                            ("data.caps_per_image", self.data.caps_per_image),
                            ("eval.val_images", self.eval.val_images),
                            ("model.img_dim", self.model.img_dim),

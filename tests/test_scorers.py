@@ -25,11 +25,24 @@ def _inputs(seed: int, N: int = 5, M: int = 7, k: int = 6, n: int = 9, d: int = 
 
 
 def _dvsa_pair(regions: torch.Tensor, words: torch.Tensor) -> float:
-    """Karpathy & Fei-Fei eq. 8 with eq. 7's rectifier, one word at a time."""
+    """Karpathy & Fei-Fei eq. 8, one word at a time: each word's best region product, summed."""
     total = 0.0
     for s_t in words:
-        total += max(max(float(v_r @ s_t), 0.0) for v_r in regions)
+        total += max(float(v_r @ s_t) for v_r in regions)
     return total
+
+
+def test_dvsa_scores_below_zero_still_rank_and_train():
+    """With every region-word product negative the scores stay distinct and the gradient flows
+    (the rectified score of eq. 7 was 0 for every pair there: a dead model, all pairs tied)."""
+    g = torch.Generator().manual_seed(1)
+    images = -torch.rand(3, 4, 6, generator=g, dtype=torch.float64) - 0.1
+    captions = torch.rand(5, 3, 6, generator=g, dtype=torch.float64).requires_grad_()
+    lens = torch.tensor([3, 2, 3, 1, 3])
+    scores = DVSAScorer()(images, captions, lens, torch.tensor([4, 2, 3]))
+    assert (scores < 0).all() and scores.unique().numel() == 15
+    scores.sum().backward()
+    assert captions.grad.abs().sum() > 0
 
 
 def test_dvsa_equals_the_per_pair_definition():

@@ -42,6 +42,9 @@ class Telemetry(Protocol):
 
     ``observe_eval`` takes the metrics mapping from ``scan.metrics`` (R@K per direction, rsum,
     medr, meanr; nested mappings are allowed).
+
+    Sinks may also define ``observe_alert(*, kind, step, epoch, message)``: something is wrong with
+    the run itself (``trainer.collapse``: a collapsed model); :func:`alert` calls it where defined.
     """
 
     def observe_step(self, *, step: int, epoch: int, loss: float, samples_per_s: float,
@@ -91,7 +94,8 @@ class JsonlRunLog:
 
     Records: ``{"kind": "step", "time": <unix s>, "rank": R, "step": ..., "epoch": ..., "loss": ...,
     ...}`` with the ``observe_step`` fields, and ``{"kind": "eval", "time": ..., "rank": R,
-    "epoch": E, "metrics": {"i2t_r1": ..., ...}}`` (flattened). Non-finite numbers become null.
+    "epoch": E, "metrics": {"i2t_r1": ..., ...}}`` (flattened), and ``{"kind": "alert", "alert":
+    "collapse", "step": ..., "epoch": ..., "message": ...}``. Non-finite numbers become null.
 
     The file is opened in append mode at the first record, so a resumed run continues the same
     log; the trainer first cuts it back to the checkpoint's step (:func:`rewrite_run_log`), so
@@ -131,6 +135,10 @@ class JsonlRunLog:
         flat = {k: _json_number(v) for k, v in flatten_metrics(metrics).items()}
         self._write({"kind": "eval", "epoch": int(epoch), "metrics": flat})
 
+    def observe_alert(self, *, kind: str, step: int, epoch: int, message: str) -> None:
+        self._write({"kind": "alert", "alert": kind, "step": int(step), "epoch": int(epoch),
+                     "message": message})
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -154,6 +162,10 @@ class Fanout:
         for sink in self.sinks:
             sink.observe_eval(epoch=epoch, metrics=metrics)
 
+    def observe_alert(self, **fields: Any) -> None:
+        for sink in self.sinks:
+            alert(sink, **fields)
+
     def close(self) -> None:
         first: BaseException | None = None
         for sink in self.sinks:
@@ -164,6 +176,13 @@ class Fanout:
                 first = first or exc
         if first is not None:
             raise first
+
+
+def alert(telemetry: Telemetry, *, kind: str, step: int, epoch: int, message: str) -> None:
+    """Reports an alert to the sinks that record alerts (the run log, Prometheus); others skip it."""
+    observe = getattr(telemetry, "observe_alert", None)
+    if observe is not None:
+        observe(kind=kind, step=step, epoch=epoch, message=message)
 
 
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:

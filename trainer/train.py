@@ -22,10 +22,11 @@ re-plans exactly the captions of the epoch not yet seen, on any world size.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,11 +44,13 @@ from scan.builders import loss_for
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
 from scan.eval.sharded import encode_and_evaluate
+from scan.eval.tiles import NonFiniteScores
 from scan.features.backbone_top import image_config_for_training, pixel_augment
 from scan.loss import TrainingLoss
 from scan.model import build_model, build_trained
 from scan.text_features import precompute
-from trainer import checkpoint, preflight
+from trainer import outputs, preflight
+from trainer.collapse import CollapseGuard
 from trainer.distributed import DistEnv, init_process_group, read_env
 from trainer.engine import Engine, build_engine, fp32_trainable_state
 from trainer.position import Position, client_state, data_identity, resumed_position
@@ -70,13 +73,13 @@ def text_encoder(cfg: ExperimentConfig, env: DistEnv, run_dir: Path) -> tuple[Te
         if env.is_main:
             tok.tok.save_pretrained(str(run_dir / "tokenizer"))
         return tok, len(tok.tok)
-    path = Path(cfg.data.vocab) if cfg.data.vocab else run_dir / "vocab.json"
-    if not cfg.data.vocab and env.is_main and not path.is_file():
-        build_vocab(iter_tokens(cfg.data.train_shards, cfg.data.on_error)).save(str(path))
+    path = cfg.data.vocab or outputs.shared(cfg, "vocab.json")  # every rank reads it: in object storage too
+    if not cfg.data.vocab and env.is_main and not storage.exists(path):
+        build_vocab(iter_tokens(cfg.data.train_shards, cfg.data.on_error)).save(path)
     barrier()
-    if not path.is_file():
-        raise FileNotFoundError(f"config key 'data.vocab': vocabulary file {str(path)!r} does not exist")
-    vocab = Vocab.load(str(path))
+    if not storage.exists(path):
+        raise FileNotFoundError(f"config key 'data.vocab': vocabulary file {path!r} does not exist")
+    vocab = Vocab.load(path)
     return vocab, len(vocab)
 
 
@@ -115,7 +118,7 @@ def prepare_text_features(cfg: ExperimentConfig) -> None:
     if cfg.model.text_encoder != "hf" or not cfg.model.hf_freeze:
         return
     env = read_env(None)
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = outputs.local_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     enc, _ = text_encoder(cfg, env, run_dir)
     precompute_text_features(cfg, enc, env, run_dir)
@@ -175,13 +178,19 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
         raise ConfigError("config key 'data.train_shards' is empty: name the training manifest or shards")
     env = read_env(local_rank)
     cfg = replace(cfg, data=replace(cfg.data, batch_size=per_rank_batch(cfg, env.world)))
-    run_dir = Path(cfg.train.output_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir = outputs.local_dir(cfg)  # this host's folder (train.output_dir unless in object storage)
+    if resume == "auto":  # torchrun --max-restarts: the first start trains afresh, a restart resumes
+        resume = "latest" if outputs.latest_tag(cfg) is not None else None
+    if resume and env.is_main:
+        outputs.fetch_log(cfg)
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
     try:
         cfg = preflight.check_inputs(cfg)  # before any process group, model or data worker
         cfg = image_config_for_training(cfg)  # the shards' cut and backbone (model.image)
-        preflight.claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
+        if outputs.remote(cfg):
+            outputs.claim_remote(cfg, resume=resume, overwrite=overwrite, main=env.is_main)
+        else:
+            preflight.claim_output_dir(run_dir, resume=resume, overwrite=overwrite)
         init_process_group(env)
         if env.is_main:
             if overwrite:
@@ -191,7 +200,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         enc, vocab_size = text_encoder(cfg, env, run_dir)
         precompute_text_features(cfg, enc, env, run_dir)
-        vocab_path = cfg.data.vocab or str(run_dir / "vocab.json")
+        vocab_path = cfg.data.vocab or outputs.shared(cfg, "vocab.json")
         embeddings = (torch.from_numpy(load_glove(enc, cfg.model.glove, cfg.train.seed))
                       if cfg.model.glove and isinstance(enc, Vocab) else None)
         model = build_model(cfg.model, vocab_size, embeddings)
@@ -200,7 +209,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
         data = data_identity(cfg)
         pos = Position(world=env.world)
         if resume:
-            state = checkpoint.load(engine.ds, ckpt_dir, resume, env)
+            state = outputs.load(cfg, engine.ds, resume, env)
             pos = resumed_position(state, data, env)
             if env.is_main:  # each step logged once: the replayed ones are dropped before
                 preflight.trim_run_logs(run_dir, pos.step, pos.epoch)
@@ -208,12 +217,14 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
             if isinstance(enc, Vocab) and saved_itos is not None and saved_itos != enc.itos:
                 raise ValueError(f"--resume: vocabulary {vocab_path} differs from the checkpoint's")
         loss_fn = loss_for(cfg)  # the run's loss, built once: scorer, margin, negatives, dropout
-        run = _Run(cfg, env, engine, enc, vocab_size, telemetry, ckpt_dir, vocab_path, data, loss_fn)
+        run = _Run(cfg, env, engine, enc, vocab_size, telemetry, run_dir, vocab_path, data, loss_fn)
         pos = run.loop(pos)
     finally:
         telemetry.close()
+    if env.is_main:
+        outputs.publish_log(cfg)
     return {"steps": pos.step, "epoch": pos.epoch, "optimizer": engine.optimizer_name,
-            "checkpoint": checkpoint.latest_tag(ckpt_dir), "world": env.world}
+            "checkpoint": outputs.latest_tag(cfg), "world": env.world}
 
 
 def _log_batch(cfg: ExperimentConfig, world: int) -> None:
@@ -241,15 +252,20 @@ class _Run:
     enc: TextEncoder
     vocab_size: int
     telemetry: Telemetry
-    ckpt_dir: Path
+    run_dir: Path  # this host's folder of the run
     vocab_path: str
     data: dict[str, Any]
     loss_fn: TrainingLoss  # what every micro-batch's step calls
+    guard: CollapseGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.guard = CollapseGuard(self.loss_fn, steps=self.cfg.train.collapse_steps,
+                                   on_collapse=self.cfg.train.on_collapse, telemetry=self.telemetry)
 
     def save(self, pos: Position) -> None:
-        checkpoint.save(self.engine.ds, self.ckpt_dir, pos.step,
-                        client_state(self.cfg, pos, self.vocab_path, self.enc, self.data), self.env,
-                        self.cfg.train.keep_checkpoints, lambda: fp32_trainable_state(self.engine.ds))
+        outputs.save(self.cfg, self.engine.ds, pos.step,
+                     client_state(self.cfg, pos, self.vocab_path, self.enc, self.data), self.env,
+                     lambda: fp32_trainable_state(self.engine.ds))
 
     def loop(self, pos: Position) -> Position:
         cfg, ds = self.cfg, self.engine.ds
@@ -267,6 +283,7 @@ class _Run:
                     raise FloatingPointError(
                         f"non-finite training loss {err.loss} at epoch {pos.epoch}, step {pos.step + 1} "
                         f"(batch keys {err.keys[:4]}...); check the features and lower optim.lr") from None
+                self.guard.observe_loss(result.loss, batch.image_ids, step=ds.global_steps, epoch=pos.epoch)
                 window.add(result.loss, len(batch))
                 pos.samples += len(batch)
                 if not result.stepped:
@@ -291,7 +308,7 @@ class _Run:
                 self.save(pos)
             if cfg.data.val_shards and _validates_after(cfg, pos.epoch):
                 validate(cfg, self.engine, self.vocab_size, self.enc, pos.epoch - 1, self.telemetry,
-                         self.ckpt_dir.parent)
+                         self.run_dir, self.guard, pos.step)
         if save_at_boundary:  # the last epoch ended inside a window: no step will complete it
             log.warning("the last %d captions of the final epoch did not reach an optimizer step "
                         "(train.grad_accum=%d); saving the final weights without them",
@@ -360,15 +377,29 @@ class _Window:
 
 
 def validate(cfg: ExperimentConfig, engine: Engine, vocab_size: int, enc: TextEncoder, epoch: int,
-             telemetry: Telemetry, run_dir: Path) -> None:
+             telemetry: Telemetry, run_dir: Path, guard: CollapseGuard, step: int) -> None:
     """Validation on every rank: the first ``eval.val_images`` images of ``data.val_shards``
     (the reference's 1,000 images / 5,000 captions), encoded by an fp32 model holding the
-    trained (master) weights; recalls go to the telemetry."""
+    trained (master) weights; recalls go to the telemetry. Constant or non-finite scores are a
+    collapse (``guard``): marked in the metrics (``collapsed``: 1), then reported."""
     model = build_trained(cfg.model, vocab_size, fp32_trainable_state(engine.ds)).to(engine.ds.device)
-    result = encode_and_evaluate(model, cfg, cfg.data.val_shards, encode_text=enc.encode,
-                            out_dir=run_dir / "eval" / f"epoch{epoch:03d}",
-                            max_images=cfg.eval.val_images, protocol="split")
-    telemetry.observe_eval(epoch=epoch, metrics=result.metrics)
-    log.info("epoch %d validation (%s, first %d images of %s): rsum %.2f", epoch, cfg.eval.precision,
-             len(result.i2t_ranks), cfg.data.val_shards, result.metrics["rsum"])
+    try:
+        result = encode_and_evaluate(model, cfg, cfg.data.val_shards, encode_text=enc.encode,
+                                     out_dir=run_dir / "eval" / f"epoch{epoch:03d}",
+                                     max_images=cfg.eval.val_images, protocol="split")
+    except NonFiniteScores as err:
+        if (what := guard.scores_collapsed(math.nan, math.nan)) is None:  # checks off
+            raise
+        log.error("epoch %d validation: %s", epoch, err)
+        guard.report(what, step=step, epoch=epoch)
+        return
+    collapsed = guard.scores_collapsed(*result.score_range)
+    metrics = {**result.metrics, "collapsed": 1} if collapsed else result.metrics
+    telemetry.observe_eval(epoch=epoch, metrics=metrics)
+    ties = result.metrics["ties"]
+    log.info("epoch %d validation (%s, first %d images of %s): rsum %.2f (queries with a tied "
+             "competitor: %d i2t, %d t2i)", epoch, cfg.eval.precision, len(result.i2t_ranks),
+             cfg.data.val_shards, result.metrics["rsum"], ties["i2t"], ties["t2i"])
+    if collapsed:
+        guard.report(collapsed, step=step, epoch=epoch)
 
