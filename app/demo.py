@@ -32,6 +32,7 @@ time of one on two threads.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -259,6 +260,14 @@ class DemoOptions:
     workers: int = 0  # Ray extraction actors (0: one per CPU core, or one per GPU)
     pictures: int = 4  # attention pictures / retrieval queries
     overrides: Sequence[str] = ()  # key=value overrides of every experiment
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DemoOptions":
+        """The options of ``scan demo``'s parsed command line (``app.cli``)."""
+        return cls(out=Path(args.out) if args.out else None, data=Path(args.data) if args.data else None,
+                   quick=args.quick, generated=args.generated, config=Path(args.config),
+                   baseline=not args.no_baseline, directions=args.directions, jobs=args.jobs,
+                   workers=args.workers, pictures=args.pictures, overrides=args.overrides)
 
     def folder(self) -> Path:
         return Path(self.out or ("runs/demo-quick" if self.quick else "runs/demo")).resolve()
