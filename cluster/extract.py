@@ -181,17 +181,25 @@ def _cluster_shape(cfg: JobConfig) -> tuple[int, int, int]:
     return workers, cpus_per_worker, 1 if gpus else 0
 
 
+# What makes shards another extractor's: the backbone (its spec, weights, input size, memory
+# format) and the cut. Region mode and saliency stay per-unit choices that a rerun recomputes.
+_EXTRACTOR_KEYS = ("backbone", "files_digest", "image_size", "memory_format", "cut")
+
+
+def _extractor(identity: dict) -> dict:
+    return {k: identity.get(k, 0 if k == "cut" else None) for k in _EXTRACTOR_KEYS}
+
+
 def _described(identity: dict) -> str:
-    rest = ", ".join(f"{k} {v!r}" for k, v in sorted(identity.items())
-                     if k not in ("backbone", "cut", "files_digest"))
-    return (f"backbone={identity.get('backbone')} cut={identity.get('cut', 0)} "
-            f"(weights {str(identity.get('files_digest', '?'))[:12]}; {rest})")
+    return (f"backbone={identity.get('backbone')} cut={identity.get('cut', 0)} (weights "
+            f"{str(identity.get('files_digest', '?'))[:12]}, image_size {identity.get('image_size')})")
 
 
 def refuse_other_extractor(dest: str, split: str, stats_files: set[str], identity: dict) -> None:
     """Raise ConfigError, naming both, when ``DEST/<split>`` holds units of another extractor
-    (another backbone, cut, input size, region mode or saliency model): a rerun would replace its
-    shards one unit at a time. Units of the same extractor resume as usual."""
+    (another backbone, weights, input size or cut): a rerun would replace its shards one unit at a
+    time. Units of the same extractor resume as usual (another region mode or saliency model is
+    recomputed, as before)."""
     for name in sorted(stats_files):
         if not name.endswith(".json"):
             continue
@@ -200,7 +208,7 @@ def refuse_other_extractor(dest: str, split: str, stats_files: set[str], identit
                                                              name))).get("identity")
         except (FileNotFoundError, ValueError):
             continue  # unreadable stats: that unit is recomputed, as before
-        if old is not None and old != identity:
+        if old is not None and _extractor(old) != _extractor(identity):
             raise ConfigError(f"config key 'dest': {split_dest(dest, split)!r} already holds shards of "
                               f"{_described(old)}; this job extracts {_described(identity)}. Give "
                               f"another dest, or remove that folder to replace them")
