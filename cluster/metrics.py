@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import math
+import os
 import re
 import socket
 from pathlib import Path
@@ -40,6 +41,7 @@ from dataio.storage import write_text_atomic
 from scan.config import ExperimentConfig
 from scan.configfile import ConfigError
 from trainer.report_logs import build_report_logs, check_report_to
+from trainer.outputs import local_dir
 from trainer.telemetry import Fanout, JsonlRunLog, Telemetry, flatten_metrics
 
 log = logging.getLogger(__name__)
@@ -202,16 +204,20 @@ class PrometheusExporter:
 class ScrapeTarget:
     """Where this rank's exporter listens, in Prometheus' file_sd format (``[{"targets":
     ["addr:port"], "labels": {"run_dir": ...}}]``), written to ``<run dir>/metrics_targets/rank<R>.json``
-    (kept: the run's record) and to ``<targets_dir>/<host>-<port>.json`` (the scrape list that
-    configs/prometheus/scan.yml watches; removed at ``close``, so a finished run leaves it)."""
+    (kept: the run's record) and to ``<targets_dir>/<host>-<pid>-<port>.json`` (the scrape list that
+    configs/prometheus/scan.yml watches; removed at ``close``, so a finished run leaves it, and
+    the entries of this host's processes that died without closing are removed on the way in)."""
 
     def __init__(self, run_dir: str | Path, rank: int, exporter: PrometheusExporter,
                  targets_dir: str) -> None:
         entry = json.dumps([{"targets": [f"{exporter.addr}:{exporter.port}"],
                              "labels": {"run_dir": str(Path(run_dir).resolve())}}]) + "\n"
         record = Path(run_dir) / "metrics_targets" / f"rank{rank}.json"
-        self.listed = (Path(targets_dir) / f"{socket.gethostname()}-{exporter.port}.json"
+        host = socket.gethostname()
+        self.listed = (Path(targets_dir) / f"{host}-{os.getpid()}-{exporter.port}.json"
                        if targets_dir else None)
+        if self.listed is not None:
+            _drop_dead_targets(Path(targets_dir), host)
         for path in (record, self.listed):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +236,21 @@ class ScrapeTarget:
             self.listed.unlink(missing_ok=True)
 
 
+def _drop_dead_targets(targets_dir: Path, host: str) -> None:
+    """Remove this host's scrape-list entries whose process is gone (killed before ``close``)."""
+    for path in targets_dir.glob(f"{host}-*-*.json"):
+        pid = path.stem[len(host) + 1:].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("scrape list: removing %s (process %s is gone)", path, pid)
+            path.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def build_telemetry(cfg: ExperimentConfig, *, rank: int, local_rank: int,
                     run_dir: str | Path | None = None) -> Telemetry:
     """The telemetry of one rank: the run log (rank 0 writes ``<run_dir>/metrics.jsonl``), the
@@ -239,7 +260,7 @@ def build_telemetry(cfg: ExperimentConfig, *, rank: int, local_rank: int,
     ``<run_dir>/metrics_targets/rank<R>.json`` and listed in ``metrics.targets_dir``. Every error (a taken port, a missing package) comes before the
     run log is opened.
     """
-    run_dir = run_dir or cfg.train.output_dir
+    run_dir = run_dir or local_dir(cfg)  # this host's folder (train.output_dir unless s3://)
     check_report_to(cfg)
     exporter = None
     if cfg.metrics.enabled:

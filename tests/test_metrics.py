@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -268,7 +271,7 @@ def test_ranks_sharing_a_host_get_free_ports_written_as_scrape_targets(tmp_path)
             ports.append(int(target.rsplit(":", 1)[1]))
         assert len(set(ports)) == 2
         listed = sorted(p.name for p in (tmp_path / "targets").iterdir())
-        assert listed == sorted(f"{socket.gethostname()}-{port}.json" for port in ports)
+        assert listed == sorted(f"{socket.gethostname()}-{os.getpid()}-{port}.json" for port in ports)
     finally:
         for telemetry in runs:
             telemetry.close()
@@ -283,3 +286,22 @@ def test_a_taken_fixed_port_is_a_config_error_before_the_run_log(tmp_path, expor
                                           rf"{exporter.port} \(0: a free port"):
         build_telemetry(cfg, rank=0, local_rank=0, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_runs_scrape_entry_is_dropped_by_the_next_run(tmp_path):
+    """A rank killed before close leaves its entry; the next rank on the host removes it (its
+    process is gone) and keeps live ones."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host, targets = socket.gethostname(), tmp_path / "targets"
+    targets.mkdir()
+    stale, live = targets / f"{host}-{dead}-1234.json", targets / f"{host}-{os.getppid()}-1235.json"
+    for path in (stale, live):
+        path.write_text("[]")
+    cfg = ExperimentConfig()
+    cfg.metrics.targets_dir = str(targets)
+    telemetry = build_telemetry(cfg, rank=0, local_rank=0, run_dir=tmp_path / "run")
+    try:
+        assert not stale.exists() and live.exists()
+    finally:
+        telemetry.close()

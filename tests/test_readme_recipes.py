@@ -239,8 +239,9 @@ def test_prometheus_recipe(demo, work):
     finally:  # the training was stopped with the recipe's session: take it off the scrape list
         for record in (run / "metrics_targets").glob("rank*.json"):
             (target,) = json.loads(record.read_text())[0]["targets"]
-            (REPO / "runs" / "metrics_targets" / f"{socket.gethostname()}-{target.rsplit(':', 1)[1]}.json"
-             ).unlink(missing_ok=True)
+            for listed in (REPO / "runs" / "metrics_targets").glob(
+                    f"{socket.gethostname()}-*-{target.rsplit(':', 1)[1]}.json"):
+                listed.unlink()
 
 
 def test_evaluate_recipe(demo):
