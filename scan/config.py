@@ -201,7 +201,7 @@ class MetricsConfig:
     # 0: each rank on a free port, logged and written to <train.output_dir>/metrics_targets/rank<R>.json
     # (Prometheus file_sd format); N > 0: rank r of a node on N + local rank, an error when taken
     port_base: int = 0
-    # Prometheus scrape list (file_sd) that configs/prometheus/scan.yml watches: one <host>-<port>.json
+    # Prometheus scrape list (file_sd) that configs/prometheus/scan.yml watches: one <host>-<pid>-<port>.json
     # per running rank, removed when the rank ends ("": none)
     targets_dir: str = "runs/metrics_targets"
 
