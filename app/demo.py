@@ -236,9 +236,12 @@ def val_recalls(run_dir: Path) -> dict | None:
     if not evals:
         return None
     flat, epoch = evals[-1]["metrics"], evals[-1]["epoch"]
-    return {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-            "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
-            "rsum": flat["rsum"], "epoch": epoch}
+    out = {"i2t": {k: flat[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+           "t2i": {k: flat[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")},
+           "rsum": flat["rsum"], "epoch": epoch}
+    if "ties_queries" in flat:  # queries with a competitor tied with their positive
+        out["ties"] = {k: int(flat[f"ties_{k}"]) for k in ("i2t", "t2i", "queries")}
+    return out
 
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dataio import storage
+from scan.metrics import tie_warning
 from scan.builders import scorer_for
 from scan.config import ExperimentConfig
 
@@ -136,8 +137,11 @@ def _noise(res: DemoResults) -> str:
 
 
 def _ranks_row(name: str, m: dict) -> str:
-    return f"| {name} | " + " | ".join(f"{m[d][k]:.0f}" if k == "medr" else f"{m[d][k]:.1f}"
-                                       for d in ("i2t", "t2i") for k in ("medr", "meanr")) + " |"
+    ties = m.get("ties")
+    tied = f"{ties['i2t']} + {ties['t2i']} of {ties['queries']}" if ties else "not counted"
+    return (f"| {name} | " + " | ".join(f"{m[d][k]:.0f}" if k == "medr" else f"{m[d][k]:.1f}"
+                                        for d in ("i2t", "t2i") for k in ("medr", "meanr"))
+            + f" | {tied} |")
 
 
 def _row(name: str, m: dict) -> str:
@@ -179,9 +183,13 @@ def write_report(out_dir: Path, res: DemoResults) -> Path:
         lines.append(_row("ensemble of SCAN and VSE++ (mean of all their similarity matrices)",
                           res.scan_and_baseline))
         named.append(("SCAN + VSE++ ensemble", res.scan_and_baseline))
-    lines += ["", "Rank of the true match (1-based; medr: median, meanr: mean):", "",
-              "| model | i2t medr | i2t meanr | t2i medr | t2i meanr |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "Rank of the true match (1-based; medr: median, meanr: mean); a competitor scoring "
+              "exactly the true match's score ranks above it (tied queries: image + caption queries "
+              "with such a tie):", "",
+              "| model | i2t medr | i2t meanr | t2i medr | t2i meanr | tied queries |",
+              "| --- | --- | --- | --- | --- | --- |"]
     lines += [_ranks_row(name, m) for name, m in named]
+    lines += [f"- **{name}**: {w}" for name, m in named if (w := tie_warning(m))]
     lines += ["", "## Published Flickr8K rows, for orientation", "",
               "Another split (the official **test** 1,000 images, held out here) and other features: "
               "not comparable number for number with the val figures above.", "", head, rule]
