@@ -16,7 +16,8 @@ Exported (every series also carries the exporter's constant labels, e.g. ``run``
   scan_train_step, scan_train_epoch, scan_train_steps_total, scan_data_skipped_samples_total,
   scan_data_skipped_samples_by_kind_total{kind} (dataio's counter, read at scrape time),
   scan_memory_bytes, scan_eval_recall{direction,k}, scan_eval_rsum, scan_eval_rank{direction,stat},
-  scan_eval_metric{name} (any other evaluation number), scan_eval_epoch,
+  scan_eval_metric{name} (any other evaluation number), scan_eval_epoch, scan_train_alerts_total{kind}
+  (trainer.collapse: a collapsed model),
   plus the process_* / python_* collectors of prometheus-client.
 """
 from __future__ import annotations
@@ -131,6 +132,8 @@ class PrometheusExporter:
         self._other = Gauge("scan_eval_metric", "Other numbers of the last evaluation",
                             [*names, "name"], registry=registry)
         self._eval_epoch = gauge("scan_eval_epoch", "Epoch of the last evaluation")
+        self._alerts = Counter("scan_train_alerts", "Alerts about the run itself (kind: collapse)",
+                               [*names, "kind"], registry=registry)
         registry.register(SkipsByKind(skips, self.labels))
         # Unknown until reported: NaN rather than a misleading 0 (the exporter starts before the
         # model is built, and Prometheus scrapes it from then on).
@@ -177,6 +180,9 @@ class PrometheusExporter:
             self._skipped_seen = 0
         self._skipped.inc(skipped_samples - self._skipped_seen)
         self._skipped_seen = skipped_samples
+
+    def observe_alert(self, *, kind: str, step: int, epoch: int, message: str) -> None:
+        self._alerts.labels(**self.labels, kind=kind).inc()
 
     def observe_eval(self, *, epoch: int, metrics: Mapping[str, Any]) -> None:
         self._eval_epoch.set(epoch)

@@ -305,3 +305,16 @@ def test_a_killed_runs_scrape_entry_is_dropped_by_the_next_run(tmp_path):
         assert not stale.exists() and live.exists()
     finally:
         telemetry.close()
+
+
+def test_exporter_counts_alerts_by_kind_and_fanout_forwards_them(exporter, tmp_path):
+    from trainer.telemetry import Fanout, JsonlRunLog, alert
+
+    log = JsonlRunLog(tmp_path, rank=0)
+    alert(Fanout([log, exporter]), kind="collapse", step=7, epoch=1, message="every score equal")
+    log.close()
+    fixed = {("rank", "3"), ("run", "unit")}
+    assert scrape(exporter.url)[("scan_train_alerts_total", frozenset({*fixed, ("kind", "collapse")}))] == 1
+    (record,) = read_run_log(tmp_path / "metrics.jsonl")
+    assert (record["kind"], record["alert"], record["step"], record["message"]) == \
+        ("alert", "collapse", 7, "every score equal")
