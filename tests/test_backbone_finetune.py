@@ -203,6 +203,11 @@ def test_whole_backbone_trains_from_pixels_and_its_run_refuses_shards_of_another
     from helpers_dist import run_train
     from tools.inference import evaluate_runs, find_record, gallery_for_runs, load_run
 
+    wrong = run_train(str(pixels / "all" / "train"), tmp_path / "wrong", "model.image.finetune_blocks=1",
+                      "model.img_dim=0", "train.epochs=1")
+    assert wrong.returncode != 0 and not (tmp_path / "wrong" / "checkpoints").exists()
+    assert ("shards of efficientnet-lite0 with cut='all', but config key 'model.image.finetune_blocks' is 1"
+            in wrong.stderr), wrong.stderr[-2000:]
     out = tmp_path / "run"
     proc = run_train(str(pixels / "all" / "train"), out, f"data.val_shards={pixels / 'all' / 'val'}",
                      "model.image.finetune_blocks=all", "model.img_dim=0", "train.epochs=1",
