@@ -104,7 +104,7 @@ def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "test/shard-000001.tar").unlink()
     with pytest.raises(DataError, match=r"shard-000001.tar.*does not exist"):
         encode_and_evaluate(model, cfg, spec, encode_text=vocab.encode)
-    with pytest.raises(FileNotFoundError, match="no manifest at"):
+    with pytest.raises(FileNotFoundError, match=r"absent does not exist \(expected a manifest"):
         encode_and_evaluate(model, cfg, str(tmp_path / "absent"), encode_text=vocab.encode)
 
 
