@@ -181,7 +181,7 @@ def train_concurrently(cfgs: dict[str, ExperimentConfig], threads: int, what: st
             with open(run_dir / "train.log", "ab") as err, open(run_dir / "train.stdout", "wb") as out:
                 procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), run_dir)
         with tqdm(total=sum(totals.values()), desc=what, unit="step", mininterval=2.0,
-                  dynamic_ncols=True, postfix="each run validates after its last step") as bar:
+                  dynamic_ncols=True, postfix="each run validates after every epoch") as bar:
             while True:
                 codes = {name: p.poll() for name, (p, _) in procs.items()}
                 done = {name: progress[name].poll() for name in procs}
