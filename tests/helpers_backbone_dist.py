@@ -31,7 +31,7 @@ CUT_SHAPE = (2, 2, 192)
 
 def cut_batch(seed: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    n, (h, w, c) = len(IMAGE_IDS), CUT_SHAPE
+    n, (h, w, _) = len(IMAGE_IDS), CUT_SHAPE
     # the real activations entering Lite0's last block, of random 64 px pictures
     pixels = torch.randint(0, 256, (n, 64, 64, 3), generator=g, dtype=torch.uint8)
     regions = load_backbone("efficientnet-lite0", image_size=64, device="cpu", cut=1)(pixels).features.clone()

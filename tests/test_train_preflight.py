@@ -6,7 +6,6 @@ skipped and counted."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,7 +109,7 @@ def test_input_errors_come_before_the_first_step(shards, tmp_path):
     out = tmp_path / "run"
     missing_val = str(Path(shards).parent / "val" / "manifest.json")
     r = run_train(shards, out, *TINY, f"data.val_shards={missing_val}")
-    assert r.returncode == 2 and f"config key 'data.val_shards'" in r.stderr and missing_val in r.stderr
+    assert r.returncode == 2 and "config key 'data.val_shards'" in r.stderr and missing_val in r.stderr
     r = run_train(shards, out, *TINY, "model.img_dim=1280")
     assert r.returncode == 2 and "config key 'model.img_dim': 1280" in r.stderr
     assert "step 1 " not in r.stderr and not (out / "metrics.jsonl").exists()
