@@ -13,7 +13,7 @@ As the reference's ContrastiveLoss (kuanghuei/SCAN), mined over the global micro
   embeddings itself (as open_clip's ``ClipLoss`` gathers its features), so a caller passes only
   its local batch;
 * :class:`TrainingLoss`: the loss a training run builds once from plain values (its scorer, margin,
-  partition, negatives schedule and region / word dropout; ``scan.config.loss_for`` fills it from
+  partition, negatives schedule and region / word dropout; ``scan.builders.loss_for`` fills it from
   an experiment, as open_clip's ``create_loss``) and its step calls on each micro-batch.
 """
 from __future__ import annotations
