@@ -139,3 +139,32 @@ def test_tie_warning_only_above_one_percent():
     m = recall_metrics(sims)
     assert m["ties"]["t2i"] == 20
     assert "3.3% of the queries" in tie_warning(m) and "collapsed" in tie_warning(m)
+
+
+@pytest.mark.integration
+def test_two_gloo_ranks_rank_a_constant_matrix_last(tmp_path):
+    """The torchrun path of the sharded evaluator (tiles over two ranks, counts combined)."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    from helpers_dist import REPO, free_port
+    from scan.eval.encode import save_embeddings
+
+    n = 12
+    save_embeddings(zero_embeddings(n), str(tmp_path / "dead.pt"))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"xattn": dataclasses.asdict(T2I),
+                                                        "eval": {"image_block": 4}}))
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "app.cli", "evaluate-embeddings", "--config",
+         str(tmp_path / "cfg.yaml"), "--embeddings", str(tmp_path / "dead.pt"), "--out", str(tmp_path / "out")],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert metrics == recall_metrics(np.zeros((n, 5 * n), np.float32), 5)
+    assert_at_or_below_chance(metrics, n, 5)
+    assert metrics["ties"] == {"i2t": n, "t2i": 5 * n, "queries": 6 * n}
