@@ -59,8 +59,7 @@ def job_path(key: str, value: str) -> str:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--resume", default=None,
-                   help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints; "
-                        "'auto': latest when there is one, else a fresh start (for torchrun --max-restarts)")
+                   help="'latest' or a checkpoint tag (stepNNNNNNNN) under <train.output_dir>/checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in train.output_dir (its checkpoints, metrics logs, "
                         "validations and built vocabulary are deleted); without it, or --resume, a "

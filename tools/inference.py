@@ -8,17 +8,19 @@ bf16 module). Nothing is unpickled: files are read with ``torch.load(weights_onl
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from dataio import storage
 from dataio.pipeline import image_records, resolve_shards
 from dataio.shards import ImageSample, manifest_url
 from dataio.text import TextEncoder, Vocab, load_hf_tokenizer
 from scan import configfile
-from trainer import checkpoint
+from trainer import checkpoint, checkpoint_s3
 from scan.builders import scorer_for
 from scan.config import EvalConfig, ExperimentConfig
 from scan.configfile import ConfigError
@@ -45,7 +47,10 @@ class TrainedRun:
 
 
 def checkpoint_path(run_dir: str | Path, tag: str = "latest") -> Path:
-    """The model-states file of checkpoint ``tag`` (``latest`` or ``stepNNNNNNNN``) of a run."""
+    """The model-states file of checkpoint ``tag`` (``latest`` or ``stepNNNNNNNN``) of a run; a run in
+    object storage (``s3://...``) is first downloaded (those two files) into a temporary folder."""
+    if storage.is_s3(str(run_dir)):
+        return _fetched(str(run_dir), tag)
     ckpt_dir = Path(run_dir) / "checkpoints"
     name = checkpoint.latest_tag(ckpt_dir) if tag == checkpoint.LATEST else tag
     if name is None:
@@ -55,6 +60,16 @@ def checkpoint_path(run_dir: str | Path, tag: str = "latest") -> Path:
         raise FileNotFoundError(f"run {run_dir}: checkpoint {name} has no {MODEL_STATES} "
                                 f"(available: {checkpoint.complete_tags(ckpt_dir) or 'none'})")
     return path
+
+
+def _fetched(run_url: str, tag: str) -> Path:
+    ckpt_url = storage.join(run_url, "checkpoints")
+    name = checkpoint_s3.latest_tag(ckpt_url) if tag == checkpoint.LATEST else tag
+    if name is None:
+        raise FileNotFoundError(f"run {run_url}: no complete checkpoint under {ckpt_url}")
+    local = checkpoint_s3.fetch(ckpt_url, name, Path(tempfile.mkdtemp(prefix="scan-run-")),
+                                only=lambda rel: rel in (MODEL_STATES, checkpoint.FP32_WEIGHTS))
+    return local / MODEL_STATES
 
 
 def load_run(run_dir: str | Path, tag: str = "latest", device: str | torch.device = "cpu") -> TrainedRun:

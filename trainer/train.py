@@ -179,8 +179,6 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, telemetry: Teleme
     env = read_env(local_rank)
     cfg = replace(cfg, data=replace(cfg.data, batch_size=per_rank_batch(cfg, env.world)))
     run_dir = outputs.local_dir(cfg)  # this host's folder (train.output_dir unless in object storage)
-    if resume == "auto":  # torchrun --max-restarts: the first start trains afresh, a restart resumes
-        resume = "latest" if outputs.latest_tag(cfg) is not None else None
     if resume and env.is_main:
         outputs.fetch_log(cfg)
     telemetry = telemetry or JsonlRunLog(run_dir, rank=env.rank)
