@@ -75,9 +75,8 @@ down() {
 }
 
 stale() {
-    local ns name
-    for ns in $(ip netns list | awk '{print $1}' | grep -E '^s2h[0-9]+[a-z]?-h[12]$' || true); do
-        name=${ns%-h?}
+    local name
+    for name in $(ip netns list | awk '{print $1}' | grep -E '^s2h[0-9]+[a-z]?-h[12]$' | sed 's/-h[12]$//' | sort -u || true); do
         local pid=${name#s2h}; pid=${pid%%[a-z]}
         if ! kill -0 "$pid" 2>/dev/null; then down "$name"; echo "took down stale $name"; fi
     done
