@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -77,7 +78,7 @@ def _deepspeed(h: TwoHosts, run: str, port: int, *extra: str, resume: str | None
                metrics: bool = False) -> dict[int, subprocess.Popen]:
     procs = {}
     for host in (1, 2):
-        more = [f"metrics.enabled=true", f"metrics.addr={h.addr[host]}", f"metrics.port_base={METRICS_PORT}",
+        more = ["metrics.enabled=true", f"metrics.addr={h.addr[host]}", f"metrics.port_base={METRICS_PORT}",
                 "metrics.targets_dir="] if metrics else []
         cmd = [BIN / "deepspeed", "--hostfile", h.disk / "hostfile", "--no_ssh", "--node_rank", host - 1,
                "--master_addr", h.addr[1], "--master_port", port, "--module", "app.cli", "train",
@@ -134,7 +135,22 @@ def _wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: fl
         time.sleep(0.2)
 
 
+def _prometheus_bin() -> str:
+    """Debian's prometheus, installed by scripts/ensure_prometheus.sh when missing (as
+    tests/test_prometheus_scrape.py does; a skip only where apt-get is unavailable)."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    done = subprocess.run(["bash", str(REPO / "scripts" / "ensure_prometheus.sh")], capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode == 2:
+        pytest.skip(f"prometheus is not installed and cannot be installed here: {done.stderr.strip()}")
+    assert done.returncode == 0 and shutil.which("prometheus"), done.stderr[-3000:]
+    return shutil.which("prometheus")
+
+
 def _prometheus(h: TwoHosts) -> subprocess.Popen:
+    binary = _prometheus_bin()
     folder = h.private(1) / "prometheus"
     folder.mkdir()
     targets = [f"{h.addr[1]}:{METRICS_PORT}", f"{h.addr[2]}:{METRICS_PORT}"]
@@ -142,7 +158,7 @@ def _prometheus(h: TwoHosts) -> subprocess.Popen:
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         f"scrape_configs:\n  - job_name: scan\n    static_configs:\n      - targets: {json.dumps(targets)}\n")
     inside = h.disk / "prometheus"
-    proc = h.start(1, ["prometheus", f"--config.file={inside / 'prometheus.yml'}",
+    proc = h.start(1, [binary, f"--config.file={inside / 'prometheus.yml'}",
                        f"--storage.tsdb.path={inside / 'tsdb'}", f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
                    h.logs / "prometheus.log")
     h.wait_http(1, f"http://127.0.0.1:{PROM_PORT}/-/ready", "prometheus")
