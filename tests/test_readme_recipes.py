@@ -170,8 +170,12 @@ def test_launchers_recipe_one_thread_per_rank(demo, work, one_process):
         run = work / "runs" / name
         assert (run / "checkpoints" / "latest").read_text().strip() == "step00000030"
         ratio = median_step_s(run) / base
-        # Oversubscribed (2 ranks x all cores) this was ~20x; one thread per rank keeps it near 1.
-        assert ratio < 1.5, f"{name}: median step {ratio:.2f}x one process's"
+        print(f"{name}: median step {ratio:.2f}x one process's")
+        # Oversubscribed (2 ranks x all cores) this was ~20x; one thread per rank keeps it near 1
+        # on a quiet machine, but these tiny steps (~0.06 s) are mostly overhead and follow whatever
+        # else runs (1.75x measured beside two other trainings): the bound catches the regression,
+        # not a speed target (which a test must not time).
+        assert ratio < 4, f"{name}: median step {ratio:.2f}x one process's (oversubscribed threads?)"
 
 
 def test_two_nodes_recipe(demo, work):
