@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sharded_eval_fixtures import tied_embeddings
-from helpers_dist import free_port
+from helpers_dist import free_ports
 from scan.eval.encode import save_embeddings
 from scan.eval.sharded import evaluate_embeddings
 from scan.eval.store import load_sims
@@ -44,21 +44,23 @@ def ray_head():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     # Every fixed port on a free one: with the defaults, another Ray on this machine holding the
     # dashboard agent's port leaves the job API answering "No available agent" for good.
-    ports = {flag: str(free_port()) for flag in (
-        "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-        "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
-        "--node-manager-port", "--object-manager-port")}
+    # Chosen together (free_ports holds them all open), so that no two flags get the same port.
+    flags = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
+             "--node-manager-port", "--object-manager-port")
+    ports = dict(zip(flags, map(str, free_ports(len(flags)))))
+    errors = open(f"{temp}.err", "w+")  # why a head that exits did (a file: a pipe could fill)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
          "--temp-dir", str(temp), "--disable-usage-stats",
          *[x for flag, port in ports.items() for x in (flag, port)]],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert head.poll() is None, "ray start --head exited"
+            assert head.poll() is None, f"ray start --head exited: {Path(errors.name).read_text()[-2000:]}"
             try:
                 with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                     break
@@ -67,13 +69,16 @@ def ray_head():
                 time.sleep(0.5)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp, ignore_errors=True)
+        errors.close()
+        Path(errors.name).unlink(missing_ok=True)
 
 
 def _submit(address: str, env: dict, entry: str) -> subprocess.CompletedProcess:
