@@ -63,7 +63,6 @@ class CollapseGuard:
     def __init__(self, loss_fn: TrainingLoss, *, steps: int, on_collapse: str,
                  telemetry: Telemetry) -> None:
         self.loss_fn, self.steps, self.on_collapse, self.telemetry = loss_fn, steps, on_collapse, telemetry
-        self.margin = loss_fn.margin
         self.run = 0  # consecutive micro-batches at the collapse value
 
     def observe_loss(self, loss: float, image_ids: torch.Tensor, *, step: int, epoch: int) -> None:
@@ -71,7 +70,8 @@ class CollapseGuard:
         if self.steps <= 0:
             return
         # A collapsed loss is margin × an integer: only then gather the ids to count the terms.
-        terms = loss / self.margin if self.margin > 0 else math.nan
+        margin = self.loss_fn.margin
+        terms = loss / margin if margin > 0 else math.nan
         if not (math.isfinite(terms) and terms >= 1 and abs(terms - round(terms)) <= REL_TOL * terms):
             self.run = 0
             return
@@ -82,7 +82,7 @@ class CollapseGuard:
         if self.run == self.steps:
             self.report(
                 f"the training loss has sat at its collapse value {value:.6g} (every score of the "
-                f"batch equal: margin {self.margin} x {round(value / self.margin)} hinge terms) for "
+                f"batch equal: margin {fn.margin} x {round(value / fn.margin)} hinge terms) for "
                 f"{self.steps} consecutive micro-batches (train.collapse_steps)", step=step, epoch=epoch)
 
     def scores_collapsed(self, lo: float, hi: float) -> str | None:
